@@ -1,0 +1,274 @@
+"""The compile driver: for each network, trace → FX passes → ONNX → ONNX passes → check.
+
+Networks are built one at a time (only one network's weights are alive), checked stage
+against stage on the same seeded inputs, and written into a staged output directory that
+replaces `--out` only when everything is done.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import platform
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import graphopt
+from graphopt.errors import GraphoptError
+from graphopt.ir import NetworkGraph, TensorSpec
+from graphopt.models.source import ModelSource
+from graphopt.networks import MASK_VALUE, causal_mask, plan_networks, trace_plan
+from graphopt.onnx_ir import export_onnx, save_onnx
+from graphopt.output import MANIFEST, StagedDirectory
+from graphopt.pass_manager import PassManager, PassRecord
+from graphopt.progress import Progress
+from graphopt.targets.onnx_target import Target
+
+# Models up to this many parameters are also checked end to end against transformers.
+END_TO_END_CHECK_MAX_PARAMS = 200_000_000
+END_TO_END_PROMPT = [1, 17, 300, 42, 5, 900, 64, 7]
+
+
+@dataclass
+class Check:
+    """Largest error of one stage against the one before, on the same inputs."""
+
+    stage: str
+    max_abs_err: float  # over floating-point outputs
+    scale: float  # largest magnitude in the reference's floating-point outputs
+    integers_equal: bool = True  # integer outputs (token ids) must match exactly
+
+    @property
+    def ok(self) -> bool:
+        return self.integers_equal and self.max_abs_err <= 1e-4 * max(1.0, self.scale)
+
+    def to_json(self) -> dict:
+        return {"stage": self.stage, "max_abs_err": self.max_abs_err, "scale": self.scale,
+                "integers_equal": self.integers_equal, "ok": self.ok}
+
+
+@dataclass
+class NetworkResult:
+    name: str
+    kind: str
+    files: list[Path]
+    inputs: list[TensorSpec]
+    outputs: list[TensorSpec]
+    dynamic_axes: dict
+    passes: list[PassRecord]
+    seconds: dict[str, float]
+    checks: list[Check] = field(default_factory=list)
+
+
+@dataclass
+class CompileResult:
+    out_dir: Path
+    manifest: dict
+    networks: list[NetworkResult]
+    seconds: dict[str, float]
+    end_to_end: dict | None = None
+    fx_networks: dict[str, NetworkGraph] | None = None  # kept only when asked (tests)
+
+    @property
+    def ok(self) -> bool:
+        return all(c.ok for n in self.networks for c in n.checks) and (self.end_to_end or {}).get("ok", True)
+
+
+def check_inputs(net: NetworkGraph, vocab: int, seed: int = 0) -> tuple[torch.Tensor, ...]:
+    """Seeded inputs a runtime could really send: token ids in the vocabulary, causal masks, ..."""
+    g = torch.Generator().manual_seed(seed)
+    seq = net.seq_length
+    values = []
+    for spec in net.inputs:
+        if spec.name == "input_ids":
+            values.append(torch.randint(0, vocab, spec.shape, generator=g))
+        elif spec.name == "position_ids":
+            steps = spec.shape[1]
+            values.append((torch.arange(steps) if steps > 1 else torch.tensor([seq // 2])).view(spec.shape))
+        elif spec.name == "attention_mask":
+            steps, keys = spec.shape[2], spec.shape[3]
+            if steps == keys:
+                values.append(causal_mask(steps, keys, steps))
+            else:  # decode: history rows up to the new token's row are valid, plus the new token itself
+                mask = torch.zeros(spec.shape)
+                mask[..., seq // 2:seq] = MASK_VALUE
+                values.append(mask)
+        elif spec.name in ("top_p", "temperature", "penalty"):
+            values.append(torch.full(spec.shape, {"top_p": 0.8, "temperature": 0.7, "penalty": 1.1}[spec.name]))
+        else:
+            values.append(torch.randn(spec.shape, generator=g, dtype=spec.dtype))
+    return tuple(values)
+
+
+def _compare(stage: str, reference, candidate) -> Check:
+    check = Check(stage, 0.0, 0.0)
+    for ref, got in zip(reference, candidate):
+        ref, got = np.asarray(ref), np.asarray(got)
+        if ref.shape != got.shape:
+            return Check(stage, float("inf"), 0.0, False)
+        if not np.issubdtype(ref.dtype, np.floating):
+            check.integers_equal &= bool(np.array_equal(ref, got))
+            continue
+        check.max_abs_err = max(check.max_abs_err, float(np.max(np.abs(ref.astype(np.float64) - got))))
+        check.scale = max(check.scale, float(np.max(np.abs(ref))))
+    return check
+
+
+def _onnx_outputs(path: Path, net: NetworkGraph, args) -> list[np.ndarray]:
+    import onnxruntime
+
+    options = onnxruntime.SessionOptions()
+    options.log_severity_level = 3
+    session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    feeds = {spec.name: a.numpy() for spec, a in zip(net.inputs, args)}
+    return session.run(list(net.output_names), feeds)
+
+
+def _sha256(paths: list[Path]) -> str:
+    digest = hashlib.sha256()
+    for path in paths:
+        with open(path, "rb") as handle:
+            for chunk in iter(lambda: handle.read(1 << 24), b""):
+                digest.update(chunk)
+    return digest.hexdigest()
+
+
+def validate_seq_length(source: ModelSource, seq_length: int) -> None:
+    if not 2 <= seq_length <= source.max_positions:
+        raise GraphoptError(f"--seq-length {seq_length} is outside what {source.name} supports: give a value from 2 to "
+                            f"its max_position_embeddings, {source.max_positions}.")
+
+
+def compile_model(source: ModelSource, target: Target, seq_length: int, out_dir: Path, *,
+                  layers: list[int] | None = None, check: bool = True, keep_fx: bool = False,
+                  dump_dir: Path | None = None, show_progress: bool = True) -> CompileResult:
+    validate_seq_length(source, seq_length)
+    staged = StagedDirectory(out_dir)
+    try:
+        result = _compile(source, target, seq_length, staged.path, layers, check, keep_fx, dump_dir, show_progress)
+        result.out_dir = staged.commit()
+        return result
+    except BaseException:
+        staged.discard()
+        raise
+
+
+def _compile(source, target, seq_length, folder, layers, check, keep_fx, dump_dir, show_progress) -> CompileResult:
+    fx_manager = PassManager(list(target.fx_pipeline), dump_dir)
+    onnx_manager = PassManager(list(target.onnx_pipeline), dump_dir)
+    vocab = int(source.config.vocab_size)
+    plans = plan_networks(source, seq_length, layers)
+    results, kept = [], {}
+    progress = Progress(len(plans), enabled=show_progress)
+    totals: dict[str, float] = {}
+    for plan in plans:
+        seconds: dict[str, float] = {}
+        progress.start(plan.name)
+
+        def timed(stage, fn, *args):
+            start = time.perf_counter()
+            value = fn(*args)
+            seconds[stage] = seconds.get(stage, 0.0) + time.perf_counter() - start
+            progress.stage(stage)
+            return value
+
+        net = timed("trace", trace_plan, source, plan, seq_length)
+        checks = []
+        args = check_inputs(net, vocab)
+        traced_out = net.run(*args) if check and plan.kind != "block_cache" else None
+        records = timed("fx passes", fx_manager.run, net)
+        rewritten_out = None
+        if check:
+            args = check_inputs(net, vocab)  # decode networks gained inputs
+            rewritten_out = net.run(*args)
+            if traced_out is not None:
+                checks.append(_compare("fx-rewritten vs traced", traced_out, rewritten_out))
+        dynamic_axes = {"input_ids": {1: "seq"}, "input_embed": {1: "seq"}} if plan.kind == "embedding" else {}
+        onnx_net = timed("onnx export", export_onnx, net, dynamic_axes or None)
+        records += timed("onnx passes", onnx_manager.run, onnx_net)
+        files = timed("save", save_onnx, onnx_net.model, folder / f"{plan.name}.onnx")
+        del onnx_net
+        if check:
+            onnx_out = timed("check", _onnx_outputs, files[0], net, args)
+            checks.append(_compare("onnxruntime vs fx-rewritten", rewritten_out, onnx_out))
+        results.append(NetworkResult(plan.name, plan.kind, files, net.inputs, net.outputs, dynamic_axes,
+                                     records, seconds, checks))
+        for stage, s in seconds.items():
+            totals[stage] = totals.get(stage, 0.0) + s
+        if keep_fx:
+            kept[plan.name] = net
+        progress.finish(plan.name, ok=all(c.ok for c in checks))
+        del net
+    manifest = _manifest(source, target, seq_length, results)
+    (folder / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+    result = CompileResult(folder, manifest, results, totals, fx_networks=kept if keep_fx else None)
+    if check and layers is None and _parameter_count(source) <= END_TO_END_CHECK_MAX_PARAMS:
+        start = time.perf_counter()
+        result.end_to_end = end_to_end_check(source, folder, manifest)
+        totals["end-to-end check"] = time.perf_counter() - start
+    progress.close()
+    return result
+
+
+def _parameter_count(source: ModelSource) -> int:
+    return sum(p.numel() for p in source.skeleton.parameters())
+
+
+def end_to_end_check(source: ModelSource, folder: Path, manifest: dict, new_tokens: int = 8) -> dict:
+    """Greedy tokens of the ONNX networks (driven like the chip) against transformers' generate."""
+    from graphopt.runtime import ChipStyleRuntime, OrtBackend, Shapes
+
+    shapes = Shapes.from_manifest(manifest)
+    prompt = [t % int(source.config.vocab_size) for t in END_TO_END_PROMPT][: shapes.seq_length - 1]
+    new_tokens = min(new_tokens, shapes.seq_length - len(prompt))
+    reference = hf_greedy(source.reference_model(), prompt, new_tokens)
+    ours = ChipStyleRuntime(OrtBackend(folder, manifest), shapes).generate(prompt, new_tokens)
+    err = max(float(np.max(np.abs(a - b))) for a, b in zip(reference["logits"], ours.logits))
+    same = reference["tokens"] == ours.tokens
+    return {"prompt": prompt, "tokens": ours.tokens, "reference_tokens": reference["tokens"],
+            "tokens_identical": same, "max_abs_logit_err": err, "ok": same and err <= 1e-3}
+
+
+def hf_greedy(model, prompt: list[int], new_tokens: int) -> dict:
+    """transformers' own greedy generation, EOS ignored, with the logits of every step."""
+    model.generation_config.eos_token_id = None
+    model.generation_config.pad_token_id = 0
+    with torch.no_grad():
+        out = model.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+                             max_new_tokens=new_tokens, do_sample=False, num_beams=1,
+                             output_logits=True, return_dict_in_generate=True)
+    return {"tokens": out.sequences[0, len(prompt):].tolist(), "logits": [l[0].numpy() for l in out.logits]}
+
+
+def _manifest(source: ModelSource, target: Target, seq_length: int, results: list[NetworkResult]) -> dict:
+    import transformers
+
+    return {
+        "format": "graphopt-networks/1",
+        "graphopt": graphopt.__version__,
+        "torch": torch.__version__.split("+")[0],
+        "transformers": transformers.__version__,
+        "python": platform.python_version(),
+        "model": source.describe(),
+        "target": target.name,
+        "seq_length": seq_length,
+        "pipeline": {"fx": list(target.fx_pipeline), "onnx": list(target.onnx_pipeline)},
+        "networks": [
+            {
+                "name": r.name,
+                "kind": r.kind,
+                "file": r.files[0].name,
+                "external_data": [f.name for f in r.files[1:]],
+                "sha256": _sha256(r.files),
+                "inputs": [s.to_json() for s in r.inputs],
+                "outputs": [s.to_json() for s in r.outputs],
+                "dynamic_axes": r.dynamic_axes,
+                "passes": [{"pass": p.pass_name, "note": p.note} for p in r.passes],
+            }
+            for r in results
+        ],
+    }

@@ -1,0 +1,24 @@
+"""User-facing errors.
+
+Anything the user can fix (a bad argument, a missing file, a model the passes cannot
+rewrite) is raised as a GraphoptError: the CLI prints its message as one paragraph and
+exits with status 2, without a traceback. Anything else is a bug and keeps its traceback.
+"""
+
+
+class GraphoptError(Exception):
+    """An error the user can act on. The message says what was wrong and what to do."""
+
+
+class PassMatchError(GraphoptError):
+    """A pass could not find what it rewrites in a network."""
+
+    def __init__(self, pass_name: str, network: str, missing: str):
+        self.pass_name, self.network, self.missing = pass_name, network, missing
+        super().__init__(
+            f"pass '{pass_name}' cannot rewrite network '{network}': {missing}. "
+            "graphopt did not write a possibly wrong ONNX for it. If this model is a new "
+            "architecture, check that its blocks use attention with separate q/k/v operands "
+            "and rotary embeddings computed from position_ids, or run with a pipeline "
+            "without this pass."
+        )

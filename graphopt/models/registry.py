@@ -1,0 +1,27 @@
+"""Registry names users type on the command line."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from graphopt.models import configs
+
+
+@dataclass(frozen=True)
+class RegistryEntry:
+    name: str
+    description: str
+    config: dict
+    # Tiny models are defined by their seed; real ones need a checkpoint (--model-path).
+    random_weights: bool
+
+
+REGISTRY = {
+    e.name: e
+    for e in (
+        RegistryEntry("tiny-llama", "Llama-3.1 in miniature (GQA, llama3 rope, 2 layers), seeded random weights",
+                      configs.TINY_LLAMA, random_weights=True),
+        RegistryEntry("llama3.1-8b", "Llama-3.1-8B-Instruct; weights from --model-path DIR",
+                      configs.LLAMA_3_1_8B, random_weights=False),
+    )
+}

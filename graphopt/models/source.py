@@ -1,0 +1,175 @@
+"""A model source: a config, a weightless skeleton of the model, and a weight provider.
+
+The skeleton is built on the meta device, so building it costs nothing whatever the model
+size. A network's modules are given real weights only while that network is traced
+(`materialized`), then returned to meta: peak memory is one network, not the model.
+"""
+
+from __future__ import annotations
+
+import os
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from graphopt.errors import GraphoptError
+from graphopt.models.decoder import DecoderParts, decoder_parts
+from graphopt.models.registry import REGISTRY
+from graphopt.models.weights import RandomWeights, SafetensorsWeights, WeightProvider
+
+# graphopt never downloads: a model is a registry name or a local directory.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+RANDOM_SEED = 0
+
+
+@dataclass
+class ModelSource:
+    name: str
+    config: object  # a transformers PretrainedConfig
+    weights: WeightProvider
+    origin: str
+    _rotary: nn.Module | None = field(default=None, repr=False)
+
+    # ---- structure ----------------------------------------------------------------------
+    @cached_property
+    def skeleton(self) -> nn.Module:
+        """The whole model with parameters on the meta device (no memory)."""
+        with torch.device("meta"):
+            model = _causal_lm_from_config(self.config)
+        return model.float().eval()
+
+    @cached_property
+    def parts(self) -> DecoderParts:
+        return decoder_parts(self.skeleton)
+
+    @cached_property
+    def rotary(self) -> nn.Module:
+        """The rotary embedding with real buffers: it has no weights, only tables from config."""
+        return type(self.parts.rotary)(config=self.config).float().eval()
+
+    @cached_property
+    def _tensor_names(self) -> dict[str, list[str]]:
+        """Each parameter/buffer name -> every name of the same tensor (tied weights share)."""
+        groups: dict[int, list[str]] = {}
+        for name, tensor in [*self.skeleton.named_parameters(remove_duplicate=False),
+                             *self.skeleton.named_buffers(remove_duplicate=False)]:
+            groups.setdefault(id(tensor), []).append(name)
+        return {name: names for names in groups.values() for name in names}
+
+    @cached_property
+    def _module_names(self) -> dict[int, str]:
+        return {id(m): name for name, m in self.skeleton.named_modules(remove_duplicate=False)}
+
+    # ---- weights ------------------------------------------------------------------------
+    @contextmanager
+    def materialized(self, *modules: nn.Module):
+        """Give `modules` (parts of the skeleton) real weights for the duration of the block."""
+        try:
+            for module in modules:
+                self._fill(module)
+            yield
+        finally:
+            for module in modules:
+                module.to_empty(device="meta")
+
+    def _fill(self, module: nn.Module) -> None:
+        prefix = self._module_names[id(module)]
+        prefix = f"{prefix}." if prefix else ""
+        for sub_name, sub in module.named_modules():
+            if sub._non_persistent_buffers_set:
+                raise GraphoptError(
+                    f"{prefix}{sub_name} ({type(sub).__name__}) has buffers that are not stored in checkpoints "
+                    f"({', '.join(sorted(sub._non_persistent_buffers_set))}); graphopt cannot rebuild them."
+                )
+        module.to_empty(device="cpu")
+        with torch.no_grad():
+            for name, tensor in [*module.named_parameters(remove_duplicate=False),
+                                 *module.named_buffers(remove_duplicate=False)]:
+                full = prefix + name
+                tensor.copy_(self.weights.get(self._tensor_names[full], tuple(tensor.shape)))
+
+    def reference_model(self) -> nn.Module:
+        """The whole transformers model with these weights, on CPU in fp32 (tiny models, tests, checks)."""
+        model = _causal_lm_from_config(self.config).float().eval()
+        with torch.no_grad():
+            for name, tensor in model.named_parameters(remove_duplicate=False):
+                tensor.copy_(self.weights.get(self._tensor_names[name], tuple(tensor.shape)))
+        return model
+
+    # ---- description --------------------------------------------------------------------
+    @property
+    def max_positions(self) -> int:
+        return int(self.config.max_position_embeddings)
+
+    def describe(self) -> dict:
+        return {"name": self.name, "origin": self.origin, "weights": self.weights.describe(),
+                "model_type": self.config.model_type, "config": self.config.to_diff_dict()}
+
+
+def _causal_lm_from_config(config) -> nn.Module:
+    from transformers import AutoModelForCausalLM
+
+    try:
+        return AutoModelForCausalLM.from_config(config, attn_implementation="sdpa")
+    except ValueError as error:
+        raise GraphoptError(
+            f"graphopt cannot build a causal language model from this config (model_type "
+            f"'{config.model_type}'): {str(error).splitlines()[0]} graphopt compiles decoder-only causal LMs "
+            "that transformers can build with AutoModelForCausalLM and SDPA attention."
+        ) from None
+
+
+def _config_from_dict(values: dict):
+    from transformers import AutoConfig
+
+    values = dict(values)
+    return AutoConfig.for_model(values.pop("model_type"), **values)
+
+
+def _config_from_directory(directory: Path):
+    from transformers import AutoConfig
+
+    if not (directory / "config.json").is_file():
+        raise GraphoptError(
+            f"{directory} is not a Hugging Face model directory: it has no config.json. Point graphopt at the "
+            "folder that holds config.json and the *.safetensors weights (what `save_pretrained` writes)."
+        )
+    try:
+        return AutoConfig.from_pretrained(directory)
+    except (ValueError, KeyError, OSError) as error:
+        raise GraphoptError(f"cannot read {directory / 'config.json'}: {str(error).splitlines()[0]}") from None
+
+
+def open_model(model: str, model_path: str | None = None, random_weights: bool = False) -> ModelSource:
+    """Resolve what the user typed: a registry name or a local Hugging Face directory."""
+    path = Path(model).expanduser()
+    if path.is_dir():
+        config = _config_from_directory(path)
+        return ModelSource(path.resolve().name, config, SafetensorsWeights(path), str(path.resolve()))
+    if model not in REGISTRY:
+        known = ", ".join(sorted(REGISTRY))
+        raise GraphoptError(
+            f"unknown model '{model}': it is neither a registry name nor an existing directory. "
+            f"Known names: {known}. Or pass the path of a local Hugging Face model directory "
+            "(config.json + *.safetensors)."
+        )
+    entry = REGISTRY[model]
+    if model_path:
+        directory = Path(model_path).expanduser()
+        if not directory.is_dir():
+            raise GraphoptError(f"--model-path {model_path} is not a directory. Give the folder that holds the "
+                                f"{model} checkpoint (config.json + *.safetensors).")
+        config = _config_from_directory(directory) if (directory / "config.json").exists() else _config_from_dict(entry.config)
+        return ModelSource(model, config, SafetensorsWeights(directory), f"registry:{model} + {directory.resolve()}")
+    config = _config_from_dict(entry.config)
+    if entry.random_weights or random_weights:
+        return ModelSource(model, config, RandomWeights(RANDOM_SEED, config.initializer_range), f"registry:{model}")
+    raise GraphoptError(
+        f"'{model}' needs its weights: pass --model-path DIR with the Hugging Face checkpoint (config.json + "
+        "*.safetensors, e.g. what `huggingface-cli download meta-llama/Llama-3.1-8B-Instruct` fetches), "
+        "or --random-weights for a dry run with seeded random weights."
+    )

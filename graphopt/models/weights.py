@@ -1,0 +1,91 @@
+"""Where a network's weights come from, one tensor at a time.
+
+A provider answers `get(names, shape)`: `names` are every name the tensor has in the model
+(tied weights have two, e.g. `model.embed_tokens.weight` and `lm_head.weight`). Nothing
+here holds the whole model: a network asks for its own tensors only.
+"""
+
+from __future__ import annotations
+
+import json
+import zlib
+from pathlib import Path
+from typing import Protocol, Sequence
+
+import torch
+from safetensors import safe_open
+
+from graphopt.errors import GraphoptError
+
+
+class WeightProvider(Protocol):
+    def get(self, names: Sequence[str], shape: tuple[int, ...]) -> torch.Tensor: ...
+
+    def describe(self) -> str: ...
+
+
+class RandomWeights:
+    """Deterministic random weights, each tensor seeded by (seed, its name).
+
+    Seeding per name makes a tensor independent of the order networks are built in and of
+    how a transformers release initialises modules, so goldens stay valid across releases.
+    Norm scales are 1 + noise (not all ones) so a pass that drops one is caught.
+    """
+
+    def __init__(self, seed: int = 0, std: float = 0.02):
+        self.seed, self.std = seed, std
+
+    def get(self, names: Sequence[str], shape: tuple[int, ...]) -> torch.Tensor:
+        name = min(names)  # a tied group draws once, under one name
+        generator = torch.Generator().manual_seed(zlib.crc32(f"{self.seed}:{name}".encode()))
+        noise = torch.randn(shape, generator=generator, dtype=torch.float32)
+        if len(shape) == 1 and "norm" in name:
+            return 1.0 + 0.1 * noise
+        return self.std * noise
+
+    def describe(self) -> str:
+        return f"random (seed {self.seed}, std {self.std})"
+
+
+class SafetensorsWeights:
+    """Tensors read lazily from a Hugging Face checkpoint directory (sharded or not)."""
+
+    def __init__(self, directory: Path):
+        self.directory = directory
+        index = directory / "model.safetensors.index.json"
+        if index.exists():
+            weight_map = json.loads(index.read_text())["weight_map"]
+            self.files = {name: directory / file for name, file in weight_map.items()}
+        else:
+            self.files = {}
+            for file in sorted(directory.glob("*.safetensors")):
+                with safe_open(file, framework="pt") as handle:
+                    self.files.update({name: file for name in handle.keys()})
+        if not self.files:
+            raise GraphoptError(
+                f"{directory} has no *.safetensors weights. graphopt reads Hugging Face checkpoints in "
+                "safetensors format (model.safetensors, or shards with model.safetensors.index.json); "
+                "re-save the model with `save_pretrained(dir, safe_serialization=True)`."
+            )
+        self._handles: dict[Path, object] = {}
+
+    def get(self, names: Sequence[str], shape: tuple[int, ...]) -> torch.Tensor:
+        name = next((n for n in names if n in self.files), None)
+        if name is None:
+            raise GraphoptError(
+                f"the checkpoint in {self.directory} has no tensor named {' or '.join(names)}. "
+                "Check that config.json matches the weights (same architecture and layer count)."
+            )
+        file = self.files[name]
+        if file not in self._handles:
+            self._handles[file] = safe_open(file, framework="pt")
+        tensor = self._handles[file].get_tensor(name).to(torch.float32)
+        if tuple(tensor.shape) != tuple(shape):
+            raise GraphoptError(
+                f"tensor {name} in {file.name} has shape {tuple(tensor.shape)} but the config implies "
+                f"{tuple(shape)}; config.json and the weights do not belong together."
+            )
+        return tensor
+
+    def describe(self) -> str:
+        return f"safetensors in {self.directory}"

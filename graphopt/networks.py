@@ -1,0 +1,152 @@
+"""The networks of a decoder-only model, as thin wrappers whose inputs are exactly the network's.
+
+Each wrapper's forward parameters carry the contract's input names (they become the traced
+graph's placeholders and so the ONNX input names). Nothing in transformers is patched: a
+block is the model's own decoder layer, called the way the model's own forward calls it.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn as nn
+
+from graphopt.ir import NetworkGraph
+from graphopt.models.source import ModelSource
+from graphopt.trace import trace_network
+
+MASK_VALUE = -10000.0  # the runtime's additive mask value (0xF0E2 in fp16)
+
+
+class Embedding(nn.Module):
+    def __init__(self, embed: nn.Module):
+        super().__init__()
+        self.embed = embed
+
+    def forward(self, input_ids):
+        return self.embed(input_ids)
+
+
+class DecoderBlock(nn.Module):
+    """One decoder layer with its rotary embedding, called as the model's forward calls it."""
+
+    def __init__(self, layer: nn.Module, rotary: nn.Module):
+        super().__init__()
+        self.layer, self.rotary = layer, rotary
+        self._takes_position_embeddings = "position_embeddings" in inspect.signature(layer.forward).parameters
+
+    def forward(self, input_states, position_ids, attention_mask):
+        extra = {}
+        if self._takes_position_embeddings:
+            extra["position_embeddings"] = self.rotary(input_states, position_ids)
+        out = self.layer(input_states, attention_mask=attention_mask, position_ids=position_ids, **extra)
+        # Layers return a tensor in recent transformers and a 1-tuple in older ones.
+        return out[0] if isinstance(out, tuple) else out
+
+
+class LmHead(nn.Module):
+    def __init__(self, norm: nn.Module, head: nn.Module):
+        super().__init__()
+        self.norm, self.head = norm, head
+
+    def forward(self, hidden_states):
+        return self.head(self.norm(hidden_states))
+
+
+class GreedyHead(nn.Module):
+    def forward(self, m_logits):
+        return torch.topk(m_logits, 1).indices
+
+
+class PenaltySampleHead(nn.Module):
+    """Repetition penalty, top-k, temperature and top-p, as the chip runtime's sampler expects.
+
+    Outputs the top-k tokens and their probabilities; the runtime draws one on the host.
+    """
+
+    def __init__(self, top_k: int = 50, min_tokens_to_keep: int = 5):
+        super().__init__()
+        self.top_k = top_k
+        keep = torch.zeros((1, top_k), dtype=torch.bool)
+        keep[0, :min_tokens_to_keep] = True
+        self.register_buffer("always_keep", keep)
+
+    def forward(self, m_logits, input_ids, top_p, temperature, penalty):
+        seen = torch.gather(m_logits, 1, input_ids)
+        seen = torch.where(seen < 0, seen * penalty, seen / penalty)
+        logits = m_logits.scatter(1, input_ids, seen)
+        logits, token = torch.topk(logits, self.top_k)
+        logits = logits / temperature
+        cumulative = logits.softmax(dim=1).cumsum(dim=1)
+        keep = (cumulative < top_p) | self.always_keep
+        logits = torch.where(keep, logits, torch.full_like(logits, -1000.0))
+        return logits.softmax(dim=1), token
+
+
+@dataclass
+class NetworkPlan:
+    """What to trace for one network: built lazily so only one network's weights are live."""
+
+    name: str
+    kind: str
+    make: Callable[[], tuple[nn.Module, dict[str, torch.Tensor]]]
+    weights_of: Callable[[], tuple[nn.Module, ...]]  # skeleton modules to materialise while tracing
+    output_names: list[str]
+
+
+def causal_mask(steps: int, keys: int, length: int) -> torch.Tensor:
+    """The runtime's additive mask: query i (a prompt position < length) sees keys j <= i."""
+    mask = torch.full((1, 1, steps, keys), MASK_VALUE)
+    for i in range(min(steps, length)):
+        mask[0, 0, i, : i + 1] = 0.0
+    return mask
+
+
+def plan_networks(source: ModelSource, seq_length: int, layers: list[int] | None = None) -> list[NetworkPlan]:
+    cfg = source.config
+    parts = source.parts
+    hidden, vocab = int(cfg.hidden_size), int(cfg.vocab_size)
+    layers = list(range(len(parts.layers))) if layers is None else layers
+
+    def block_inputs(steps: int) -> dict[str, torch.Tensor]:
+        return {
+            "input_states": torch.randn(1, steps, hidden, generator=torch.Generator().manual_seed(0)),
+            "position_ids": torch.arange(steps, dtype=torch.int64).view(1, steps),
+            "attention_mask": causal_mask(steps, steps, steps),
+        }
+
+    plans = [NetworkPlan(
+        "embedding", "embedding",
+        lambda: (Embedding(parts.embed), {"input_ids": torch.zeros(1, seq_length, dtype=torch.int64)}),
+        lambda: (parts.embed,), ["input_embed"])]
+    for i in layers:
+        layer = parts.layers[i]
+        # The decode network is the same layer traced for one new token; concat-cache then adds the history.
+        for name, kind, steps in ((f"block_{i}", "block", seq_length), (f"block_cache_{i}", "block_cache", 1)):
+            plans.append(NetworkPlan(
+                name, kind,
+                lambda layer=layer, steps=steps: (DecoderBlock(layer, source.rotary), block_inputs(steps)),
+                lambda layer=layer: (layer,), ["hidden_states"]))
+    plans += [
+        NetworkPlan("lm_head", "lm_head",
+                    lambda: (LmHead(parts.norm, parts.head), {"hidden_states": torch.zeros(1, hidden)}),
+                    lambda: (parts.norm, parts.head), ["m_logits"]),
+        NetworkPlan("greedy_head", "greedy_head",
+                    lambda: (GreedyHead(), {"m_logits": torch.zeros(1, vocab)}), lambda: (), ["token"]),
+        NetworkPlan("penalty_sample_head", "penalty_sample_head",
+                    lambda: (PenaltySampleHead(), {
+                        "m_logits": torch.zeros(1, vocab), "input_ids": torch.zeros(1, seq_length, dtype=torch.int64),
+                        "top_p": torch.ones(1), "temperature": torch.ones(1), "penalty": torch.ones(1)}),
+                    lambda: (), ["probs", "token"]),
+    ]
+    return plans
+
+
+def trace_plan(source: ModelSource, plan: NetworkPlan, seq_length: int) -> NetworkGraph:
+    with source.materialized(*plan.weights_of()):
+        module, inputs = plan.make()
+        return trace_network(module, inputs, name=plan.name, kind=plan.kind,
+                             output_names=plan.output_names, seq_length=seq_length)

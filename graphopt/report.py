@@ -1,0 +1,51 @@
+"""The end-of-run report: what was produced, where, how long each stage took, the checks."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from graphopt.compiler import CompileResult
+
+
+def _size(files: list[Path]) -> str:
+    total = sum(f.stat().st_size for f in files)
+    return f"{total / 1e6:.1f} MB" if total >= 1e6 else f"{total / 1e3:.0f} kB"
+
+
+def render(result: CompileResult, wall_seconds: float) -> str:
+    out = result.out_dir
+    lines = [f"graphopt: {len(result.networks)} networks of {result.manifest['model']['name']} "
+             f"(seq {result.manifest['seq_length']}) in {out}", ""]
+    lines.append(f"  {'network':<22} {'file size':>10} {'seconds':>8}  {'check (max abs err)':<40}")
+    for net in result.networks:
+        files = [out / f.name for f in net.files]
+        checks = ", ".join(f"{'ok' if c.ok else 'FAIL'} {c.max_abs_err:.1e}" for c in net.checks) or "-"
+        lines.append(f"  {net.name:<22} {_size(files):>10} {sum(net.seconds.values()):8.1f}  {checks:<40}")
+    lines.append("")
+    lines.append("  stages: " + ", ".join(f"{stage} {s:.1f}s" for stage, s in result.seconds.items())
+                 + f"; total {wall_seconds:.1f}s")
+    if result.end_to_end:
+        e2e = result.end_to_end
+        lines.append(f"  end to end vs transformers generate: {len(e2e['tokens'])} greedy tokens "
+                     f"{'identical' if e2e['tokens_identical'] else 'DIFFER'}, "
+                     f"max logit error {e2e['max_abs_logit_err']:.1e}")
+    lines.append(f"  checks: {'all passed' if result.ok else 'SOME FAILED'}   "
+                 f"(stage-by-stage errors: {out / 'report.json'})")
+    return "\n".join(lines)
+
+
+def write_json(result: CompileResult, wall_seconds: float) -> Path:
+    data = {
+        "out_dir": str(result.out_dir),
+        "wall_seconds": wall_seconds,
+        "stage_seconds": result.seconds,
+        "ok": result.ok,
+        "networks": [{"name": n.name, "seconds": n.seconds, "checks": [c.to_json() for c in n.checks],
+                      "passes": [{"pass": p.pass_name, "note": p.note, "seconds": p.seconds} for p in n.passes]}
+                     for n in result.networks],
+        "end_to_end": result.end_to_end,
+    }
+    path = result.out_dir / "report.json"
+    path.write_text(json.dumps(data, indent=2) + "\n")
+    return path

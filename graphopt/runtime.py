@@ -1,0 +1,171 @@
+"""A reference runtime that drives the emitted networks exactly as the chip runtime does.
+
+It follows LLM-TPU's chat demo step for step: pad the prompt to SEQ, prefill through
+`block_i` with a [1,1,SEQ,SEQ] mask of 0 / −10000, keep a [1,SEQ,KV,D] cache per layer,
+decode through `block_cache_i` with a [1,1,1,SEQ+1] mask and write each new token's K/V at
+row len-1. Backends run single networks: onnxruntime on the emitted files, or the rewritten
+FX graphs in torch (to check each compiler stage with the same driver).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+
+from graphopt.errors import GraphoptError
+from graphopt.networks import MASK_VALUE
+
+from graphopt.output import MANIFEST
+
+
+class Backend(Protocol):
+    def run(self, network: str, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]: ...
+
+
+class OrtBackend:
+    """onnxruntime sessions over an output directory's ONNX files, opened on first use."""
+
+    def __init__(self, directory: Path, manifest: dict):
+        import onnxruntime
+
+        self._ort = onnxruntime
+        self.directory = directory
+        self.files = {n["name"]: n["file"] for n in manifest["networks"]}
+        self._sessions: dict = {}
+
+    def run(self, network: str, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        if network not in self._sessions:
+            options = self._ort.SessionOptions()
+            options.log_severity_level = 3
+            self._sessions[network] = self._ort.InferenceSession(
+                str(self.directory / self.files[network]), options, providers=["CPUExecutionProvider"])
+        session = self._sessions[network]
+        names = [o.name for o in session.get_outputs()]
+        return dict(zip(names, session.run(names, inputs)))
+
+
+class FxBackend:
+    """The rewritten FX graphs, run in torch: the stage before ONNX."""
+
+    def __init__(self, networks: dict):
+        self.networks = networks
+
+    def run(self, network: str, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        import torch
+
+        net = self.networks[network]
+        args = [torch.from_numpy(np.ascontiguousarray(inputs[s.name])) for s in net.inputs]
+        return {name: out.numpy() for name, out in zip(net.output_names, net.run(*args))}
+
+
+@dataclass
+class Generation:
+    prompt: list[int]
+    tokens: list[int] = field(default_factory=list)
+    logits: list[np.ndarray] = field(default_factory=list)  # [V] per generated token
+    stopped: str = ""  # "eos", "length" (reached SEQ) or "" (max_new_tokens)
+
+
+@dataclass(frozen=True)
+class Shapes:
+    seq_length: int
+    num_layers: int
+    hidden: int
+    kv_heads: int
+    head_dim: int
+
+    @classmethod
+    def from_manifest(cls, manifest: dict) -> "Shapes":
+        nets = {n["name"]: n for n in manifest["networks"]}
+        past_k = next(o for o in nets["block_0"]["outputs"] if o["name"] == "past_k")["shape"]
+        return cls(seq_length=manifest["seq_length"],
+                   num_layers=sum(1 for n in nets if n.startswith("block_") and not n.startswith("block_cache_")),
+                   hidden=nets["lm_head"]["inputs"][0]["shape"][-1], kv_heads=past_k[2], head_dim=past_k[3])
+
+
+class ChipStyleRuntime:
+    def __init__(self, backend: Backend, shapes: Shapes):
+        self.backend, self.shapes = backend, shapes
+        self.length = 0
+        cache = (1, shapes.seq_length, shapes.kv_heads, shapes.head_dim)
+        self.cache_k = [np.zeros(cache, np.float32) for _ in range(shapes.num_layers)]
+        self.cache_v = [np.zeros(cache, np.float32) for _ in range(shapes.num_layers)]
+
+    def _head(self, hidden: np.ndarray) -> tuple[int, np.ndarray]:
+        logits = self.backend.run("lm_head", {"hidden_states": hidden})["m_logits"]
+        token = self.backend.run("greedy_head", {"m_logits": logits})["token"]
+        return int(token.reshape(-1)[0]), logits[0]
+
+    def prefill(self, prompt: list[int]) -> tuple[int, np.ndarray]:
+        seq, n = self.shapes.seq_length, len(prompt)
+        ids = np.zeros((1, seq), np.int64)
+        ids[0, :n] = prompt
+        positions = np.zeros((1, seq), np.int64)
+        positions[0, :n] = np.arange(n)
+        mask = np.full((1, 1, seq, seq), MASK_VALUE, np.float32)
+        for i in range(n):
+            mask[0, 0, i, : i + 1] = 0.0
+        hidden = self.backend.run("embedding", {"input_ids": ids})["input_embed"]
+        for layer in range(self.shapes.num_layers):
+            out = self.backend.run(f"block_{layer}", {"input_states": hidden, "position_ids": positions,
+                                                      "attention_mask": mask})
+            hidden = out["hidden_states"]
+            self.cache_k[layer][...] = out["past_k"]
+            self.cache_v[layer][...] = out["past_v"]
+        self.length = n
+        return self._head(hidden[:, n - 1])
+
+    def decode(self, token: int) -> tuple[int, np.ndarray]:
+        seq = self.shapes.seq_length
+        self.length += 1
+        row = self.length - 1  # the new token's position and its cache row
+        mask = np.zeros((1, 1, 1, seq + 1), np.float32)
+        mask[..., row:seq] = MASK_VALUE  # history rows from the new token's on are not valid yet
+        hidden = self.backend.run("embedding", {"input_ids": np.array([[token]], np.int64)})["input_embed"]
+        positions = np.array([[row]], np.int64)
+        for layer in range(self.shapes.num_layers):
+            out = self.backend.run(f"block_cache_{layer}", {
+                "input_states": hidden, "position_ids": positions, "attention_mask": mask,
+                "history_k": self.cache_k[layer], "history_v": self.cache_v[layer]})
+            hidden = out["hidden_states"]
+            self.cache_k[layer][:, row] = out["past_k"][:, 0]
+            self.cache_v[layer][:, row] = out["past_v"][:, 0]
+        return self._head(hidden[:, 0])
+
+    def generate(self, prompt: list[int], max_new_tokens: int, stop_tokens: frozenset[int] = frozenset()) -> Generation:
+        if not 0 < len(prompt) <= self.shapes.seq_length:
+            raise GraphoptError(f"the prompt has {len(prompt)} tokens but the networks were compiled for "
+                                f"--seq-length {self.shapes.seq_length}: give 1 to {self.shapes.seq_length} tokens, "
+                                "or compile with a larger --seq-length.")
+        result = Generation(list(prompt))
+        token, logits = self.prefill(prompt)
+        while True:
+            result.tokens.append(token)
+            result.logits.append(logits)
+            if token in stop_tokens:
+                result.stopped = "eos"
+                break
+            if len(result.tokens) >= max_new_tokens:
+                break
+            if self.length >= self.shapes.seq_length:
+                result.stopped = "length"
+                break
+            token, logits = self.decode(token)
+        return result
+
+
+def load_manifest(directory: Path) -> dict:
+    path = directory / MANIFEST
+    if not path.is_file():
+        raise GraphoptError(f"{directory} has no {MANIFEST}: it is not a graphopt output directory. Create one with "
+                            "`graphopt run MODEL --target onnx --out DIR` and pass that DIR.")
+    return json.loads(path.read_text())
+
+
+def open_runtime(directory: Path) -> tuple[ChipStyleRuntime, dict]:
+    manifest = load_manifest(directory)
+    return ChipStyleRuntime(OrtBackend(directory, manifest), Shapes.from_manifest(manifest)), manifest

@@ -1,0 +1,62 @@
+"""torch.export a network wrapper into the NetworkGraph form the passes work on.
+
+`run_decompositions({})` turns export's training IR into inference IR without decomposing
+anything: it inlines the `no_grad` / `autocast` wrappers that rotary-embedding code puts
+around its maths, and keeps `aten.linear` and `aten.scaled_dot_product_attention` whole, so
+passes can find them. Lifted weights become `get_attr` nodes again, because the ONNX
+exporter and a reader of `--dump-after` output both want weights as module attributes.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+import torch.fx as fx
+from torch.export.graph_signature import InputKind
+
+from graphopt.ir import NetworkGraph
+
+
+def trace_network(
+    module: torch.nn.Module,
+    example_inputs: dict[str, torch.Tensor],
+    *,
+    name: str,
+    kind: str,
+    output_names: list[str],
+    seq_length: int,
+) -> NetworkGraph:
+    """Export `module(*example_inputs.values())`; its forward's parameters must be named as
+    the network's inputs, since they become the placeholder (and so the ONNX input) names."""
+    module.eval()
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        program = torch.export.export(module, tuple(example_inputs.values()), strict=False)
+        program = program.run_decompositions({})
+    gm = _unlift(program)
+    net = NetworkGraph(name=name, kind=kind, gm=gm, output_names=list(output_names), seq_length=seq_length)
+    placeholder_names = [n.name for n in net.placeholders()]
+    assert placeholder_names == list(example_inputs), (placeholder_names, list(example_inputs))
+    assert len(net.output_values()) == len(output_names), (name, len(net.output_values()), output_names)
+    net.finalize()
+    return net
+
+
+def _unlift(program: torch.export.ExportedProgram) -> fx.GraphModule:
+    graph = program.graph
+    tensors = {**program.state_dict, **program.constants}
+    placeholders = {n.name: n for n in graph.nodes if n.op == "placeholder"}
+    first_op = next(n for n in graph.nodes if n.op != "placeholder")
+    attrs: dict[str, torch.Tensor] = {}
+    for spec in program.graph_signature.input_specs:
+        if spec.kind == InputKind.USER_INPUT:
+            continue
+        node = placeholders[spec.arg.name]
+        with graph.inserting_before(first_op):
+            attr = graph.create_node("get_attr", spec.target)
+        attr.meta = dict(node.meta)
+        node.replace_all_uses_with(attr)
+        graph.erase_node(node)
+        attrs[spec.target] = tensors[spec.target].detach()
+    return fx.GraphModule(attrs, graph)

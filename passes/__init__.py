@@ -1,0 +1,16 @@
+"""Built-in passes, one per file. Importing this package registers them all by name."""
+
+from graphopt.passes import (  # noqa: F401
+    attention_canonical,
+    attention_lower,
+    concat_cache,
+    fixed_mask,
+    kv_layout,
+    onnx_legalize,
+    onnx_linear_layout,
+    onnx_simplify,
+    onnx_tidy,
+    rope_table,
+    strip_trace_noise,
+    views_to_reshapes,
+)

@@ -1,0 +1,52 @@
+"""concat-cache: turn a one-token block into the decode network `block_cache_i`.
+
+Adds inputs `history_k`/`history_v` [1, SEQ, KV, D] (the runtime's cache for this layer) and
+concatenates them in front of the new token's K/V before attention, so attention sees
+SEQ+1 keys and the mask input becomes [1, 1, 1, SEQ+1]. The block's past_k/past_v outputs
+stay the new token's K/V only: the runtime writes them into its cache at row len-1.
+Order matters: runs after `kv-layout` (which must expose the new K/V, not the concatenation)
+and after `fixed-mask` (whose input this pass widens).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from graphopt.ir import NetworkGraph, shape_of
+from graphopt.pass_manager import Pass, register_pass
+from graphopt.passes._attention import attention_nodes, sdpa_arg, set_sdpa_arg
+from graphopt.passes.fixed_mask import MASK_INPUT
+
+aten = torch.ops.aten
+
+
+def history_input_names(count: int) -> list[tuple[str, str]]:
+    if count == 1:
+        return [("history_k", "history_v")]
+    return [(f"history_k_{i}", f"history_v_{i}") for i in range(count)]
+
+
+@register_pass
+class ConcatCache(Pass):
+    """Decode form: concatenate history_k/history_v [1,SEQ,KV,D] inputs in front of the new K/V."""
+
+    name = "concat-cache"
+    applies_to = frozenset({"block_cache"})
+    requires = ("attention.canonical", "kv.exposed", "mask.fixed")
+    ensures = ("cache.concat",)
+
+    def run(self, net: NetworkGraph) -> str:
+        history = net.seq_length
+        attentions = attention_nodes(net)
+        for node, names in zip(attentions, history_input_names(len(attentions))):
+            for operand, name in zip(("key", "value"), names):
+                new = sdpa_arg(node, operand)
+                batch, kv_heads, steps, head_dim = shape_of(new)
+                cache = net.add_input(name, (batch, history, kv_heads, head_dim), new.meta["val"].dtype)
+                with net.graph.inserting_before(node):
+                    bhsd = net.graph.call_function(aten.permute.default, (cache, [0, 2, 1, 3]))
+                    joined = net.graph.call_function(aten.cat.default, ([bhsd, new], 2))
+                set_sdpa_arg(node, operand, joined)
+        batch, heads, steps, _ = shape_of(net.input(MASK_INPUT))
+        net.set_input_shape(MASK_INPUT, (batch, heads, steps, history + steps))
+        return f"{len(attentions)} attention(s) read {history} cached positions + {steps} new"

@@ -1,0 +1,43 @@
+"""kv-layout: expose each attention's new K and V as outputs in [batch, seq, kv_heads, head_dim].
+
+The runtime keeps its KV cache as [1, SEQ, KV, D] per layer and copies a block's K/V
+outputs into it; it never sees the query-head repeat. So K and V are taken as the attention
+reads them after `attention-canonical`: post-rope, before any GQA expansion.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from graphopt.errors import PassMatchError
+from graphopt.ir import NetworkGraph
+from graphopt.pass_manager import Pass, register_pass
+from graphopt.passes._attention import attention_nodes, sdpa_arg
+
+
+def kv_output_names(count: int) -> list[tuple[str, str]]:
+    """past_k/past_v for the usual one attention per block; numbered when a block has several."""
+    if count == 1:
+        return [("past_k", "past_v")]
+    return [(f"past_k_{i}", f"past_v_{i}") for i in range(count)]
+
+
+@register_pass
+class KvLayout(Pass):
+    """Add outputs past_k/past_v: the new K/V in [batch, seq, kv_heads, head_dim], pre-GQA-repeat."""
+
+    name = "kv-layout"
+    applies_to = frozenset({"block", "block_cache"})
+    requires = ("attention.canonical",)
+    ensures = ("kv.exposed",)
+
+    def run(self, net: NetworkGraph) -> str:
+        attentions = attention_nodes(net)
+        if not attentions:
+            raise PassMatchError(self.name, net.name, "found no attention whose K/V could be exposed")
+        for node, names in zip(attentions, kv_output_names(len(attentions))):
+            for operand, name in zip(("key", "value"), names):
+                with net.graph.inserting_before(net.output_node):
+                    bshd = net.graph.call_function(torch.ops.aten.permute.default, (sdpa_arg(node, operand), [0, 2, 1, 3]))
+                net.add_output(name, bshd)
+        return f"exposed K/V of {len(attentions)} attention(s) as [batch, seq, kv_heads, head_dim]"

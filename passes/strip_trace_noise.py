@@ -1,0 +1,38 @@
+"""strip-trace-noise: drop what export leaves for its own checking, so matchers see the dataflow."""
+
+from __future__ import annotations
+
+import torch
+
+from graphopt.ir import NetworkGraph
+from graphopt.pass_manager import Pass, register_pass
+
+aten = torch.ops.aten
+
+# Nodes that only check things at run time; they have no users.
+_CHECKS = (aten._assert_tensor_metadata.default, aten._assert_scalar.default,
+           aten.sym_constrain_range_for_size.default)
+# Conversions that are the identity when they keep dtype. (Clones are not: a later `view`
+# may need the contiguous copy.)
+_IDENTITY_IF_SAME_DTYPE = (aten._to_copy.default, aten.to.dtype)
+
+
+@register_pass
+class StripTraceNoise(Pass):
+    """Remove runtime asserts and same-dtype conversions that torch.export leaves in the graph."""
+
+    name = "strip-trace-noise"
+    ensures = ("trace.clean",)
+
+    def run(self, net: NetworkGraph) -> str:
+        removed = 0
+        for node in net.calls(*_CHECKS):
+            net.graph.erase_node(node)
+            removed += 1
+        for node in net.calls(*_IDENTITY_IF_SAME_DTYPE):
+            source = node.args[0]
+            if node.meta["val"].dtype == source.meta["val"].dtype:
+                node.replace_all_uses_with(source)
+                net.graph.erase_node(node)
+                removed += 1
+        return f"removed {removed} nodes"
