@@ -26,8 +26,9 @@ def _parse_ids(text: str) -> list[int]:
 
 
 def cmd_run(args) -> int:
-    from graphopt.compiler import compile_model
+    from graphopt.compiler import compile_model, validate_seq_length
     from graphopt.models import open_model
+    from graphopt.output import check_output_dir
     from graphopt.report import render, write_json
     from graphopt.targets import get_target
 
@@ -35,6 +36,10 @@ def cmd_run(args) -> int:
     target = get_target(args.target)
     source = open_model(args.model, args.model_path, args.random_weights)
     out = Path(args.out or f"graphopt-out/{source.name}-{target.name}-seq{args.seq_length}")
+    # Everything the user can get wrong is checked before any work starts.
+    _ = source.parts
+    validate_seq_length(source, args.seq_length)
+    check_output_dir(out)
     print(f"graphopt: {source.name} ({source.weights.describe()}) -> target {target.name}, "
           f"seq {args.seq_length}", file=sys.stderr)
     dump_dir = Path(args.dump_dir) if args.dump_dir else None

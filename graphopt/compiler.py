@@ -159,7 +159,7 @@ def compile_model(source: ModelSource, target: Target, seq_length: int, out_dir:
 
 def _compile(source, target, seq_length, folder, layers, check, keep_fx, dump_dir, show_progress) -> CompileResult:
     fx_manager = PassManager(list(target.fx_pipeline), dump_dir)
-    onnx_manager = PassManager(list(target.onnx_pipeline), dump_dir)
+    onnx_manager = PassManager(list(target.onnx_pipeline), dump_dir, phase="onnx")
     vocab = int(source.config.vocab_size)
     plans = plan_networks(source, seq_length, layers)
     results, kept = [], {}

@@ -75,16 +75,16 @@ class PassManager:
 
     After each pass the network is finalized (dead code removed, shapes re-propagated), the
     pass's `ensures` are added to the network's properties, and, when `dump_dir` is set,
-    the graph is written to `dump_dir/<network>/<NN>-<pass>.py` for reading.
+    the graph is written to `dump_dir/<network>/<phase>-<NN>-<pass>.py|.txt` for reading.
     """
 
-    def __init__(self, pass_names: list[str], dump_dir: Path | None = None):
+    def __init__(self, pass_names: list[str], dump_dir: Path | None = None, phase: str = "fx"):
         self.passes = [get_pass(n)() for n in pass_names]
-        self.dump_dir = dump_dir
+        self.dump_dir, self.phase = dump_dir, phase
 
     def run(self, net: NetworkGraph) -> list[PassRecord]:
         records = []
-        self._dump(net, 0, "traced")
+        self._dump(net, 0, "input")
         for index, p in enumerate(self.passes, start=1):
             if net.kind not in p.applies_to:
                 continue
@@ -108,4 +108,5 @@ class PassManager:
             return
         folder = self.dump_dir / net.name
         folder.mkdir(parents=True, exist_ok=True)
-        (folder / f"{index:02d}-{label}.py").write_text(net.readable())
+        suffix = ".py" if self.phase == "fx" else ".txt"
+        (folder / f"{self.phase}-{index:02d}-{label}{suffix}").write_text(net.readable())

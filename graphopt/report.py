@@ -30,8 +30,11 @@ def render(result: CompileResult, wall_seconds: float) -> str:
         lines.append(f"  end to end vs transformers generate: {len(e2e['tokens'])} greedy tokens "
                      f"{'identical' if e2e['tokens_identical'] else 'DIFFER'}, "
                      f"max logit error {e2e['max_abs_logit_err']:.1e}")
-    lines.append(f"  checks: {'all passed' if result.ok else 'SOME FAILED'}   "
-                 f"(stage-by-stage errors: {out / 'report.json'})")
+    if not any(net.checks for net in result.networks):
+        lines.append("  checks: skipped (--no-check)")
+    else:
+        lines.append(f"  checks: {'all passed' if result.ok else 'SOME FAILED'}   "
+                     f"(stage-by-stage errors: {out / 'report.json'})")
     return "\n".join(lines)
 
 

@@ -1,0 +1,59 @@
+"""Helpers for testing passes: traced tiny-llama networks and the inputs a runtime sends them.
+
+Pass tests (ours, and users' own) compare a network before and after a pass on the same
+inputs and check that the rewrite happened; these give them a real traced network fast.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+
+import torch
+
+from graphopt.ir import NetworkGraph
+from graphopt.models import ModelSource, open_model
+from graphopt.networks import MASK_VALUE, causal_mask, plan_networks, trace_plan
+from graphopt.pass_manager import PassManager
+
+
+@functools.cache
+def tiny_llama() -> ModelSource:
+    return open_model("tiny-llama")
+
+
+@functools.cache
+def _traced(name: str, seq_length: int) -> NetworkGraph:
+    source = tiny_llama()
+    plan = next(p for p in plan_networks(source, seq_length, layers=[0]) if p.name == name)
+    return trace_plan(source, plan, seq_length)
+
+
+def traced(name: str = "block_0", seq_length: int = 16) -> NetworkGraph:
+    """A fresh copy of a traced tiny-llama network (tracing is cached, passes mutate)."""
+    return copy.deepcopy(_traced(name, seq_length))
+
+
+def run_passes(net: NetworkGraph, *names: str) -> NetworkGraph:
+    PassManager(list(names)).run(net)
+    return net
+
+
+def prefill_inputs(seq_length: int, hidden: int = 128, length: int | None = None, seed: int = 0):
+    """(input_states, position_ids, attention_mask) for a prompt of `length` padded to `seq_length`."""
+    length = seq_length if length is None else length
+    g = torch.Generator().manual_seed(seed)
+    positions = torch.zeros(1, seq_length, dtype=torch.int64)
+    positions[0, :length] = torch.arange(length)
+    return (torch.randn(1, seq_length, hidden, generator=g), positions, causal_mask(seq_length, seq_length, length))
+
+
+def decode_mask(seq_length: int, row: int) -> torch.Tensor:
+    """The decode mask for a new token at `row`: history rows < row valid, plus the token itself."""
+    mask = torch.zeros(1, 1, 1, seq_length + 1)
+    mask[..., row:seq_length] = MASK_VALUE
+    return mask
+
+
+def count(net: NetworkGraph, *targets) -> int:
+    return sum(1 for _ in net.calls(*targets))

@@ -1,0 +1,29 @@
+import torch
+
+from graphopt.passes._attention import SDPA
+from graphopt.testing import count, decode_mask, prefill_inputs, run_passes, traced
+
+aten = torch.ops.aten
+PIPELINE = ("strip-trace-noise", "views-to-reshapes", "attention-canonical", "rope-table", "fixed-mask",
+            "kv-layout", "concat-cache")
+
+
+def test_prefill_attention_becomes_matmul_softmax():
+    net = run_passes(traced("block_0"), *PIPELINE)
+    args = prefill_inputs(16, length=9)
+    before = net.run(*args)
+    run_passes(net, "attention-lower")
+    assert count(net, SDPA) == 0
+    assert count(net, aten.softmax.int) == 1 and count(net, aten.matmul.default) == 2
+    torch.testing.assert_close(net.run(*args), before, rtol=1e-4, atol=1e-4)
+
+
+def test_decode_attention_with_gqa_history():
+    net = run_passes(traced("block_cache_0"), *PIPELINE)
+    g = torch.Generator().manual_seed(3)
+    args = (torch.randn(1, 1, 128, generator=g), torch.tensor([[6]]), decode_mask(16, 6),
+            torch.randn(1, 16, 2, 32, generator=g), torch.randn(1, 16, 2, 32, generator=g))
+    before = net.run(*args)
+    run_passes(net, "attention-lower")
+    assert count(net, SDPA) == 0 and count(net, aten.expand.default) == 2  # K and V repeated to 4 heads
+    torch.testing.assert_close(net.run(*args), before, rtol=1e-4, atol=1e-4)

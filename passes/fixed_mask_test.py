@@ -1,0 +1,67 @@
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from graphopt.errors import PassMatchError
+from graphopt.networks import causal_mask
+from graphopt.passes._attention import attention_nodes, sdpa_arg
+from graphopt.testing import prefill_inputs, run_passes, traced
+from graphopt.trace import trace_network
+
+S = 8
+
+
+def _heads(x):
+    return x.view(1, S, 2, 4).transpose(1, 2)
+
+
+class CausalFlag(nn.Module):
+    """Attention that asks the kernel for causality instead of taking a mask."""
+
+    def forward(self, input_states, position_ids, attention_mask):
+        q = _heads(input_states)
+        return F.scaled_dot_product_attention(q, q, q, is_causal=True)
+
+
+class BuildsMask(nn.Module):
+    """Attention whose mask is built inside the network from arange and a comparison."""
+
+    def forward(self, input_states, position_ids, attention_mask):
+        q = _heads(input_states)
+        steps = torch.arange(S, device=input_states.device)
+        mask = torch.where(steps[None, :] <= steps[:, None], 0.0, -10000.0)
+        return F.scaled_dot_product_attention(q, q, q, attn_mask=mask)
+
+
+def _toy(module):
+    inputs = {"input_states": torch.randn(1, S, 8), "position_ids": torch.arange(S).view(1, S),
+              "attention_mask": causal_mask(S, S, S)}
+    net = trace_network(module, inputs, name="block_toy", kind="block", output_names=["y"], seq_length=S)
+    return run_passes(net, "strip-trace-noise", "views-to-reshapes", "attention-canonical"), inputs
+
+
+def test_is_causal_becomes_the_mask_input():
+    net, inputs = _toy(CausalFlag())
+    args = tuple(inputs.values())
+    before = net.run(*args)
+    run_passes(net, "fixed-mask")
+    (attention,) = attention_nodes(net)
+    assert sdpa_arg(attention, "attn_mask") is net.input("attention_mask")
+    assert not sdpa_arg(attention, "is_causal")
+    torch.testing.assert_close(net.run(*args), before, rtol=1e-5, atol=1e-5)
+
+
+def test_a_mask_built_inside_is_refused():
+    net, _ = _toy(BuildsMask())
+    with pytest.raises(PassMatchError, match="fixed-mask.*block_toy.*computed inside"):
+        run_passes(net, "fixed-mask")
+
+
+def test_llama_block_keeps_numbers_and_has_no_mask_building_ops():
+    net = run_passes(traced("block_0"), "strip-trace-noise", "views-to-reshapes", "attention-canonical")
+    args = prefill_inputs(16, length=11)  # padded prompt: rows past 11 fully masked
+    before = net.run(*args)
+    run_passes(net, "rope-table", "fixed-mask")
+    assert "mask.fixed" in net.properties
+    torch.testing.assert_close(net.run(*args), before, rtol=1e-5, atol=1e-5)

@@ -1,0 +1,125 @@
+"""The command line: a full run, generate, passes, and clear errors for bad input."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from graphopt.cli import main
+from tests.golden.record import load_golden
+
+
+def graphopt(*args, check=True):
+    proc = subprocess.run([sys.executable, "-m", "graphopt", *args], capture_output=True, text=True, timeout=600)
+    if check:
+        assert proc.returncode == 0, proc.stderr
+    return proc
+
+
+def test_run_then_generate_gives_transformers_tokens(tmp_path):
+    out = tmp_path / "tiny"
+    run = graphopt("run", "tiny-llama", "--target", "onnx", "--seq-length", "64", "--out", str(out))
+    assert "checks: all passed" in run.stdout and "identical" in run.stdout
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["seq_length"] == 64 and len(manifest["networks"]) == 8
+    assert json.loads((out / "report.json").read_text())["ok"] is True
+
+    golden, _ = load_golden("tiny-llama")
+    ids = ",".join(map(str, golden["prompt"]))
+    gen = graphopt("generate", str(out), "--input-ids", ids, "--max-new-tokens", "32", "--ignore-eos", "--json")
+    assert json.loads(gen.stdout) == {"tokens": golden["tokens"]}
+
+
+def test_passes_lists_the_pipeline_with_docs():
+    out = graphopt("passes", "--target", "onnx").stdout
+    for name in ("rope-table", "kv-layout", "concat-cache", "fixed-mask", "attention-lower", "linear-weight-layout"):
+        assert name in out
+    assert out.index("kv-layout") < out.index("concat-cache")
+    assert "Precompute rotary cos/sin" in out
+
+
+# ---- bad input: one paragraph, exit 2, no traceback, nothing half-written -----------------
+
+def _error(capsys, *argv) -> str:
+    capsys.readouterr()  # drop what test set-up printed
+    assert main(list(argv)) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("graphopt: error: ") and "Traceback" not in err
+    assert err.strip().count("\n") == 0, "one paragraph"
+    return err
+
+
+def test_unknown_model_lists_known_ones(capsys, tmp_path):
+    err = _error(capsys, "run", "no-such-model", "--out", str(tmp_path / "o"))
+    assert "tiny-llama" in err and "llama3.1-8b" in err
+    assert not (tmp_path / "o").exists()
+
+
+def test_real_model_without_weights_says_how_to_provide_them(capsys, tmp_path):
+    err = _error(capsys, "run", "llama3.1-8b", "--out", str(tmp_path / "o"))
+    assert "--model-path" in err
+
+
+def test_directory_without_config(capsys, tmp_path):
+    (tmp_path / "empty").mkdir()
+    assert "no config.json" in _error(capsys, "run", str(tmp_path / "empty"), "--out", str(tmp_path / "o"))
+
+
+def test_directory_without_weights(capsys, tmp_path):
+    from graphopt.models.configs import TINY_LLAMA
+
+    model_dir = tmp_path / "noweights"
+    model_dir.mkdir()
+    (model_dir / "config.json").write_text(json.dumps(TINY_LLAMA))
+    assert "safetensors" in _error(capsys, "run", str(model_dir), "--out", str(tmp_path / "o"))
+
+
+def test_architecture_the_passes_cannot_handle(capsys, tmp_path):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    model_dir = tmp_path / "gpt2"
+    GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=64, n_head=2, vocab_size=128, bos_token_id=0, eos_token_id=0)).save_pretrained(model_dir)
+    err = _error(capsys, "run", str(model_dir), "--out", str(tmp_path / "o"))
+    assert "GPT2LMHeadModel" in err
+    assert not (tmp_path / "o").exists()
+
+
+def test_seq_length_beyond_max_positions(capsys, tmp_path):
+    assert "max_position_embeddings" in _error(capsys, "run", "tiny-llama", "--seq-length", "4096",
+                                               "--out", str(tmp_path / "o"))
+
+
+def test_unwritable_out(capsys, tmp_path):
+    (tmp_path / "file").write_text("x")
+    assert "--out" in _error(capsys, "run", "tiny-llama", "--out", str(tmp_path / "file" / "sub"))
+
+
+def test_out_holding_foreign_files_is_not_replaced(capsys, tmp_path):
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep me")
+    _error(capsys, "run", "tiny-llama", "--out", str(tmp_path / "mine"))
+    assert (tmp_path / "mine" / "notes.txt").read_text() == "keep me"
+
+
+@pytest.mark.parametrize("ids,message", [("1,x,3", "comma-separated"), ("", "at least one"), ("-1,2", "negative")])
+def test_malformed_input_ids(capsys, tiny_llama_build, ids, message):
+    assert message in _error(capsys, "generate", str(tiny_llama_build.out_dir), f"--input-ids={ids}")
+
+
+def test_prompt_longer_than_seq(capsys, tiny_llama_build):
+    ids = ",".join(["5"] * 65)
+    assert "--seq-length 64" in _error(capsys, "generate", str(tiny_llama_build.out_dir), "--input-ids", ids)
+
+
+def test_token_outside_vocabulary(capsys, tiny_llama_build):
+    assert "vocabulary" in _error(capsys, "generate", str(tiny_llama_build.out_dir), "--input-ids", "1,5000")
+
+
+def test_generate_on_a_directory_that_is_not_an_output(capsys, tmp_path):
+    assert "manifest.json" in _error(capsys, "generate", str(tmp_path), "--input-ids", "1,2")
+
+
+def test_errors_from_the_real_process_have_no_traceback(tmp_path):
+    proc = graphopt("run", "no-such-model", "--out", str(tmp_path / "o"), check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr and "unknown model" in proc.stderr
