@@ -119,11 +119,9 @@ def _compare(stage: str, reference, candidate) -> Check:
 
 
 def _onnx_outputs(path: Path, net: NetworkGraph, args) -> list[np.ndarray]:
-    import onnxruntime
+    from graphopt.runtime import ort_session
 
-    options = onnxruntime.SessionOptions()
-    options.log_severity_level = 3
-    session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    session = ort_session(path)
     feeds = {spec.name: a.numpy() for spec, a in zip(net.inputs, args)}
     return session.run(list(net.output_names), feeds)
 

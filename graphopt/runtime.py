@@ -26,23 +26,26 @@ class Backend(Protocol):
     def run(self, network: str, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]: ...
 
 
+def ort_session(path: Path):
+    """A quiet CPU onnxruntime session."""
+    import onnxruntime
+
+    options = onnxruntime.SessionOptions()
+    options.log_severity_level = 3
+    return onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
 class OrtBackend:
     """onnxruntime sessions over an output directory's ONNX files, opened on first use."""
 
     def __init__(self, directory: Path, manifest: dict):
-        import onnxruntime
-
-        self._ort = onnxruntime
         self.directory = directory
         self.files = {n["name"]: n["file"] for n in manifest["networks"]}
         self._sessions: dict = {}
 
     def run(self, network: str, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         if network not in self._sessions:
-            options = self._ort.SessionOptions()
-            options.log_severity_level = 3
-            self._sessions[network] = self._ort.InferenceSession(
-                str(self.directory / self.files[network]), options, providers=["CPUExecutionProvider"])
+            self._sessions[network] = ort_session(self.directory / self.files[network])
         session = self._sessions[network]
         names = [o.name for o in session.get_outputs()]
         return dict(zip(names, session.run(names, inputs)))

@@ -36,3 +36,8 @@ def set_sdpa_arg(node: fx.Node, name: str, value) -> None:
     values[name] = value
     node.args = (values["query"], values["key"], values["value"])
     node.kwargs = {a: values[a] for a in _SDPA_ARGS[3:] if values[a] != _SDPA_DEFAULTS[a]}
+
+
+def kv_names(k: str, v: str, count: int) -> list[tuple[str, str]]:
+    """`k`/`v` for the usual one attention per network; numbered `k_0`, `v_0`, ... when it has several."""
+    return [(k, v)] if count == 1 else [(f"{k}_{i}", f"{v}_{i}") for i in range(count)]

@@ -14,16 +14,10 @@ import torch
 
 from graphopt.ir import NetworkGraph, shape_of
 from graphopt.pass_manager import Pass, register_pass
-from graphopt.passes._attention import attention_nodes, sdpa_arg, set_sdpa_arg
+from graphopt.passes._attention import attention_nodes, kv_names, sdpa_arg, set_sdpa_arg
 from graphopt.passes.fixed_mask import MASK_INPUT
 
 aten = torch.ops.aten
-
-
-def history_input_names(count: int) -> list[tuple[str, str]]:
-    if count == 1:
-        return [("history_k", "history_v")]
-    return [(f"history_k_{i}", f"history_v_{i}") for i in range(count)]
 
 
 @register_pass
@@ -38,7 +32,7 @@ class ConcatCache(Pass):
     def run(self, net: NetworkGraph) -> str:
         history = net.seq_length
         attentions = attention_nodes(net)
-        for node, names in zip(attentions, history_input_names(len(attentions))):
+        for node, names in zip(attentions, kv_names("history_k", "history_v", len(attentions))):
             for operand, name in zip(("key", "value"), names):
                 new = sdpa_arg(node, operand)
                 batch, kv_heads, steps, head_dim = shape_of(new)

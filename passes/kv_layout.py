@@ -12,14 +12,7 @@ import torch
 from graphopt.errors import PassMatchError
 from graphopt.ir import NetworkGraph
 from graphopt.pass_manager import Pass, register_pass
-from graphopt.passes._attention import attention_nodes, sdpa_arg
-
-
-def kv_output_names(count: int) -> list[tuple[str, str]]:
-    """past_k/past_v for the usual one attention per block; numbered when a block has several."""
-    if count == 1:
-        return [("past_k", "past_v")]
-    return [(f"past_k_{i}", f"past_v_{i}") for i in range(count)]
+from graphopt.passes._attention import attention_nodes, kv_names, sdpa_arg
 
 
 @register_pass
@@ -35,7 +28,7 @@ class KvLayout(Pass):
         attentions = attention_nodes(net)
         if not attentions:
             raise PassMatchError(self.name, net.name, "found no attention whose K/V could be exposed")
-        for node, names in zip(attentions, kv_output_names(len(attentions))):
+        for node, names in zip(attentions, kv_names("past_k", "past_v", len(attentions))):
             for operand, name in zip(("key", "value"), names):
                 with net.graph.inserting_before(net.output_node):
                     bshd = net.graph.call_function(torch.ops.aten.permute.default, (sdpa_arg(node, operand), [0, 2, 1, 3]))
