@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 
@@ -32,7 +32,6 @@ class ModelSource:
     config: object  # a transformers PretrainedConfig
     weights: WeightProvider
     origin: str
-    _rotary: nn.Module | None = field(default=None, repr=False)
 
     # ---- structure ----------------------------------------------------------------------
     @cached_property
