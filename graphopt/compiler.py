@@ -21,7 +21,7 @@ import graphopt
 from graphopt.errors import GraphoptError
 from graphopt.ir import NetworkGraph, TensorSpec
 from graphopt.models.source import ModelSource
-from graphopt.networks import MASK_VALUE, causal_mask, plan_networks, trace_plan
+from graphopt.networks import causal_mask, decode_mask, plan_networks, trace_plan
 from graphopt.onnx_ir import export_onnx, save_onnx
 from graphopt.output import MANIFEST, StagedDirectory
 from graphopt.pass_manager import PassManager, PassRecord
@@ -93,10 +93,8 @@ def check_inputs(net: NetworkGraph, vocab: int, seed: int = 0) -> tuple[torch.Te
             steps, keys = spec.shape[2], spec.shape[3]
             if steps == keys:
                 values.append(causal_mask(steps, keys, steps))
-            else:  # decode: history rows up to the new token's row are valid, plus the new token itself
-                mask = torch.zeros(spec.shape)
-                mask[..., seq // 2:seq] = MASK_VALUE
-                values.append(mask)
+            else:  # decode, for a new token halfway into the cache
+                values.append(decode_mask(seq, seq // 2))
         elif spec.name in ("top_p", "temperature", "penalty"):
             values.append(torch.full(spec.shape, {"top_p": 0.8, "temperature": 0.7, "penalty": 1.1}[spec.name]))
         else:

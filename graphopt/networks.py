@@ -105,6 +105,14 @@ def causal_mask(steps: int, keys: int, length: int) -> torch.Tensor:
     return mask
 
 
+def decode_mask(seq_length: int, row: int) -> torch.Tensor:
+    """The runtime's decode mask [1,1,1,SEQ+1] for a new token at `row`: history rows < row
+    are valid, rows from `row` on are not written yet, and the last column is the token itself."""
+    mask = torch.zeros(1, 1, 1, seq_length + 1)
+    mask[..., row:seq_length] = MASK_VALUE
+    return mask
+
+
 def plan_networks(source: ModelSource, seq_length: int, layers: list[int] | None = None) -> list[NetworkPlan]:
     cfg = source.config
     parts = source.parts

@@ -18,8 +18,6 @@ MANIFEST = "manifest.json"
 def check_output_dir(target: Path) -> Path:
     """Refuse an --out that cannot be written or that holds someone else's files; create its parent."""
     path = target.expanduser().absolute()
-    if path.exists() and not path.is_dir():
-        raise GraphoptError(f"--out {target} exists and is a file; give a directory path.")
     if path.is_dir() and any(path.iterdir()) and not (path / MANIFEST).exists():
         raise GraphoptError(f"--out {target} already holds files that graphopt did not write (no {MANIFEST}); "
                             "graphopt will not replace it. Give an empty or new directory.")

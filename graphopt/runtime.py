@@ -17,7 +17,7 @@ from typing import Protocol
 import numpy as np
 
 from graphopt.errors import GraphoptError
-from graphopt.networks import MASK_VALUE
+from graphopt.networks import causal_mask, decode_mask
 
 from graphopt.output import MANIFEST
 
@@ -109,9 +109,7 @@ class ChipStyleRuntime:
         ids[0, :n] = prompt
         positions = np.zeros((1, seq), np.int64)
         positions[0, :n] = np.arange(n)
-        mask = np.full((1, 1, seq, seq), MASK_VALUE, np.float32)
-        for i in range(n):
-            mask[0, 0, i, : i + 1] = 0.0
+        mask = causal_mask(seq, seq, n).numpy()
         hidden = self.backend.run("embedding", {"input_ids": ids})["input_embed"]
         for layer in range(self.shapes.num_layers):
             out = self.backend.run(f"block_{layer}", {"input_states": hidden, "position_ids": positions,
@@ -126,8 +124,7 @@ class ChipStyleRuntime:
         seq = self.shapes.seq_length
         self.length += 1
         row = self.length - 1  # the new token's position and its cache row
-        mask = np.zeros((1, 1, 1, seq + 1), np.float32)
-        mask[..., row:seq] = MASK_VALUE  # history rows from the new token's on are not valid yet
+        mask = decode_mask(seq, row).numpy()
         hidden = self.backend.run("embedding", {"input_ids": np.array([[token]], np.int64)})["input_embed"]
         positions = np.array([[row]], np.int64)
         for layer in range(self.shapes.num_layers):

@@ -13,7 +13,7 @@ import torch
 
 from graphopt.ir import NetworkGraph
 from graphopt.models import ModelSource, open_model
-from graphopt.networks import MASK_VALUE, causal_mask, plan_networks, trace_plan
+from graphopt.networks import causal_mask, decode_mask, plan_networks, trace_plan  # noqa: F401 (decode_mask: for tests)
 from graphopt.pass_manager import PassManager
 
 
@@ -46,13 +46,6 @@ def prefill_inputs(seq_length: int, hidden: int = 128, length: int | None = None
     positions = torch.zeros(1, seq_length, dtype=torch.int64)
     positions[0, :length] = torch.arange(length)
     return (torch.randn(1, seq_length, hidden, generator=g), positions, causal_mask(seq_length, seq_length, length))
-
-
-def decode_mask(seq_length: int, row: int) -> torch.Tensor:
-    """The decode mask for a new token at `row`: history rows < row valid, plus the token itself."""
-    mask = torch.zeros(1, 1, 1, seq_length + 1)
-    mask[..., row:seq_length] = MASK_VALUE
-    return mask
 
 
 def count(net: NetworkGraph, *targets) -> int:
