@@ -1,9 +1,12 @@
 #!/usr/bin/env bash
-# Sets graphopt up in ./.venv and runs the main job on the built-in default model:
-# tiny-llama (random weights, fixed seed) -> per-network ONNX -> greedy generation in onnxruntime.
+# Sets graphopt up in ./.venv, with TPU-MLIR in its own Python 3.10 venv under ~/.cache/graphopt,
+# and runs the main job on the built-in default model: tiny-llama (random weights, fixed seed)
+# -> per-network ONNX -> a W4BF16 bmodel for the BM1684X, checked in TPU-MLIR's simulator
+# -> greedy generation with the bmodel in the simulator.
 #   ./setup.sh                 install, then compile and generate
 #   ./setup.sh --install-only  install only (what .ci/run uses)
-# pip keeps its downloads in ~/.cache/pip, so a second run is fast.
+# pip keeps its downloads in ~/.cache/pip and the toolchain stays in ~/.cache/graphopt, so a
+# second run is fast.  Set GRAPHOPT_PYTHON310 if Python 3.10 is not found by itself.
 set -euo pipefail
 cd "$(dirname "$0")"
 PYTHON=${PYTHON:-python3}
@@ -13,7 +16,9 @@ PYTHON=${PYTHON:-python3}
 # The CPU build of torch first: a loose `torch` requirement in a fresh venv can pull a multi-GB CUDA build.
 .venv/bin/python -m pip install -q "torch==2.13.0"
 .venv/bin/python -m pip install -q -e ".[test]"
+.venv/bin/graphopt toolchain install bm1684x  # does nothing when it is installed and checked already
 [ "${1:-}" = "--install-only" ] && exit 0
 
-.venv/bin/graphopt run tiny-llama --target onnx --out graphopt-out/tiny-llama
-.venv/bin/graphopt generate graphopt-out/tiny-llama --input-ids 1,17,300,42,5,900,64,7 --max-new-tokens 16 --ignore-eos
+.venv/bin/graphopt run tiny-llama --target bm1684x --quantize w4bf16 --out graphopt-out/tiny-llama-w4bf16
+.venv/bin/graphopt generate graphopt-out/tiny-llama-w4bf16 --backend bm1684x-sim \
+    --input-ids 1,17,300,42,5,900,64,7 --max-new-tokens 16 --ignore-eos

@@ -1,4 +1,4 @@
-"""The `graphopt` command: run, generate, passes."""
+"""The `graphopt` command: run, generate, passes, inspect, toolchain."""
 
 from __future__ import annotations
 
@@ -40,28 +40,59 @@ def cmd_run(args) -> int:
     _ = source.parts
     validate_seq_length(source, args.seq_length)
     check_output_dir(out)
-    print(f"graphopt: {source.name} ({source.weights.describe()}) -> target {target.name}, "
+    options = {"quantize": args.quantize, "group_size": args.group_size, "jobs": args.jobs}
+    if args.jobs is not None and args.jobs < 1:
+        raise GraphoptError(f"--jobs {args.jobs} must be at least 1 (or left out: as many as cores and memory allow).")
+    if target.build:
+        target.build.validate(source, options)
+    detail = f", {args.quantize}" if target.build else ""
+    print(f"graphopt: {source.name} ({source.weights.describe()}) -> target {target.name}{detail}, "
           f"seq {args.seq_length}", file=sys.stderr)
     dump_dir = Path(args.dump_dir) if args.dump_dir else None
-    result = compile_model(source, target, args.seq_length, out, check=not args.no_check, dump_dir=dump_dir)
+    result = compile_model(source, target, args.seq_length, out, check=not args.no_check, dump_dir=dump_dir,
+                           target_options=options)
     wall = time.perf_counter() - start
     write_json(result, wall)
     print(render(result, wall))
     return 0 if result.ok else 1
 
 
+def _sim_backend(directory: Path, manifest: dict, stack):
+    from graphopt.targets.bm1684x import toolchain
+    from graphopt.targets.bm1684x.build import REPORT, simulator_log
+    from graphopt.targets.bm1684x.simulator import SimBackend, Simulator
+
+    report = directory / REPORT
+    if not report.is_file():
+        raise GraphoptError(f"{directory} holds no bmodel ({REPORT} is missing): --backend bm1684x-sim needs the "
+                            "output of `graphopt run MODEL --target bm1684x --out DIR`.")
+    bmodel = directory / json.loads(report.read_text())["bmodel"]
+    tools = toolchain.require()
+    sim = stack.enter_context(Simulator(tools, simulator_log()))
+    return SimBackend(sim, bmodel, manifest)
+
+
 def cmd_generate(args) -> int:
-    from graphopt.runtime import open_runtime
+    from contextlib import ExitStack
+
+    from graphopt.runtime import ChipStyleRuntime, OrtBackend, Shapes, load_manifest
 
     prompt = _parse_ids(args.input_ids)
     directory = Path(args.dir)
-    runtime, manifest = open_runtime(directory)
+    manifest = load_manifest(directory)
     vocab = next(n for n in manifest["networks"] if n["name"] == "lm_head")["outputs"][0]["shape"][-1]
     if max(prompt) >= vocab:
         raise GraphoptError(f"--input-ids has token id {max(prompt)} but the model's vocabulary has {vocab} tokens "
                             f"(ids 0..{vocab - 1}).")
     if args.max_new_tokens < 1:
         raise GraphoptError("--max-new-tokens must be at least 1.")
+    with ExitStack() as stack:
+        backend = OrtBackend(directory, manifest) if args.backend == "onnxruntime" else \
+            _sim_backend(directory, manifest, stack)
+        return _generate(args, prompt, ChipStyleRuntime(backend, Shapes.from_manifest(manifest)), manifest)
+
+
+def _generate(args, prompt, runtime, manifest) -> int:
     eos = manifest["model"]["config"].get("eos_token_id")
     stops = frozenset() if args.ignore_eos or eos is None else frozenset(eos if isinstance(eos, list) else [eos])
     result = runtime.generate(prompt, args.max_new_tokens, stops)
@@ -96,6 +127,38 @@ def cmd_passes(args) -> int:
     return 0
 
 
+def cmd_inspect(args) -> int:
+    from graphopt.targets.bm1684x import inspect_bmodel, toolchain
+
+    path = Path(args.file)
+    if not path.is_file():
+        raise GraphoptError(f"{path} does not exist or is not a file; give the path of a .bmodel.")
+    header, nets = inspect_bmodel.read_info(toolchain.require(), path)
+    problems = inspect_bmodel.contract_problems(nets)
+    print(inspect_bmodel.render(path, header, nets, problems))
+    return 1 if problems else 0
+
+
+def cmd_toolchain(args) -> int:
+    from graphopt.targets.bm1684x import toolchain
+
+    if args.action == "status":
+        print(toolchain.status())
+        return 0
+    if args.target != "bm1684x":
+        raise GraphoptError(f"there is no toolchain for target '{args.target}'; only bm1684x needs one.")
+    if args.action == "install":
+        start = time.perf_counter()
+        tools = toolchain.install(args.python, args.force, say=lambda m: print(m, file=sys.stderr))
+        print(f"{tools.describe()} ready ({time.perf_counter() - start:.0f}s)")
+        return 0
+    from graphopt.targets.bm1684x.selfcheck import run_selfcheck
+
+    tools = toolchain.require()
+    print(f"{tools.describe()}: self-check {run_selfcheck(tools, toolchain.cache_root() / 'selfcheck')}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="graphopt", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -109,6 +172,11 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--random-weights", action="store_true", help="seeded random weights instead of a checkpoint")
     run.add_argument("--no-check", action="store_true", help="skip the stage-by-stage numeric checks")
     run.add_argument("--dump-dir", help="write each network's graph after every pass into this directory")
+    bm = run.add_argument_group("bm1684x target")
+    bm.add_argument("--quantize", default="w4bf16", help="w4bf16 (default), w8bf16, w4f16, w8f16, bf16 or f16: "
+                    "the blocks' weights; embedding and lm_head use the matching 16-bit float")
+    bm.add_argument("--group-size", type=int, default=64, help="weight quantization group size (default 64)")
+    bm.add_argument("--jobs", type=int, help="networks compiled in parallel (default: as many as cores and memory allow)")
     run.set_defaults(func=cmd_run)
 
     gen = sub.add_parser("generate", help="greedy generation with the emitted networks, driven like the chip runtime")
@@ -117,11 +185,24 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--max-new-tokens", type=int, default=32)
     gen.add_argument("--ignore-eos", action="store_true", help="do not stop at the model's end-of-sequence token")
     gen.add_argument("--json", action="store_true", help='print {"tokens": [...]}')
+    gen.add_argument("--backend", choices=("onnxruntime", "bm1684x-sim"), default="onnxruntime",
+                     help="run the ONNX networks in onnxruntime (default), or the bmodel in TPU-MLIR's simulator")
     gen.set_defaults(func=cmd_generate)
 
     passes = sub.add_parser("passes", help="print a target's pass pipeline")
     passes.add_argument("--target", default="onnx")
     passes.set_defaults(func=cmd_passes)
+
+    inspect = sub.add_parser("inspect", help="print a .bmodel's nets and check them against the runtime contract")
+    inspect.add_argument("file")
+    inspect.set_defaults(func=cmd_inspect)
+
+    tool = sub.add_parser("toolchain", help="install or show the vendor toolchain a target needs")
+    tool.add_argument("action", choices=("install", "status", "check"))
+    tool.add_argument("target", nargs="?", default="bm1684x")
+    tool.add_argument("--python", help="Python 3.10 to build the toolchain's venv with (default: found automatically)")
+    tool.add_argument("--force", action="store_true", help="reinstall even if installed")
+    tool.set_defaults(func=cmd_toolchain)
     return parser
 
 

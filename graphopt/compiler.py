@@ -13,6 +13,7 @@ import platform
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -26,7 +27,9 @@ from graphopt.onnx_ir import export_onnx, save_onnx
 from graphopt.output import MANIFEST, StagedDirectory
 from graphopt.pass_manager import PassManager, PassRecord
 from graphopt.progress import Progress
-from graphopt.targets.onnx_target import Target
+
+if TYPE_CHECKING:  # the targets package imports the compiler's checks
+    from graphopt.targets.onnx_target import Target
 
 # Models up to this many parameters are also checked end to end against transformers.
 END_TO_END_CHECK_MAX_PARAMS = 200_000_000
@@ -72,18 +75,24 @@ class CompileResult:
     seconds: dict[str, float]
     end_to_end: dict | None = None
     fx_networks: dict[str, NetworkGraph] | None = None  # kept only when asked (tests)
+    target: object | None = None  # the target build's result (a TargetResult), for hardware targets
 
     @property
     def ok(self) -> bool:
-        return all(c.ok for n in self.networks for c in n.checks) and (self.end_to_end or {}).get("ok", True)
+        return (all(c.ok for n in self.networks for c in n.checks) and (self.end_to_end or {}).get("ok", True)
+                and (self.target is None or self.target.ok))
 
 
 def check_inputs(net: NetworkGraph, vocab: int, seed: int = 0) -> tuple[torch.Tensor, ...]:
+    return sample_inputs(net.inputs, net.seq_length, vocab, seed)
+
+
+def sample_inputs(inputs: list[TensorSpec], seq_length: int, vocab: int, seed: int = 0) -> tuple[torch.Tensor, ...]:
     """Seeded inputs a runtime could really send: token ids in the vocabulary, causal masks, ..."""
     g = torch.Generator().manual_seed(seed)
-    seq = net.seq_length
+    seq = seq_length
     values = []
-    for spec in net.inputs:
+    for spec in inputs:
         if spec.name == "input_ids":
             values.append(torch.randint(0, vocab, spec.shape, generator=g))
         elif spec.name == "position_ids":
@@ -141,11 +150,19 @@ def validate_seq_length(source: ModelSource, seq_length: int) -> None:
 
 def compile_model(source: ModelSource, target: Target, seq_length: int, out_dir: Path, *,
                   layers: list[int] | None = None, check: bool = True, keep_fx: bool = False,
-                  dump_dir: Path | None = None, show_progress: bool = True) -> CompileResult:
+                  dump_dir: Path | None = None, show_progress: bool = True,
+                  target_options: dict | None = None) -> CompileResult:
     validate_seq_length(source, seq_length)
+    target_options = target_options or {}
+    if target.build:
+        target.build.validate(source, target_options)
     staged = StagedDirectory(out_dir)
     try:
         result = _compile(source, target, seq_length, staged.path, layers, check, keep_fx, dump_dir, show_progress)
+        if target.build:
+            result.target = target.build.build(staged.path, result.manifest, source, target_options, check,
+                                               show_progress)
+            result.seconds.update(result.target.seconds)
         result.out_dir = staged.commit()
         return result
     except BaseException:

@@ -27,6 +27,10 @@ class TensorSpec:
     def to_json(self) -> dict:
         return {"name": self.name, "shape": list(self.shape), "dtype": str(self.dtype).replace("torch.", "")}
 
+    @classmethod
+    def from_json(cls, data: dict) -> "TensorSpec":
+        return cls(data["name"], tuple(data["shape"]), getattr(torch, data["dtype"]))
+
 
 @dataclass
 class NetworkGraph:

@@ -19,6 +19,9 @@ from graphopt.models.source import ModelSource
 from graphopt.trace import trace_network
 
 MASK_VALUE = -10000.0  # the runtime's additive mask value (0xF0E2 in fp16)
+# Nets of the runtime contract that are another network compiled at other shapes: the
+# embedding's seq axis is dynamic, and the runtime embeds each decoded token with [1,1].
+NETWORK_ALIASES = {"embedding_cache": "embedding"}
 
 
 class Embedding(nn.Module):
@@ -70,9 +73,12 @@ class PenaltySampleHead(nn.Module):
     def __init__(self, top_k: int = 50, min_tokens_to_keep: int = 5):
         super().__init__()
         self.top_k = top_k
-        keep = torch.zeros((1, top_k), dtype=torch.bool)
-        keep[0, :min_tokens_to_keep] = True
-        self.register_buffer("always_keep", keep)
+        # The first `min_tokens_to_keep` candidates are always kept: their top-p bound is raised
+        # above any cumulative probability. A float bound rather than a bool mask OR-ed in,
+        # because TPU-MLIR's ONNX import cannot read bool initializers.
+        floor = torch.zeros((1, top_k))
+        floor[0, :min_tokens_to_keep] = 2.0
+        self.register_buffer("keep_floor", floor)
 
     def forward(self, m_logits, input_ids, top_p, temperature, penalty):
         seen = torch.gather(m_logits, 1, input_ids)
@@ -81,7 +87,7 @@ class PenaltySampleHead(nn.Module):
         logits, token = torch.topk(logits, self.top_k)
         logits = logits / temperature
         cumulative = logits.softmax(dim=1).cumsum(dim=1)
-        keep = (cumulative < top_p) | self.always_keep
+        keep = cumulative < torch.maximum(top_p, self.keep_floor)
         logits = torch.where(keep, logits, torch.full_like(logits, -1000.0))
         return logits.softmax(dim=1), token
 

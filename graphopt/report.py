@@ -30,6 +30,9 @@ def render(result: CompileResult, wall_seconds: float) -> str:
         lines.append(f"  end to end vs transformers generate: {len(e2e['tokens'])} greedy tokens "
                      f"{'identical' if e2e['tokens_identical'] else 'DIFFER'}, "
                      f"max logit error {e2e['max_abs_logit_err']:.1e}")
+    if result.target is not None:
+        lines += result.target.report_lines()
+        lines.append("")
     if not any(net.checks for net in result.networks):
         lines.append("  checks: skipped (--no-check)")
     else:
@@ -48,6 +51,7 @@ def write_json(result: CompileResult, wall_seconds: float) -> Path:
                       "passes": [{"pass": p.pass_name, "note": p.note, "seconds": p.seconds} for p in n.passes]}
                      for n in result.networks],
         "end_to_end": result.end_to_end,
+        "target": result.target.to_json() if result.target is not None else None,
     }
     path = result.out_dir / "report.json"
     path.write_text(json.dumps(data, indent=2) + "\n")

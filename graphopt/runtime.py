@@ -3,8 +3,9 @@
 It follows LLM-TPU's chat demo step for step: pad the prompt to SEQ, prefill through
 `block_i` with a [1,1,SEQ,SEQ] mask of 0 / −10000, keep a [1,SEQ,KV,D] cache per layer,
 decode through `block_cache_i` with a [1,1,1,SEQ+1] mask and write each new token's K/V at
-row len-1. Backends run single networks: onnxruntime on the emitted files, or the rewritten
-FX graphs in torch (to check each compiler stage with the same driver).
+row len-1. Backends run single networks by the contract's names: onnxruntime on the emitted
+files, the rewritten FX graphs in torch (to check each compiler stage with the same driver),
+or a target's simulator (targets/bm1684x/simulator.py).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from typing import Protocol
 import numpy as np
 
 from graphopt.errors import GraphoptError
-from graphopt.networks import causal_mask, decode_mask
+from graphopt.networks import NETWORK_ALIASES, causal_mask, decode_mask
 
 from graphopt.output import MANIFEST
 
@@ -41,6 +42,7 @@ class OrtBackend:
     def __init__(self, directory: Path, manifest: dict):
         self.directory = directory
         self.files = {n["name"]: n["file"] for n in manifest["networks"]}
+        self.files.update({alias: self.files[source] for alias, source in NETWORK_ALIASES.items()})
         self._sessions: dict = {}
 
     def run(self, network: str, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -60,7 +62,7 @@ class FxBackend:
     def run(self, network: str, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         import torch
 
-        net = self.networks[network]
+        net = self.networks[NETWORK_ALIASES.get(network, network)]
         args = [torch.from_numpy(np.ascontiguousarray(inputs[s.name])) for s in net.inputs]
         return {name: out.numpy() for name, out in zip(net.output_names, net.run(*args))}
 
@@ -125,7 +127,7 @@ class ChipStyleRuntime:
         self.length += 1
         row = self.length - 1  # the new token's position and its cache row
         mask = decode_mask(seq, row).numpy()
-        hidden = self.backend.run("embedding", {"input_ids": np.array([[token]], np.int64)})["input_embed"]
+        hidden = self.backend.run("embedding_cache", {"input_ids": np.array([[token]], np.int64)})["input_embed"]
         positions = np.array([[row]], np.int64)
         for layer in range(self.shapes.num_layers):
             out = self.backend.run(f"block_cache_{layer}", {

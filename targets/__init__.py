@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 from graphopt.errors import GraphoptError
+from graphopt.targets.bm1684x import BM1684X_TARGET
 from graphopt.targets.onnx_target import ONNX_TARGET, Target
 
-TARGETS: dict[str, Target] = {t.name: t for t in (ONNX_TARGET,)}
+TARGETS: dict[str, Target] = {t.name: t for t in (ONNX_TARGET, BM1684X_TARGET)}
 
 
 def get_target(name: str) -> Target:

@@ -6,6 +6,27 @@ Its pipelines are the reference order every hardware target starts from.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+
+class TargetBuild(Protocol):
+    """What a hardware target does after the ONNX networks are written (vendor compiler, checks)."""
+
+    def validate(self, source, options: dict[str, Any]) -> None:
+        """Raise GraphoptError for anything wrong with the options or the set-up, before any work."""
+
+    def build(self, folder: Path, manifest: dict, source, options: dict[str, Any], check: bool,
+              show_progress: bool) -> "TargetResult": ...
+
+
+class TargetResult(Protocol):
+    ok: bool
+    seconds: dict[str, float]  # per stage, merged into the run's stage times
+
+    def report_lines(self) -> list[str]: ...
+
+    def to_json(self) -> dict: ...
 
 
 @dataclass(frozen=True)
@@ -14,6 +35,7 @@ class Target:
     description: str
     fx_pipeline: tuple[str, ...]
     onnx_pipeline: tuple[str, ...]
+    build: TargetBuild | None = None  # None: the ONNX files are the product
 
 
 FX_PIPELINE = (

@@ -1,0 +1,19 @@
+"""The Sophgo BM1684X target: the onnx target's networks, compiled by TPU-MLIR into one bmodel
+that LLM-TPU's chat runtime loads.
+
+  contract.py        the runtime's networks: model_deploy flags per net, quantization modes
+  toolchain.py       TPU-MLIR found on PATH or installed under ~/.cache/graphopt
+  deploy.py          model_transform + model_deploy per net (parallel, cached), model_tool --combine
+  simulator.py       nets run in TPU-MLIR's cmodel simulator (worker: sim_worker.py)
+  verify.py          simulator against onnxruntime: per-net cosine, greedy generation
+  inspect_bmodel.py  `graphopt inspect`: a bmodel's nets checked against the contract
+  build.py           the target's build step, in that order
+"""
+
+from graphopt.targets.bm1684x.build import Bm1684xBuild
+from graphopt.targets.onnx_target import FX_PIPELINE, ONNX_PIPELINE, Target
+
+# TPU-MLIR takes the same networks as the onnx target: tables for RoPE (fp32 until the gather,
+# which BF16 lowering needs for positions > 256), Linear-layout weights (which W4/W8 quantize well).
+BM1684X_TARGET = Target("bm1684x", "one int4/int8 .bmodel for the Sophgo BM1684X via TPU-MLIR, checked in its simulator",
+                        FX_PIPELINE, ONNX_PIPELINE, Bm1684xBuild())

@@ -1,0 +1,147 @@
+"""The bm1684x build, after the ONNX networks are written: compile each network of the
+contract with TPU-MLIR, combine them into one bmodel, check the bmodel in the simulator."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from graphopt.targets.bm1684x import contract, deploy, fake_quant, inspect_bmodel, toolchain, verify
+from graphopt.targets.bm1684x.simulator import Simulator
+
+REPORT = "bm1684x.json"
+# Simulating a network costs about as much as its size: check in the simulator only models
+# small enough to run in seconds (an 8B prefill block took over 20 minutes on 2 cores).
+SIM_CHECK_MAX_PARAMS = 200_000_000
+
+
+@dataclass
+class Bm1684xResult:
+    bmodel: str  # file name in the output directory
+    bmodel_bytes: int
+    quantize: str
+    toolchain: str
+    jobs: int | None
+    nets: list[dict]
+    seconds: dict[str, float]
+    generation: dict | None = None
+    sim_skipped: str = ""
+    memory: dict[str, int] = field(default_factory=dict)  # the combined file's device bytes
+    problems: list[str] = field(default_factory=list)  # contract problems of the combined file
+
+    @property
+    def ok(self) -> bool:
+        generation_ok = self.generation is None or self.generation["ok"]
+        return not self.problems and all(n.get("ok", True) for n in self.nets) and generation_ok
+
+    def report_lines(self) -> list[str]:
+        mem = self.memory
+        lines = ["", f"  bm1684x: {self.bmodel} ({self.bmodel_bytes / 1e6:.1f} MB, {self.quantize}, "
+                     f"{self.toolchain})",
+                 f"  device memory {mem.get('total', 0) / 1e6:.1f} MB: weight {mem.get('weight', 0) / 1e6:.1f}, "
+                 f"runtime {mem.get('runtime', 0) / 1e6:.1f} (shared by the nets)",
+                 f"  {'net':<22} {'mode':<7} {'compile':>9} {'cycles':>12} {'device MB':>10}  "
+                 f"simulator vs onnxruntime: worst output cosine (>= {contract.MIN_COSINE})"]
+        for n in self.nets:
+            compile_s = "cached" if n["cached"] else f"{sum(n['seconds'].values()):.1f}s"
+            cycles = f"{n['total_cycle']:,}" if n.get("total_cycle") else "-"
+            memory = f"{n['memory']['total'] / 1e6:.1f}" if n.get("memory") else "-"
+            if "worst" in n:
+                sim = f"{'ok  ' if n['ok'] else 'FAIL'} {n['worst']:.5f}"
+                if n["precision"] in ("W4", "W8"):
+                    sim += f"   vs fp32 {n['worst_fp32']:.5f}" + (f" (>= {n['threshold_fp32']})" if n["threshold_fp32"] else "")
+            else:
+                sim = "-"
+            lines.append(f"  {n['net']:<22} {n['quantize']:<7} {compile_s:>9} {cycles:>12} {memory:>10}  {sim}")
+        if self.sim_skipped:
+            lines.append(f"  simulator checks skipped: {self.sim_skipped}")
+        if self.generation:
+            g = self.generation
+            verdict = "identical" if g["tokens_identical"] else \
+                (f"identical up to a near-tie at token {g['first_difference']} (reference top-2 margin "
+                 f"{g['margin_at_difference']:.3f} < 2x logit error {g['max_abs_logit_err']:.3f})" if g["ok"] else
+                 f"DIFFER from token {g['first_difference']} (margin {g['margin_at_difference']:.3f})")
+            lines.append(f"  simulated greedy generation vs onnxruntime: {len(g['tokens'])} tokens {verdict}, "
+                         f"min logit cosine {g['min_logit_cosine']:.5f}{'' if g['ok'] else '  FAIL'}"
+                         + (f"; vs fp32 {g['fp32_agreement']:.0%} of tokens equal" if self.quantize.startswith("w")
+                            else ""))
+        if self.problems:
+            lines.append("  contract: NOT MET: " + "; ".join(self.problems))
+        else:
+            lines.append("  contract (LLM-TPU Llama3_1 chat demo): met")
+        return lines
+
+    def to_json(self) -> dict:
+        return {"bmodel": self.bmodel, "bmodel_bytes": self.bmodel_bytes, "quantize": self.quantize, "toolchain": self.toolchain, "jobs": self.jobs,
+                "ok": self.ok, "seconds": self.seconds, "memory": self.memory, "nets": self.nets, "generation": self.generation,
+                "sim_skipped": self.sim_skipped, "contract_problems": self.problems}
+
+
+def simulator_log() -> Path:
+    return toolchain.cache_root() / "bm1684x" / f"simulator-{os.getpid()}.log"
+
+
+class Bm1684xBuild:
+    def validate(self, source, options: dict[str, Any]) -> None:
+        contract.check_quantizable(source.config, options["quantize"], options["group_size"])
+        toolchain.require()
+
+    def build(self, folder: Path, manifest: dict, source, options: dict[str, Any], check: bool,
+              show_progress: bool) -> Bm1684xResult:
+        tools = toolchain.require()
+        quantize, seconds = options["quantize"], {}
+        specs = contract.deploy_specs(manifest, quantize, options["group_size"])
+        onnx_files = {}
+        for net in manifest["networks"]:
+            files = [folder / net["file"], *(folder / f for f in net["external_data"])]
+            onnx_files[net["name"]] = deploy.OnnxFile(files[0], net["sha256"], sum(f.stat().st_size for f in files))
+
+        start = time.perf_counter()
+        compiled = deploy.deploy_all(tools, specs, onnx_files, options.get("jobs"), show_progress)
+        seconds["bm1684x compile"] = time.perf_counter() - start
+
+        start = time.perf_counter()
+        bmodel = deploy.combine(tools, compiled, folder / contract.bmodel_name(source.name, quantize,
+                                                                               manifest["seq_length"]))
+        header, infos = inspect_bmodel.read_info(tools, bmodel)
+        seconds["combine"] = time.perf_counter() - start
+        nets = [{"net": c.spec.name, "quantize": c.spec.quantize, "flags": list(c.spec.flags), "cached": c.cached,
+                 "seconds": c.seconds, "total_cycle": c.total_cycle, "memory": c.memory,
+                 "cache_dir": str(c.directory)} for c in compiled]
+        result = Bm1684xResult(bmodel.name, bmodel.stat().st_size, quantize, tools.describe(), options.get("jobs"), nets,
+                               seconds, memory=header.get("memory", {}), problems=inspect_bmodel.contract_problems(infos))
+
+        params = sum(p.numel() for p in source.skeleton.parameters())
+        if not check:
+            result.sim_skipped = "--no-check"
+        elif params > SIM_CHECK_MAX_PARAMS:
+            result.sim_skipped = (f"{params / 1e9:.1f}B parameters is too large for the cmodel simulator; verify "
+                                  "small shapes of the same architecture instead")
+        else:
+            self._simulate(tools, bmodel, specs, manifest, folder, result, options["group_size"], show_progress)
+        (folder / REPORT).write_text(json.dumps(result.to_json(), indent=2) + "\n")
+        return result
+
+    @staticmethod
+    def _simulate(tools, bmodel, specs, manifest, folder, result, group_size, show_progress) -> None:
+        start = time.perf_counter()
+        with tempfile.TemporaryDirectory(prefix="graphopt-quantized-reference-") as quantized, \
+                Simulator(tools, simulator_log()) as sim:
+            quantized = fake_quant.quantized_reference(folder, manifest, specs, group_size, Path(quantized))
+            by_name = {n["net"]: n for n in result.nets}
+            for spec in specs:
+                by_name[spec.name].update(verify.network_similarity(sim, bmodel, spec, manifest, folder, quantized))
+            result.seconds["simulator nets"] = time.perf_counter() - start
+            if show_progress:
+                print(f"  simulator: {len(specs)} nets checked against onnxruntime in "
+                      f"{result.seconds['simulator nets']:.1f}s; generating ...", file=sys.stderr)
+            start = time.perf_counter()
+            generation = verify.generation_check(sim, bmodel, manifest, folder, quantized)
+        result.generation = generation
+        result.seconds["simulator generation"] = time.perf_counter() - start

@@ -1,0 +1,123 @@
+"""The BM1684X network contract of LLM-TPU's Llama3_1 chat demo, as data.
+
+What each network of the combined bmodel is compiled from, with which model_deploy flags,
+and what the runtime expects of its inputs and outputs. `deploy.py` compiles from this
+table and `inspect_bmodel.py` checks a bmodel against it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from graphopt.errors import GraphoptError
+
+# --quantize of the CLI -> (model_deploy mode of the blocks, half-precision mode of the rest)
+QUANT_MODES = {
+    "w4bf16": ("W4BF16", "BF16"),
+    "w8bf16": ("W8BF16", "BF16"),
+    "w4f16": ("W4F16", "F16"),
+    "w8f16": ("W8F16", "F16"),
+    "bf16": ("BF16", "BF16"),
+    "f16": ("F16", "F16"),
+}
+DEFAULT_GROUP_SIZE = 64
+CHIP = "bm1684x"
+
+# The simulator against onnxruntime on the reference of the same precision (the fp32 ONNX for
+# float nets, the fake-quantized ONNX for W4/W8, see fake_quant.py): all that compiling and
+# 16-bit activations may cost. Measured on tiny-llama: 0.9997 or better in every mode.
+MIN_COSINE = 0.999
+# Weight-quantized nets against the fp32 ONNX too. W4's loss against fp32 is a property of
+# the model's weights (tiny-llama's std-0.2 random weights: 0.920 in onnxruntime alone), so it
+# is reported, not held to a bar.
+MIN_COSINE_VS_FP32 = {"W8": 0.99}
+
+
+@dataclass(frozen=True)
+class DeploySpec:
+    """One network of the bmodel: its source ONNX network, its shapes and model_deploy flags."""
+
+    name: str  # the net's name in the bmodel
+    onnx_network: str  # the manifest network it is compiled from
+    input_shapes: tuple[tuple[int, ...], ...]
+    quantize: str  # model_deploy --quantize
+    flags: tuple[str, ...]  # the rest of model_deploy's flags
+
+    @property
+    def precision(self) -> str:
+        """W4/W8 for weight-only quantized nets, else the float mode."""
+        return self.quantize[:2] if self.quantize[0] == "W" else self.quantize
+
+    @property
+    def weight_bits(self) -> int | None:
+        return {"W4": 4, "W8": 8}.get(self.precision)
+
+    def transform_args(self, onnx_path: str, mlir: str) -> list[str]:
+        shapes = "[" + ",".join("[" + ",".join(map(str, s)) + "]" for s in self.input_shapes) + "]"
+        return ["--model_name", self.name, "--model_def", onnx_path, "--input_shapes", shapes, "--mlir", mlir]
+
+    def deploy_args(self, mlir: str, bmodel: str) -> list[str]:
+        return ["--mlir", mlir, "--quantize", self.quantize, *self.flags, "--chip", CHIP, "--model", bmodel]
+
+
+def deploy_specs(manifest: dict, quantize: str, group_size: int) -> list[DeploySpec]:
+    """The contract's networks, in the order LLM-TPU's compile script combines them."""
+    weights, half = QUANT_MODES[quantize]
+    block_flags = ("--quant_input", "--quant_output")
+    if weights.startswith("W"):
+        block_flags = ("--q_group_size", str(group_size), *block_flags)
+    block_flags += ("--high_precision",)
+    nets = {n["name"]: n for n in manifest["networks"]}
+
+    def shapes(name: str) -> tuple[tuple[int, ...], ...]:
+        return tuple(tuple(i["shape"]) for i in nets[name]["inputs"])
+
+    specs = [
+        DeploySpec("embedding", "embedding", shapes("embedding"), half, ("--quant_input", "--quant_output")),
+        # The same ONNX (its seq axis is dynamic) compiled for one token.
+        DeploySpec("embedding_cache", "embedding", ((1, 1),), half, ("--quant_input", "--quant_output")),
+    ]
+    layers = sorted(int(n.rsplit("_", 1)[1]) for n in nets if n.startswith("block_") and "cache" not in n)
+    for i in layers:
+        specs.append(DeploySpec(f"block_{i}", f"block_{i}", shapes(f"block_{i}"), weights, block_flags))
+        # io_alone: the decode net's inputs/outputs get their own memory, so the runtime can
+        # point history_k/v at the cache in place instead of copying it every step.
+        specs.append(DeploySpec(f"block_cache_{i}", f"block_cache_{i}", shapes(f"block_cache_{i}"), weights,
+                                block_flags + ("--addr_mode", "io_alone")))
+    specs += [
+        DeploySpec("lm_head", "lm_head", shapes("lm_head"), half, ("--quant_input",)),
+        DeploySpec("greedy_head", "greedy_head", shapes("greedy_head"), "F32", ()),
+        DeploySpec("penalty_sample_head", "penalty_sample_head", shapes("penalty_sample_head"), "F32", ()),
+    ]
+    return specs
+
+
+def check_quantizable(config, quantize: str, group_size: int) -> None:
+    """W4 on BM1684X needs every quantized weight's output channels to be a multiple of 64
+    (TPU-MLIR reports `invalid scale channel` otherwise), and its input channels to split into groups."""
+    if quantize not in QUANT_MODES:
+        raise GraphoptError(f"--quantize {quantize} is not a BM1684X mode; choose one of {', '.join(QUANT_MODES)}.")
+    if group_size < 1 or group_size & (group_size - 1):
+        raise GraphoptError(f"--group-size {group_size} must be a power of two (64 is what LLM-TPU uses).")
+    if not QUANT_MODES[quantize][0].startswith("W"):
+        return
+    hidden = int(config.hidden_size)
+    heads, kv = int(config.num_attention_heads), int(getattr(config, "num_key_value_heads", None) or config.num_attention_heads)
+    head_dim = int(getattr(config, "head_dim", None) or hidden // heads)
+    channels = {"hidden_size": hidden, "intermediate_size": int(config.intermediate_size),
+                "q heads x head_dim": heads * head_dim, "kv heads x head_dim": kv * head_dim}
+    bad = {k: v for k, v in channels.items() if v % 64}
+    if QUANT_MODES[quantize][0].startswith("W4") and bad:
+        raise GraphoptError(f"--quantize {quantize} cannot quantize this model on BM1684X: W4 needs every weight's "
+                            f"output channels to be a multiple of 64, and {', '.join(f'{k} = {v}' for k, v in bad.items())}"
+                            ". Use --quantize w8bf16 or bf16 for it.")
+    uneven = {k: v for k, v in channels.items() if k in ("hidden_size", "intermediate_size", "q heads x head_dim")
+              and v % group_size}
+    if uneven:
+        raise GraphoptError(f"--group-size {group_size} does not divide the input channels of every weight "
+                            f"({', '.join(f'{k} = {v}' for k, v in uneven.items())}); use a group size that does, "
+                            "such as 64.")
+
+
+def bmodel_name(model: str, quantize: str, seq_length: int) -> str:
+    return f"{model}_{quantize}_seq{seq_length}_{CHIP}_1dev.bmodel"

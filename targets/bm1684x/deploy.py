@@ -1,0 +1,195 @@
+"""model_transform + model_deploy per network, in parallel, cached; then model_tool --combine.
+
+Each network's bmodel is cached under ~/.cache/graphopt/bm1684x/nets/<key>/ (or
+$GRAPHOPT_NET_CACHE/<key>/), where the key
+hashes its ONNX, its shapes and flags and the toolchain version. A job works in
+`<key>.partial-*` and renames it to `<key>` only when the bmodel is complete, so a run that
+was killed half-way and started again redoes only the networks that had not finished. A
+failed job's directory is kept as `<key>.failed` with its log.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import sys
+import threading
+import time
+from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
+from dataclasses import dataclass
+from pathlib import Path
+
+from tqdm import tqdm
+
+from graphopt.errors import GraphoptError
+from graphopt.targets.bm1684x.contract import DeploySpec
+from graphopt.targets.bm1684x.inspect_bmodel import read_info
+from graphopt.targets.bm1684x.toolchain import Toolchain, cache_root
+
+CACHE_FORMAT = 2  # bump when what a cache entry holds changes
+RESULT = "result.json"
+
+
+@dataclass
+class DeployedNet:
+    spec: DeploySpec
+    bmodel: Path
+    cached: bool  # found in the cache, not compiled by this run
+    seconds: dict[str, float]  # model_transform / model_deploy wall time (of the run that compiled it)
+    total_cycle: int | None  # model_deploy's own cycle estimate (compiler_profile_0.txt)
+    memory: dict[str, int] | None  # device bytes of the net alone: total, weight, instruct, runtime
+    directory: Path
+
+
+class DeployError(GraphoptError):
+    def __init__(self, net: str, tool: str, log: Path):
+        tail = "\n".join("    " + line for line in log.read_text(errors="replace").splitlines()[-20:])
+        super().__init__(f"{tool} failed for network '{net}'. Its full log is {log}; the last lines:\n{tail}\n"
+                         "If the log names an unsupported op or shape, the network needs a pass that rewrites it; "
+                         "otherwise fix what it reports and run the same command again (finished networks are "
+                         "cached and not compiled again).")
+
+
+def nets_cache() -> Path:
+    """$GRAPHOPT_NET_CACHE (tests point it at a fresh directory to compile for real), else
+    ~/.cache/graphopt/bm1684x/nets."""
+    return Path(os.environ.get("GRAPHOPT_NET_CACHE") or cache_root() / "bm1684x" / "nets")
+
+
+def cache_key(spec: DeploySpec, onnx_sha256: str, toolchain: Toolchain) -> str:
+    identity = {"format": CACHE_FORMAT, "onnx": onnx_sha256, "net": spec.name, "shapes": spec.input_shapes,
+                "quantize": spec.quantize, "flags": spec.flags, "tpu_mlir": [toolchain.version, str(toolchain.root)]}
+    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:24]
+
+
+def _total_cycle(profile: Path) -> int | None:
+    if not profile.is_file():
+        return None
+    # The last line reads `API_END total_cycle:N` (some versions append `|b:..|g:..`).
+    found = re.findall(r"total_cycle:(\d+)", profile.read_text(errors="replace"))
+    return int(found[-1]) if found else None
+
+
+def deploy_network(toolchain: Toolchain, spec: DeploySpec, onnx: Path, onnx_sha256: str,
+                   threads: int | None = None) -> DeployedNet:
+    key = cache_key(spec, onnx_sha256, toolchain)
+    final = nets_cache() / key
+    if (final / RESULT).is_file():
+        data = json.loads((final / RESULT).read_text())
+        return DeployedNet(spec, final / f"{spec.name}.bmodel", True, data["seconds"], data["total_cycle"],
+                           data["memory"], final)
+    work = final.with_name(f"{key}.partial-{os.getpid()}-{threading.get_ident()}")
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    try:
+        return _compile(toolchain, spec, onnx, onnx_sha256, threads, work, final)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)  # gone already unless this job failed or was interrupted
+
+
+def _compile(toolchain, spec, onnx, onnx_sha256, threads, work: Path, final: Path) -> DeployedNet:
+    log = work / "compile.log"
+    mlir, bmodel = f"{spec.name}.mlir", f"{spec.name}.bmodel"
+    seconds = {}
+    for tool, args in (("model_transform", spec.transform_args(str(onnx.absolute()), mlir)),
+                       ("model_deploy", spec.deploy_args(mlir, bmodel))):
+        start = time.perf_counter()
+        status = toolchain.run(tool, args, cwd=work, log=log, threads=threads)
+        seconds[tool] = round(time.perf_counter() - start, 2)
+        if status != 0 or (tool == "model_deploy" and not (work / bmodel).is_file()):
+            failed = final.with_name(f"{final.name}.failed")
+            shutil.rmtree(failed, ignore_errors=True)
+            work.rename(failed)
+            raise DeployError(spec.name, tool, failed / "compile.log")
+    total_cycle = _total_cycle(work / "compiler_profile_0.txt")
+    memory = read_info(toolchain, work / bmodel)[0].get("memory")
+    # Keep the bmodel, the MLIR text (top and tpu level: what later passes are read from), the
+    # profile and the log; drop the weight copies, which are as big as the ONNX.
+    for path in work.iterdir():
+        if path.suffix in (".npz", ".onnx", ".prototxt") or path.is_dir():
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
+    (work / RESULT).write_text(json.dumps({"net": spec.name, "onnx_sha256": onnx_sha256, "seconds": seconds,
+                                           "total_cycle": total_cycle, "memory": memory, "transform": spec.transform_args("NET.onnx", mlir),
+                                           "deploy": spec.deploy_args(mlir, bmodel)}, indent=2) + "\n")
+    shutil.rmtree(final, ignore_errors=True)
+    work.rename(final)
+    return DeployedNet(spec, final / bmodel, False, seconds, total_cycle, memory, final)
+
+
+def _available_memory() -> int:
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 8 << 30
+
+
+def default_jobs(onnx_bytes: int) -> int:
+    """As many parallel jobs as cores, fewer when memory would not hold them: model_transform
+    was measured at about 10.5x the ONNX size (9.2 GB RSS for an 873 MB 8B block)."""
+    per_job = 12 * onnx_bytes + (1 << 30)
+    return max(1, min(os.cpu_count() or 1, _available_memory() // per_job))
+
+
+@dataclass(frozen=True)
+class OnnxFile:
+    path: Path
+    sha256: str  # of the file and its external data, from the manifest
+    size: int  # bytes, external data included
+
+
+def deploy_all(toolchain: Toolchain, specs: list[DeploySpec], onnx_files: dict[str, OnnxFile],
+               jobs: int | None, show_progress: bool = True) -> list[DeployedNet]:
+    """Compiles every spec (biggest first, `jobs` at a time); results in spec order."""
+    jobs = jobs or default_jobs(max(f.size for f in onnx_files.values()))
+    threads = max(1, (os.cpu_count() or 1) // jobs)
+    order = sorted(specs, key=lambda s: -onnx_files[s.onnx_network].size)
+    bar = tqdm(total=len(specs), unit="net", file=sys.stderr, dynamic_ncols=True, leave=False,
+               disable=None if show_progress else True, desc=f"bm1684x ({jobs} jobs)")
+    started = time.perf_counter()
+    lock = threading.Lock()
+
+    def job(spec: DeploySpec) -> DeployedNet:
+        onnx = onnx_files[spec.onnx_network]
+        done = deploy_network(toolchain, spec, onnx.path, onnx.sha256, threads)
+        with lock:
+            bar.update(1)
+            if show_progress:
+                how = "cached" if done.cached else " + ".join(f"{k} {v:.1f}s" for k, v in done.seconds.items())
+                bar.write(f"  {spec.name:<22} {spec.quantize:<7} {how:<44} (elapsed {time.perf_counter() - started:6.1f}s)",
+                          file=sys.stderr)
+        return done
+
+    with ThreadPoolExecutor(max_workers=jobs) as pool:
+        futures = {pool.submit(job, spec): spec.name for spec in order}
+        finished, pending = wait(futures, return_when=FIRST_EXCEPTION)
+        for future in pending:
+            future.cancel()
+        errors = [f.exception() for f in finished if f.exception() is not None]
+        if errors:
+            wait(pending)
+            bar.close()
+            raise errors[0]
+    bar.close()
+    by_name = {f.result().spec.name: f.result() for f in futures}
+    return [by_name[s.name] for s in specs]
+
+
+def combine(toolchain: Toolchain, nets: list[DeployedNet], out: Path) -> Path:
+    """model_tool --combine into `out`, written under a temporary name and renamed when complete."""
+    partial = out.with_name(f".{out.name}.partial-{os.getpid()}")
+    log = nets_cache() / f"combine-{os.getpid()}.log"
+    log.unlink(missing_ok=True)
+    status = toolchain.run("model_tool", ["--combine", *[str(n.bmodel) for n in nets], "-o", str(partial)],
+                           cwd=out.parent, log=log)
+    if status != 0 or not partial.is_file():
+        partial.unlink(missing_ok=True)
+        raise DeployError("(all)", "model_tool --combine", log)
+    log.unlink()
+    partial.rename(out)
+    return out

@@ -1,0 +1,87 @@
+"""The bmodel checked without the chip: each net in the cmodel simulator against onnxruntime
+on the same inputs, then a whole greedy generation driven like the chip runtime.
+
+Both compare with the reference of the same precision (`quantized`: the output directory's
+ONNX networks, with W4/W8 weights fake-quantized as TPU-MLIR stores them) and report the
+distance to the fp32 networks as well.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from graphopt.compiler import END_TO_END_PROMPT, sample_inputs
+from graphopt.ir import TensorSpec
+from graphopt.runtime import ChipStyleRuntime, OrtBackend, Shapes, ort_session
+from graphopt.targets.bm1684x.contract import MIN_COSINE, MIN_COSINE_VS_FP32, DeploySpec
+from graphopt.targets.bm1684x.simulator import SimBackend, Simulator
+
+
+def cosine(a: np.ndarray, b: np.ndarray) -> float:
+    a, b = a.astype(np.float64).ravel(), b.astype(np.float64).ravel()
+    norm = np.linalg.norm(a) * np.linalg.norm(b)
+    if norm == 0:
+        return 1.0 if not a.any() and not b.any() else 0.0
+    return float(np.dot(a, b) / norm)
+
+
+def network_similarity(sim: Simulator, bmodel: Path, spec: DeploySpec, manifest: dict, folder: Path,
+                       quantized: Path) -> dict:
+    """One net of the bmodel against onnxruntime: cosine per float output, the share of equal
+    values per integer output (token ids)."""
+    net = next(n for n in manifest["networks"] if n["name"] == spec.onnx_network)
+    inputs = [TensorSpec(i["name"], shape, TensorSpec.from_json(i).dtype)
+              for i, shape in zip(net["inputs"], spec.input_shapes)]
+    vocab = int(manifest["model"]["config"]["vocab_size"])
+    feeds = {i.name: v.numpy() for i, v in zip(inputs, sample_inputs(inputs, manifest["seq_length"], vocab))}
+    simulated = sim.run(bmodel, spec.name, feeds)
+    reference = ort_session(quantized / net["file"]).run(None, feeds)
+    fp32 = ort_session(folder / net["file"]).run(None, feeds) if spec.weight_bits else reference
+    outputs = {}
+    for out, ref, full, got in zip(net["outputs"], reference, fp32, simulated):
+        if np.issubdtype(ref.dtype, np.floating):
+            outputs[out["name"]] = {"cosine": cosine(ref, got), "cosine_fp32": cosine(full, got)}
+        else:
+            outputs[out["name"]] = {"equal": float(np.mean(ref.reshape(got.shape) == got))}
+    worst = min(v.get("cosine", v.get("equal")) for v in outputs.values())
+    worst_fp32 = min(v.get("cosine_fp32", v.get("equal")) for v in outputs.values())
+    floor = MIN_COSINE_VS_FP32.get(spec.precision, 0.0)
+    return {"precision": spec.precision, "threshold": MIN_COSINE, "threshold_fp32": floor or None,
+            "outputs": outputs, "worst": worst, "worst_fp32": worst_fp32,
+            "ok": worst >= MIN_COSINE and worst_fp32 >= floor}
+
+
+def generation_check(sim: Simulator, bmodel: Path, manifest: dict, folder: Path, quantized: Path,
+                     new_tokens: int = 16) -> dict:
+    """Greedy tokens of the simulated bmodel against the ONNX networks in onnxruntime, same driver."""
+    shapes = Shapes.from_manifest(manifest)
+    vocab = int(manifest["model"]["config"]["vocab_size"])
+    prompt = [t % vocab for t in END_TO_END_PROMPT][: shapes.seq_length - 1]
+    new_tokens = min(new_tokens, shapes.seq_length - len(prompt))
+    ours = ChipStyleRuntime(SimBackend(sim, bmodel, manifest), shapes).generate(prompt, new_tokens)
+    reference = ChipStyleRuntime(OrtBackend(quantized, manifest), shapes).generate(prompt, new_tokens)
+    fp32 = ChipStyleRuntime(OrtBackend(folder, manifest), shapes).generate(prompt, new_tokens).tokens
+    result = {"prompt": prompt, "tokens": ours.tokens, "reference_tokens": reference.tokens,
+              **compare_greedy(reference.tokens, reference.logits, ours.tokens, ours.logits),
+              "fp32_tokens": fp32, "fp32_agreement": sum(a == b for a, b in zip(fp32, ours.tokens)) / len(fp32)}
+    return result
+
+
+def compare_greedy(ref_tokens, ref_logits, tokens, logits) -> dict:
+    """Greedy decoding must not change, except at a near-tie: where the reference's best two
+    logits are closer than twice the candidate's logit error, 16-bit arithmetic may pick either."""
+    same = [a == b for a, b in zip(ref_tokens, tokens)]
+    first_diff = same.index(False) if False in same else None
+    # Logits are comparable up to the first differing token; after it the histories differ.
+    steps = len(same) if first_diff is None else first_diff + 1
+    pairs = list(zip(ref_logits[:steps], logits[:steps]))
+    result = {"tokens_identical": all(same), "first_difference": first_diff,
+              "min_logit_cosine": min(cosine(a, b) for a, b in pairs),
+              "max_abs_logit_err": max(float(np.max(np.abs(a - b))) for a, b in pairs)}
+    if first_diff is not None:
+        top2 = np.sort(ref_logits[first_diff])[-2:]
+        result["margin_at_difference"] = float(top2[1] - top2[0])
+    result["ok"] = first_diff is None or result["margin_at_difference"] < 2 * result["max_abs_logit_err"]
+    return result

@@ -1,0 +1,96 @@
+"""The bm1684x target's tables and arithmetic, without the toolchain: model_deploy flags per net,
+which configs W4 can quantize, the fake quantization the simulator is checked against."""
+
+import numpy as np
+import pytest
+
+from graphopt.errors import GraphoptError
+from graphopt.models import open_model
+from graphopt.targets.bm1684x.contract import bmodel_name, check_quantizable, deploy_specs
+from graphopt.targets.bm1684x.fake_quant import fake_quantize
+
+
+def _manifest(layers=2, seq=64, hidden=128):
+    def net(name, inputs):
+        return {"name": name, "inputs": [{"name": n, "shape": s, "dtype": "float32"} for n, s in inputs]}
+
+    nets = [net("embedding", [("input_ids", [1, seq])])]
+    for i in range(layers):
+        nets.append(net(f"block_{i}", [("input_states", [1, seq, hidden]), ("position_ids", [1, seq]),
+                                       ("attention_mask", [1, 1, seq, seq])]))
+        nets.append(net(f"block_cache_{i}", [("input_states", [1, 1, hidden]), ("position_ids", [1, 1]),
+                                             ("attention_mask", [1, 1, 1, seq + 1]),
+                                             ("history_k", [1, seq, 2, 32]), ("history_v", [1, seq, 2, 32])]))
+    nets += [net("lm_head", [("hidden_states", [1, hidden])]), net("greedy_head", [("m_logits", [1, 1024])]),
+             net("penalty_sample_head", [("m_logits", [1, 1024])])]
+    return {"networks": nets}
+
+
+def test_deploy_specs_follow_the_contract():
+    specs = {s.name: s for s in deploy_specs(_manifest(), "w4bf16", 64)}
+    assert list(specs) == ["embedding", "embedding_cache", "block_0", "block_cache_0", "block_1", "block_cache_1",
+                           "lm_head", "greedy_head", "penalty_sample_head"]
+    block = specs["block_0"].deploy_args("b.mlir", "b.bmodel")
+    assert block[:4] == ["--mlir", "b.mlir", "--quantize", "W4BF16"]
+    for flag in ("--quant_input", "--quant_output", "--high_precision"):
+        assert flag in block
+    assert block[block.index("--q_group_size") + 1] == "64" and block[block.index("--chip") + 1] == "bm1684x"
+    cache = specs["block_cache_0"].deploy_args("c.mlir", "c.bmodel")
+    assert cache[cache.index("--addr_mode") + 1] == "io_alone" and "--addr_mode" not in block
+    # embedding_cache is the embedding's ONNX compiled for one token.
+    assert specs["embedding_cache"].onnx_network == "embedding" and specs["embedding_cache"].input_shapes == ((1, 1),)
+    assert "[[1,1]]" in specs["embedding_cache"].transform_args("e.onnx", "e.mlir")
+    assert specs["embedding"].quantize == specs["lm_head"].quantize == "BF16"
+    assert "--quant_output" not in specs["lm_head"].flags  # logits stay f32 for the heads
+    assert specs["greedy_head"].quantize == specs["penalty_sample_head"].quantize == "F32"
+    assert specs["block_0"].weight_bits == 4 and specs["lm_head"].weight_bits is None
+
+
+@pytest.mark.parametrize("quantize, blocks, half", [("w8f16", "W8F16", "F16"), ("bf16", "BF16", "BF16"),
+                                                    ("f16", "F16", "F16")])
+def test_every_quantize_mode_maps_to_model_deploy_modes(quantize, blocks, half):
+    specs = {s.name: s for s in deploy_specs(_manifest(layers=1), quantize, 64)}
+    assert specs["block_0"].quantize == blocks and specs["embedding"].quantize == half
+    assert ("--q_group_size" in specs["block_0"].flags) == blocks.startswith("W")
+
+
+def test_bmodel_name():
+    assert bmodel_name("llama3.1-8b", "w4bf16", 512) == "llama3.1-8b_w4bf16_seq512_bm1684x_1dev.bmodel"
+
+
+def test_w4_refuses_channels_the_chip_cannot_quantize():
+    config = open_model("tiny-llama").config
+    check_quantizable(config, "w4bf16", 64)  # tiny-llama is sized for W4
+    odd = type(config)(**{**config.to_dict(), "intermediate_size": 200})
+    with pytest.raises(GraphoptError, match="multiple of 64.*intermediate_size = 200"):
+        check_quantizable(odd, "w4bf16", 64)
+    check_quantizable(odd, "bf16", 64)  # float modes don't care
+    with pytest.raises(GraphoptError, match="not a BM1684X mode"):
+        check_quantizable(config, "int3", 64)
+    with pytest.raises(GraphoptError, match="power of two"):
+        check_quantizable(config, "w4bf16", 48)
+
+
+def test_fake_quantize_uses_at_most_2_to_the_bits_levels_per_group():
+    weight = np.random.default_rng(0).standard_normal((8, 128)).astype(np.float32)
+    for bits in (4, 8):
+        q = fake_quantize(weight, bits, 64)
+        groups, qgroups = weight.reshape(8, 2, 64), q.reshape(8, 2, 64)
+        assert max(len(np.unique(g)) for g in qgroups.reshape(16, 64)) <= 2 ** bits
+        step = (groups.max(-1) - groups.min(-1)) / (2 ** bits - 1)
+        assert np.all(np.abs(qgroups - groups).max(-1) <= step / 2 + 1e-6)
+    assert np.abs(fake_quantize(weight, 8, 64) - weight).max() < np.abs(fake_quantize(weight, 4, 64) - weight).max()
+
+
+def test_greedy_may_only_differ_at_a_near_tie():
+    from graphopt.targets.bm1684x.verify import compare_greedy
+
+    ref = [np.array([0.0, 5.0, 4.0]), np.array([3.0, 0.0, 2.95])]
+    near = [np.array([0.0, 5.02, 4.0]), np.array([2.96, 0.0, 2.99])]  # flips a 0.05 margin with 0.04 error
+    assert compare_greedy([1, 0], ref, [1, 2], near)["ok"]
+    # A token that differs where the logits barely do and the reference's choice was clear: a bug.
+    clear = ref[:1] + [np.array([3.0, 0.0, 1.0])]
+    result = compare_greedy([1, 0], clear, [1, 2], [np.array([0.0, 5.0, 4.0]), np.array([2.9, 0.0, 1.1])])
+    assert not result["ok"] and result["first_difference"] == 1 and result["margin_at_difference"] == 2.0
+    same = compare_greedy([1, 0], ref, [1, 0], ref)
+    assert same["ok"] and same["tokens_identical"] and same["max_abs_logit_err"] == 0
