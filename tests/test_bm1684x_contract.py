@@ -94,3 +94,15 @@ def test_greedy_may_only_differ_at_a_near_tie():
     assert not result["ok"] and result["first_difference"] == 1 and result["margin_at_difference"] == 2.0
     same = compare_greedy([1, 0], ref, [1, 0], ref)
     assert same["ok"] and same["tokens_identical"] and same["max_abs_logit_err"] == 0
+
+
+def test_toolchain_install_says_what_to_do_without_python_3_10(tmp_path, monkeypatch):
+    from graphopt.targets.bm1684x.toolchain import find_python310
+
+    with pytest.raises(GraphoptError, match="--python .* is not a working Python 3.10"):
+        find_python310(str(tmp_path / "no-python"))
+    monkeypatch.delenv("GRAPHOPT_PYTHON310", raising=False)
+    monkeypatch.setenv("PYENV_ROOT", str(tmp_path))
+    monkeypatch.setenv("PATH", str(tmp_path))
+    with pytest.raises(GraphoptError, match="no Python 3.10 was found.*--python /path/to/python3.10"):
+        find_python310()

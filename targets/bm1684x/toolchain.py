@@ -140,26 +140,32 @@ def require() -> Toolchain:
 # ---- installing -------------------------------------------------------------------------
 
 def find_python310(explicit: str | None = None) -> Path:
-    """Python 3.10 for TPU-MLIR's wheel: --python, $GRAPHOPT_PYTHON310, python3.10 on PATH, or pyenv's."""
-    candidates = [explicit, os.environ.get("GRAPHOPT_PYTHON310"), shutil.which("python3.10")]
+    """Python 3.10 for TPU-MLIR's wheel: --python, else $GRAPHOPT_PYTHON310, python3.10 on PATH, pyenv's."""
+    if explicit:
+        if _is_python310(explicit):
+            return Path(explicit)
+        raise GraphoptError(f"--python {explicit} is not a working Python 3.10 with venv; TPU-MLIR "
+                            f"{TPU_MLIR_VERSION}'s wheel needs exactly 3.10. Give the path of a Python 3.10.")
     pyenv_root = os.environ.get("PYENV_ROOT") or str(Path.home() / ".pyenv")
-    candidates += sorted(glob.glob(f"{pyenv_root}/versions/3.10.*/bin/python3"), reverse=True)
+    candidates = [os.environ.get("GRAPHOPT_PYTHON310"), shutil.which("python3.10"),
+                  *sorted(glob.glob(f"{pyenv_root}/versions/3.10.*/bin/python3"), reverse=True)]
     for candidate in filter(None, candidates):
-        try:
-            out = subprocess.run([candidate, "-c", "import sys, venv; print(sys.version_info[:2] == (3, 10))"],
-                                 capture_output=True, text=True, timeout=60)
-        except (OSError, subprocess.TimeoutExpired):
-            continue
-        if out.stdout.strip() == "True":
+        if _is_python310(candidate):
             return Path(candidate)
-        if candidate == explicit:
-            raise GraphoptError(f"--python {explicit} is not a working Python 3.10 with venv; TPU-MLIR "
-                                f"{TPU_MLIR_VERSION}'s wheel needs exactly 3.10. Give the path of a Python 3.10.")
     raise GraphoptError(
         f"TPU-MLIR {TPU_MLIR_VERSION} is only published for Python 3.10, and no Python 3.10 was found (tried "
         "$GRAPHOPT_PYTHON310, python3.10 on PATH and pyenv's versions). Install one (for example `pyenv install "
         "3.10`, or your system's python3.10 and python3.10-venv packages) and run `graphopt toolchain install "
         "bm1684x --python /path/to/python3.10` again.")
+
+
+def _is_python310(candidate: str) -> bool:
+    try:
+        out = subprocess.run([candidate, "-c", "import sys, venv; print(sys.version_info[:2] == (3, 10))"],
+                             capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    return out.stdout.strip() == "True"
 
 
 def _log_tail(log: Path, lines: int = 15) -> str:
