@@ -7,6 +7,7 @@ replaces `--out` only when everything is done.
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import json
 import platform
@@ -203,7 +204,7 @@ def _compile(source, target, seq_length, folder, layers, check, keep_fx, dump_di
         dynamic_axes = {"input_ids": {1: "seq"}, "input_embed": {1: "seq"}} if plan.kind == "embedding" else {}
         onnx_net = timed("onnx export", export_onnx, net, dynamic_axes or None)
         records += timed("onnx passes", onnx_manager.run, onnx_net)
-        files = timed("save", save_onnx, onnx_net.model, folder / f"{plan.name}.onnx")
+        files = timed("save", save_onnx, onnx_net.model, folder / f"{plan.name}.onnx", onnx_net.weights)
         del onnx_net
         if check:
             onnx_out = timed("check", _onnx_outputs, files[0], net, args)
@@ -215,7 +216,10 @@ def _compile(source, target, seq_length, folder, layers, check, keep_fx, dump_di
         if keep_fx:
             kept[plan.name] = net
         progress.finish(plan.name, ok=all(c.ok for c in checks))
-        del net
+        # FX graphs hold reference cycles, which Python frees only when its collector runs:
+        # collect now, or a network's weights outlive it (8B: gigabytes per network).
+        del net, traced_out, rewritten_out
+        gc.collect()
     manifest = _manifest(source, target, seq_length, results)
     (folder / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
     result = CompileResult(folder, manifest, results, totals, fx_networks=kept if keep_fx else None)

@@ -4,10 +4,19 @@ The TorchScript exporter (`dynamo=False`) is used because it writes opset 15 / I
 TPU-MLIR's ONNX importer (onnx 1.14) accepts; the dynamo exporter writes opset 18, whose
 ReduceMean TPU-MLIR 1.30 rejects (see design.md). It accepts a plain GraphModule over
 ATen ops, which is what the FX passes leave behind.
+
+Weights travel out of band. For the export and the ONNX passes every weight (a floating-point
+constant of `WEIGHT_MIN_ELEMENTS` or more) is a graph input, so the model the passes see is a
+few kilobytes whatever the network's size: onnxsim and graphsurgeon copy models several times,
+which at 8B (a 2.1 GB embedding) cost minutes and gigabytes. A weight that is an input is also
+never folded by the exporter, so Linear weights keep their [out, in] layout and their names.
+`save_onnx` binds them back as initializers, streamed tensor by tensor into the file (or its
+external data), so no ONNX copy of the weights is ever built in memory.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import tempfile
 import warnings
@@ -16,15 +25,20 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+import onnx.external_data_helper
 import torch
+import torch.fx as fx
 from onnx import numpy_helper
 
 from graphopt.ir import NetworkGraph
 
 OPSET = 15
 IR_VERSION = 8
-# Past this many bytes of weights a model is saved with external data (protobuf's limit is 2 GiB).
-EXTERNAL_DATA_BYTES = 1 << 30
+# Past this many bytes of weights a model is saved with external data, streamed tensor by tensor
+# (protobuf cannot hold 2 GiB; an inline 8B block would cost two extra copies of its weights).
+EXTERNAL_DATA_BYTES = 1 << 28
+# Constants this large are weights (out of band); smaller ones stay in the graph for folding.
+WEIGHT_MIN_ELEMENTS = 1024
 
 
 @dataclass
@@ -38,6 +52,8 @@ class OnnxNetwork:
     # so passes can give folded constants their original names back.
     weight_names: dict[str, str] = field(default_factory=dict)
     properties: set[str] = field(default_factory=set)
+    # Weights kept out of band: graph inputs of `model` until save_onnx binds them.
+    weights: dict[str, torch.Tensor] = field(default_factory=dict)
 
     def finalize(self) -> None:
         pass
@@ -50,30 +66,103 @@ def weight_digest(array: np.ndarray) -> str:
     return hashlib.sha1(np.ascontiguousarray(array, dtype=np.float32).tobytes()).hexdigest()
 
 
-def export_onnx(net: NetworkGraph, dynamic_axes: dict | None = None) -> OnnxNetwork:
-    weight_names = {weight_digest(t.numpy()): name for name, t in net.gm.named_buffers() if t.dim() == 2}
+def export_onnx(net: NetworkGraph, dynamic_axes: dict | None = None, weights_out_of_band: bool = True) -> OnnxNetwork:
+    gm, weights = _weights_as_inputs(net.gm) if weights_out_of_band else (net.gm, {})
+    weight_names = {weight_digest(t.numpy()): name for name, t in gm.named_buffers() if t.dim() == 2}
     with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
         warnings.simplefilter("ignore")
         path = Path(tmp) / f"{net.name}.onnx"
         torch.onnx.export(
-            net.gm, net.example_inputs(), str(path),
-            input_names=[s.name for s in net.inputs], output_names=list(net.output_names),
+            gm, (*net.example_inputs(), *weights.values()), str(path),
+            input_names=[s.name for s in net.inputs] + list(weights), output_names=list(net.output_names),
             opset_version=OPSET, dynamo=False, do_constant_folding=True, dynamic_axes=dynamic_axes,
         )
         model = onnx.load(str(path))
-    return OnnxNetwork(net.name, net.kind, model, weight_names, set(net.properties))
+    return OnnxNetwork(net.name, net.kind, model, weight_names, set(net.properties), weights)
+
+
+def _is_weight(tensor: torch.Tensor) -> bool:
+    return tensor.is_floating_point() and tensor.numel() >= WEIGHT_MIN_ELEMENTS
+
+
+def _weights_as_inputs(gm: fx.GraphModule) -> tuple[fx.GraphModule, dict[str, torch.Tensor]]:
+    """A view of `gm` (sharing its tensors) whose weight constants are extra trailing inputs,
+    named by their qualified names (`layer.self_attn.q_proj.weight`)."""
+    graph = fx.Graph()
+    values: dict[fx.Node, fx.Node] = {}
+    graph.output(graph.graph_copy(gm.graph, values))  # graph_copy returns the output's value
+    placeholders = [n for n in graph.nodes if n.op == "placeholder"]
+    weights: dict[str, torch.Tensor] = {}
+    for node in [n for n in graph.nodes if n.op == "get_attr"]:
+        tensor = functools.reduce(getattr, node.target.split("."), gm)
+        if not _is_weight(tensor):
+            continue
+        with graph.inserting_after(placeholders[-1]):
+            placeholders.append(graph.placeholder(f"weight_{len(weights)}"))
+        placeholders[-1].meta = dict(node.meta)
+        node.replace_all_uses_with(placeholders[-1])
+        graph.erase_node(node)
+        weights[node.target] = tensor.detach()
+    return fx.GraphModule(gm, graph), weights
 
 
 def initializer_bytes(model: onnx.ModelProto) -> int:
     return sum(numpy_helper.to_array(t).nbytes if not t.raw_data else len(t.raw_data) for t in model.graph.initializer)
 
 
-def save_onnx(model: onnx.ModelProto, path: Path) -> list[Path]:
-    """Write `path` (plus `path.data` for large models); return the files written."""
-    if initializer_bytes(model) > EXTERNAL_DATA_BYTES:
-        data = path.with_name(path.name + ".data")
-        onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
-                        location=data.name, size_threshold=1024)
-        return [path, data]
+def save_onnx(model: onnx.ModelProto, path: Path, weights: dict[str, torch.Tensor] | None = None) -> list[Path]:
+    """Write `path` (plus `path.data` past EXTERNAL_DATA_BYTES of weights); return the files written.
+
+    `weights` are graph inputs of `model` to bind as initializers, in graph-input order."""
+    weights = weights or {}
+    inputs = [i.name for i in model.graph.input if i.name in weights]
+    external = initializer_bytes(model) + sum(t.numel() * t.element_size() for t in weights.values()) \
+        > EXTERNAL_DATA_BYTES
+    if not weights:
+        if external:
+            data = path.with_name(path.name + ".data")
+            onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                            location=data.name, size_threshold=1024)
+            return [path, data]
+        onnx.save_model(model, str(path))
+        return [path]
+    model = _without_inputs(model, set(inputs))
+    if not external:
+        for name in inputs:
+            model.graph.initializer.append(numpy_helper.from_array(weights[name].numpy(), name))
+        onnx.save_model(model, str(path))
+        return [path]
+    # Past the limit: the model's own constants and then each weight, streamed into one data file.
+    data = path.with_name(path.name + ".data")
+    onnx.external_data_helper.convert_model_to_external_data(model, all_tensors_to_one_file=True,
+                                                             location=data.name, size_threshold=1024)
+    with open(data, "wb") as handle:
+        for tensor in model.graph.initializer:
+            if tensor.data_location == onnx.TensorProto.EXTERNAL:
+                _set_external(tensor, data.name, handle.tell(), len(tensor.raw_data))
+                handle.write(tensor.raw_data)
+                tensor.ClearField("raw_data")
+        for name in inputs:
+            array = np.ascontiguousarray(weights[name].numpy())
+            tensor = onnx.TensorProto(name=name, data_type=onnx.helper.np_dtype_to_tensor_dtype(array.dtype),
+                                      dims=array.shape)
+            _set_external(tensor, data.name, handle.tell(), array.nbytes)
+            handle.write(memoryview(array).cast("B"))
+            model.graph.initializer.append(tensor)
     onnx.save_model(model, str(path))
-    return [path]
+    return [path, data]
+
+
+def _without_inputs(model: onnx.ModelProto, names: set[str]) -> onnx.ModelProto:
+    """`model` with the graph inputs in `names` removed (they become initializers)."""
+    kept = [i for i in model.graph.input if i.name not in names]
+    del model.graph.input[:]
+    model.graph.input.extend(kept)
+    return model
+
+
+def _set_external(tensor: onnx.TensorProto, location: str, offset: int, length: int) -> None:
+    tensor.data_location = onnx.TensorProto.EXTERNAL
+    del tensor.external_data[:]
+    for key, value in (("location", location), ("offset", str(offset)), ("length", str(length))):
+        tensor.external_data.add(key=key, value=value)

@@ -12,7 +12,8 @@ from graphopt.testing import traced
 def test_large_weights_go_to_a_data_file(tmp_path, monkeypatch):
     monkeypatch.setattr(onnx_ir, "EXTERNAL_DATA_BYTES", 1000)  # the 8B embedding (2.1 GB) takes this path
     net = traced("lm_head")
-    files = onnx_ir.save_onnx(onnx_ir.export_onnx(net).model, tmp_path / "lm_head.onnx")
+    onnx_net = onnx_ir.export_onnx(net)
+    files = onnx_ir.save_onnx(onnx_net.model, tmp_path / "lm_head.onnx", onnx_net.weights)
     assert [f.name for f in files] == ["lm_head.onnx", "lm_head.onnx.data"]
     assert files[1].stat().st_size > files[0].stat().st_size
     model = onnx.load(str(files[0]), load_external_data=False)
@@ -21,3 +22,23 @@ def test_large_weights_go_to_a_data_file(tmp_path, monkeypatch):
     session = onnxruntime.InferenceSession(str(files[0]), providers=["CPUExecutionProvider"])
     np.testing.assert_allclose(session.run(None, {"hidden_states": x.numpy()})[0], net.run(x)[0].numpy(),
                                rtol=1e-5, atol=1e-5)
+
+
+def test_weights_travel_out_of_band_and_come_back_in_linear_layout(tmp_path):
+    from graphopt.targets.onnx_target import FX_PIPELINE
+    from graphopt.testing import run_passes
+
+    net = run_passes(traced("block_0"), *FX_PIPELINE)
+    onnx_net = onnx_ir.export_onnx(net)
+    # The passes see a weightless model: the weights are extra inputs, by their traced names.
+    assert onnx_net.model.ByteSize() < 100_000
+    assert "layer.self_attn.q_proj.weight" in onnx_net.weights
+    assert all(w.numel() >= onnx_ir.WEIGHT_MIN_ELEMENTS for w in onnx_net.weights.values())
+    files = onnx_ir.save_onnx(onnx_net.model, tmp_path / "block_0.onnx", onnx_net.weights)
+    model = onnx.load(str(files[0]))
+    assert [i.name for i in model.graph.input] == ["input_states", "position_ids", "attention_mask"]
+    inits = {t.name: onnx.numpy_helper.to_array(t) for t in model.graph.initializer}
+    assert inits["layer.self_attn.k_proj.weight"].shape == (64, 128)  # [out, in], as nn.Linear stores it
+    transposed = {n.output[0]: n.input[0] for n in model.graph.node if n.op_type == "Transpose"}
+    matmul_weights = {transposed.get(n.input[1]) for n in model.graph.node if n.op_type == "MatMul"}
+    assert {f"layer.{m}.weight" for m in ("self_attn.q_proj", "self_attn.o_proj", "mlp.down_proj")} <= matmul_weights

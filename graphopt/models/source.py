@@ -89,14 +89,14 @@ class ModelSource:
             for name, tensor in [*module.named_parameters(remove_duplicate=False),
                                  *module.named_buffers(remove_duplicate=False)]:
                 full = prefix + name
-                tensor.copy_(self.weights.get(self._tensor_names[full], tuple(tensor.shape)))
+                self.weights.fill(self._tensor_names[full], tensor.detach())
 
     def reference_model(self) -> nn.Module:
         """The whole transformers model with these weights, on CPU in fp32 (tiny models, tests, checks)."""
         model = _causal_lm_from_config(self.config).float().eval()
         with torch.no_grad():
             for name, tensor in model.named_parameters(remove_duplicate=False):
-                tensor.copy_(self.weights.get(self._tensor_names[name], tuple(tensor.shape)))
+                self.weights.fill(self._tensor_names[name], tensor.detach())
         return model
 
     # ---- description --------------------------------------------------------------------

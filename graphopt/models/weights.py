@@ -1,8 +1,9 @@
 """Where a network's weights come from, one tensor at a time.
 
-A provider answers `get(names, shape)`: `names` are every name the tensor has in the model
-(tied weights have two, e.g. `model.embed_tokens.weight` and `lm_head.weight`). Nothing
-here holds the whole model: a network asks for its own tensors only.
+A provider answers `fill(names, out)`: it writes the tensor into `out` (a parameter already
+allocated), so a tensor costs its own size once, not twice; `names` are every name the tensor
+has in the model (tied weights have two, e.g. `model.embed_tokens.weight` and
+`lm_head.weight`). Nothing here holds the whole model: a network asks for its own tensors only.
 """
 
 from __future__ import annotations
@@ -19,9 +20,16 @@ from graphopt.errors import GraphoptError
 
 
 class WeightProvider(Protocol):
-    def get(self, names: Sequence[str], shape: tuple[int, ...]) -> torch.Tensor: ...
+    def fill(self, names: Sequence[str], out: torch.Tensor) -> None: ...
 
     def describe(self) -> str: ...
+
+
+def get(provider: WeightProvider, names: Sequence[str], shape: tuple[int, ...]) -> torch.Tensor:
+    """A provider's tensor as a new fp32 tensor."""
+    out = torch.empty(shape, dtype=torch.float32)
+    provider.fill(names, out)
+    return out
 
 
 class RandomWeights:
@@ -35,13 +43,14 @@ class RandomWeights:
     def __init__(self, seed: int = 0, std: float = 0.02):
         self.seed, self.std = seed, std
 
-    def get(self, names: Sequence[str], shape: tuple[int, ...]) -> torch.Tensor:
+    def fill(self, names: Sequence[str], out: torch.Tensor) -> None:
         name = min(names)  # a tied group draws once, under one name
         generator = torch.Generator().manual_seed(zlib.crc32(f"{self.seed}:{name}".encode()))
-        noise = torch.randn(shape, generator=generator, dtype=torch.float32)
-        if len(shape) == 1 and "norm" in name:
-            return 1.0 + 0.1 * noise
-        return self.std * noise
+        torch.randn(out.shape, generator=generator, dtype=out.dtype, out=out)
+        if out.dim() == 1 and "norm" in name:
+            out.mul_(0.1).add_(1.0)
+        else:
+            out.mul_(self.std)
 
     def describe(self) -> str:
         return f"random (seed {self.seed}, std {self.std})"
@@ -69,7 +78,7 @@ class SafetensorsWeights:
             )
         self._handles: dict[Path, object] = {}
 
-    def get(self, names: Sequence[str], shape: tuple[int, ...]) -> torch.Tensor:
+    def fill(self, names: Sequence[str], out: torch.Tensor) -> None:
         name = next((n for n in names if n in self.files), None)
         if name is None:
             raise GraphoptError(
@@ -79,13 +88,13 @@ class SafetensorsWeights:
         file = self.files[name]
         if file not in self._handles:
             self._handles[file] = safe_open(file, framework="pt")
-        tensor = self._handles[file].get_tensor(name).to(torch.float32)
-        if tuple(tensor.shape) != tuple(shape):
+        tensor = self._handles[file].get_tensor(name)  # in the checkpoint's dtype (bf16: half the size)
+        if tuple(tensor.shape) != tuple(out.shape):
             raise GraphoptError(
                 f"tensor {name} in {file.name} has shape {tuple(tensor.shape)} but the config implies "
-                f"{tuple(shape)}; config.json and the weights do not belong together."
+                f"{tuple(out.shape)}; config.json and the weights do not belong together."
             )
-        return tensor
+        out.copy_(tensor)  # converts to fp32 in place
 
     def describe(self) -> str:
         return f"safetensors in {self.directory}"
