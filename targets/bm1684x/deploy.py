@@ -27,7 +27,7 @@ from tqdm import tqdm
 from graphopt.errors import GraphoptError
 from graphopt.targets.bm1684x.contract import DeploySpec
 from graphopt.targets.bm1684x.inspect_bmodel import read_info
-from graphopt.targets.bm1684x.toolchain import Toolchain, cache_root
+from graphopt.targets.bm1684x.toolchain import Toolchain, cache_root, log_tail
 
 CACHE_FORMAT = 2  # bump when what a cache entry holds changes
 RESULT = "result.json"
@@ -46,8 +46,7 @@ class DeployedNet:
 
 class DeployError(GraphoptError):
     def __init__(self, net: str, tool: str, log: Path):
-        tail = "\n".join("    " + line for line in log.read_text(errors="replace").splitlines()[-20:])
-        super().__init__(f"{tool} failed for network '{net}'. Its full log is {log}; the last lines:\n{tail}\n"
+        super().__init__(f"{tool} failed for network '{net}'. Its full log is {log}; the last lines:\n{log_tail(log, 20)}\n"
                          "If the log names an unsupported op or shape, the network needs a pass that rewrites it; "
                          "otherwise fix what it reports and run the same command again (finished networks are "
                          "cached and not compiled again).")

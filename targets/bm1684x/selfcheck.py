@@ -15,7 +15,7 @@ from onnx import TensorProto, helper, numpy_helper
 from graphopt.errors import GraphoptError
 from graphopt.onnx_ir import IR_VERSION, OPSET
 from graphopt.targets.bm1684x.simulator import Simulator
-from graphopt.targets.bm1684x.toolchain import Toolchain
+from graphopt.targets.bm1684x.toolchain import Toolchain, log_tail
 
 MIN_COSINE = 0.99  # W4 with group 64 on this layer measured 0.996
 
@@ -48,9 +48,8 @@ def run_selfcheck(toolchain: Toolchain, directory: Path) -> dict:
                                          "--quant_input", "--quant_output", "--chip", "bm1684x",
                                          "--model", "selfcheck.bmodel"])):
         if toolchain.run(tool, args, cwd=directory, log=log) != 0:
-            tail = "\n".join("    " + line for line in log.read_text(errors="replace").splitlines()[-15:])
             raise GraphoptError(f"the TPU-MLIR toolchain's self-check failed: {tool} exited with an error. Its log "
-                                f"is {log}; the last lines:\n{tail}\nIf it says `GLIBC_... not found`, the bundled "
+                                f"is {log}; the last lines:\n{log_tail(log)}\nIf it says `GLIBC_... not found`, the bundled "
                                 "glibc in tpu_mlir/lib/third_party does not suit this system; run `graphopt toolchain "
                                 "install bm1684x --force`.")
     reference = ort_session(directory / "selfcheck.onnx").run(None, {"x": x})[0]

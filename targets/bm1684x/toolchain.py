@@ -168,7 +168,8 @@ def _is_python310(candidate: str) -> bool:
     return out.stdout.strip() == "True"
 
 
-def _log_tail(log: Path, lines: int = 15) -> str:
+def log_tail(log: Path, lines: int = 15) -> str:
+    """The last `lines` lines of a tool's log, indented for an error message."""
     try:
         text = log.read_text(errors="replace").splitlines()
     except OSError:
@@ -204,7 +205,7 @@ def install(python: str | None = None, force: bool = False, say=print) -> Toolch
             status = subprocess.run(command, stdout=handle, stderr=subprocess.STDOUT).returncode
         if status != 0:
             raise GraphoptError(f"installing TPU-MLIR failed while {what} (exit status {status}). The log is {log}; "
-                                f"its last lines:\n{_log_tail(log)}\nFix what it reports (disk space, network access "
+                                f"its last lines:\n{log_tail(log)}\nFix what it reports (disk space, network access "
                                 "to PyPI) and run `graphopt toolchain install bm1684x` again.")
         say(f"toolchain: {what}: done in {time.perf_counter() - start:.0f}s")
     root = Path(subprocess.run([str(env_python), "-c", "import importlib.util as u; "
