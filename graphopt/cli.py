@@ -34,7 +34,7 @@ def cmd_run(args) -> int:
 
     start = time.perf_counter()
     target = get_target(args.target)
-    source = open_model(args.model, args.model_path, args.random_weights)
+    source = open_model(args.model, args.model_path, args.random_weights, args.num_layers)
     out = Path(args.out or f"graphopt-out/{source.name}-{target.name}-seq{args.seq_length}")
     # Everything the user can get wrong is checked before any work starts.
     _ = source.parts
@@ -50,7 +50,7 @@ def cmd_run(args) -> int:
           f"seq {args.seq_length}", file=sys.stderr)
     dump_dir = Path(args.dump_dir) if args.dump_dir else None
     result = compile_model(source, target, args.seq_length, out, check=not args.no_check, dump_dir=dump_dir,
-                           target_options=options)
+                           target_options=options, jobs=args.jobs)
     wall = time.perf_counter() - start
     write_json(result, wall)
     print(render(result, wall))
@@ -170,13 +170,15 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--out", help="output directory (default: graphopt-out/MODEL-TARGET-seqN)")
     run.add_argument("--model-path", help="checkpoint directory for a registry model (config.json + *.safetensors)")
     run.add_argument("--random-weights", action="store_true", help="seeded random weights instead of a checkpoint")
+    run.add_argument("--num-layers", type=int, help="keep only the first N decoder layers (dry runs, benchmarks)")
     run.add_argument("--no-check", action="store_true", help="skip the stage-by-stage numeric checks")
+    run.add_argument("--jobs", type=int, help="processes exporting (and, for bm1684x, compiling) networks in "
+                     "parallel (default: as many as cores and memory allow; 1 for models under 200M parameters)")
     run.add_argument("--dump-dir", help="write each network's graph after every pass into this directory")
     bm = run.add_argument_group("bm1684x target")
     bm.add_argument("--quantize", default="w4bf16", help="w4bf16 (default), w8bf16, w4f16, w8f16, bf16 or f16: "
                     "the blocks' weights; embedding and lm_head use the matching 16-bit float")
     bm.add_argument("--group-size", type=int, default=64, help="weight quantization group size (default 64)")
-    bm.add_argument("--jobs", type=int, help="networks compiled in parallel (default: as many as cores and memory allow)")
     run.set_defaults(func=cmd_run)
 
     gen = sub.add_parser("generate", help="greedy generation with the emitted networks, driven like the chip runtime")

@@ -1,8 +1,9 @@
 """The compile driver: for each network, trace → FX passes → ONNX → ONNX passes → check.
 
-Networks are built one at a time (only one network's weights are alive), checked stage
-against stage on the same seeded inputs, and written into a staged output directory that
-replaces `--out` only when everything is done.
+Each process builds one network at a time (only that network's weights are alive); big models
+export in several spawned processes, one weight group per task (`--jobs`). Every stage is
+checked against the one before on the same seeded inputs, and everything is written into a
+staged output directory that replaces `--out` only when everything is done.
 """
 
 from __future__ import annotations
@@ -10,8 +11,11 @@ from __future__ import annotations
 import gc
 import hashlib
 import json
+import multiprocessing
+import os
 import platform
 import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -22,9 +26,10 @@ import torch
 import graphopt
 from graphopt.errors import GraphoptError
 from graphopt.ir import NetworkGraph, TensorSpec
+from graphopt.machine import parallel_jobs
 from graphopt.models.source import ModelSource
 from graphopt.networks import causal_mask, decode_mask, plan_networks, trace_plan
-from graphopt.onnx_ir import export_onnx, save_onnx
+from graphopt.onnx_ir import SharedData, export_onnx, save_onnx
 from graphopt.output import MANIFEST, StagedDirectory
 from graphopt.pass_manager import PassManager, PassRecord
 from graphopt.progress import Progress
@@ -66,6 +71,7 @@ class NetworkResult:
     passes: list[PassRecord]
     seconds: dict[str, float]
     checks: list[Check] = field(default_factory=list)
+    sha256: str = ""  # of the file and the external data it reads, hashed where it was written
 
 
 @dataclass
@@ -77,6 +83,7 @@ class CompileResult:
     end_to_end: dict | None = None
     fx_networks: dict[str, NetworkGraph] | None = None  # kept only when asked (tests)
     target: object | None = None  # the target build's result (a TargetResult), for hardware targets
+    export: dict = field(default_factory=dict)  # processes and wall seconds of the export stage
 
     @property
     def ok(self) -> bool:
@@ -152,14 +159,15 @@ def validate_seq_length(source: ModelSource, seq_length: int) -> None:
 def compile_model(source: ModelSource, target: Target, seq_length: int, out_dir: Path, *,
                   layers: list[int] | None = None, check: bool = True, keep_fx: bool = False,
                   dump_dir: Path | None = None, show_progress: bool = True,
-                  target_options: dict | None = None) -> CompileResult:
+                  target_options: dict | None = None, jobs: int | None = None) -> CompileResult:
     validate_seq_length(source, seq_length)
     target_options = target_options or {}
     if target.build:
         target.build.validate(source, target_options)
     staged = StagedDirectory(out_dir)
     try:
-        result = _compile(source, target, seq_length, staged.path, layers, check, keep_fx, dump_dir, show_progress)
+        result = _compile(source, target, seq_length, staged.path, layers, check, keep_fx, dump_dir, show_progress,
+                          jobs)
         if target.build:
             result.target = target.build.build(staged.path, result.manifest, source, target_options, check,
                                                show_progress)
@@ -171,64 +179,177 @@ def compile_model(source: ModelSource, target: Target, seq_length: int, out_dir:
         raise
 
 
-def _compile(source, target, seq_length, folder, layers, check, keep_fx, dump_dir, show_progress) -> CompileResult:
-    fx_manager = PassManager(list(target.fx_pipeline), dump_dir)
-    onnx_manager = PassManager(list(target.onnx_pipeline), dump_dir, phase="onnx")
-    vocab = int(source.config.vocab_size)
-    plans = plan_networks(source, seq_length, layers)
-    results, kept = [], {}
-    progress = Progress(len(plans), enabled=show_progress)
+@dataclass
+class ExportJob:
+    """Everything a process needs to export networks of one run (picklable: workers get a copy)."""
+
+    source: ModelSource
+    fx_pipeline: list[str]
+    onnx_pipeline: list[str]
+    seq_length: int
+    folder: Path
+    layers: list[int] | None
+    check: bool
+    dump_dir: Path | None
+
+    def plans(self) -> list:
+        return plan_networks(self.source, self.seq_length, self.layers)
+
+
+def _compile(source, target, seq_length, folder, layers, check, keep_fx, dump_dir, show_progress,
+             jobs: int | None = None) -> CompileResult:
+    job = ExportJob(source, list(target.fx_pipeline), list(target.onnx_pipeline), seq_length, folder, layers, check,
+                    dump_dir)
+    plans = job.plans()
+    groups = _weight_groups(plans)
+    jobs = 1 if keep_fx else min(jobs or default_export_jobs(source), len(groups))
+    progress = Progress(len(plans), enabled=show_progress, workers=jobs)
+    started = time.perf_counter()
+    if jobs == 1:
+        results, kept = _export_serially(job, plans, keep_fx, progress)
+    else:
+        done = _export_in_parallel(job, groups, jobs, progress)
+        results, kept = [done[plan.name] for plan in plans], {}
     totals: dict[str, float] = {}
-    for plan in plans:
-        seconds: dict[str, float] = {}
-        progress.start(plan.name)
-
-        def timed(stage, fn, *args):
-            start = time.perf_counter()
-            value = fn(*args)
-            seconds[stage] = seconds.get(stage, 0.0) + time.perf_counter() - start
-            progress.stage(stage)
-            return value
-
-        net = timed("trace", trace_plan, source, plan, seq_length)
-        checks = []
-        args = check_inputs(net, vocab)
-        traced_out = net.run(*args) if check and plan.kind != "block_cache" else None
-        records = timed("fx passes", fx_manager.run, net)
-        rewritten_out = None
-        if check:
-            args = check_inputs(net, vocab)  # decode networks gained inputs
-            rewritten_out = net.run(*args)
-            if traced_out is not None:
-                checks.append(_compare("fx-rewritten vs traced", traced_out, rewritten_out))
-        dynamic_axes = {"input_ids": {1: "seq"}, "input_embed": {1: "seq"}} if plan.kind == "embedding" else {}
-        onnx_net = timed("onnx export", export_onnx, net, dynamic_axes or None)
-        records += timed("onnx passes", onnx_manager.run, onnx_net)
-        files = timed("save", save_onnx, onnx_net.model, folder / f"{plan.name}.onnx", onnx_net.weights)
-        del onnx_net
-        if check:
-            onnx_out = timed("check", _onnx_outputs, files[0], net, args)
-            checks.append(_compare("onnxruntime vs fx-rewritten", rewritten_out, onnx_out))
-        results.append(NetworkResult(plan.name, plan.kind, files, net.inputs, net.outputs, dynamic_axes,
-                                     records, seconds, checks))
-        for stage, s in seconds.items():
+    for r in results:
+        for stage, s in r.seconds.items():
             totals[stage] = totals.get(stage, 0.0) + s
-        if keep_fx:
-            kept[plan.name] = net
-        progress.finish(plan.name, ok=all(c.ok for c in checks))
-        # FX graphs hold reference cycles, which Python frees only when its collector runs:
-        # collect now, or a network's weights outlive it (8B: gigabytes per network).
-        del net, traced_out, rewritten_out
-        gc.collect()
     manifest = _manifest(source, target, seq_length, results)
     (folder / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
-    result = CompileResult(folder, manifest, results, totals, fx_networks=kept if keep_fx else None)
+    result = CompileResult(folder, manifest, results, totals, fx_networks=kept if keep_fx else None,
+                           export={"processes": jobs, "wall_seconds": round(time.perf_counter() - started, 2)})
     if check and layers is None and _parameter_count(source) <= END_TO_END_CHECK_MAX_PARAMS:
         start = time.perf_counter()
         result.end_to_end = end_to_end_check(source, folder, manifest)
         totals["end-to-end check"] = time.perf_counter() - start
     progress.close()
     return result
+
+
+def _export_serially(job: ExportJob, plans, keep_fx: bool, progress: Progress):
+    results, kept, shared = [], {}, {}
+    for plan in plans:
+        progress.start(plan.name)
+        group = shared.setdefault(_weight_group(plan), SharedData(job.folder))
+        result, net = _export_network(job, plan, group, progress.stage)
+        results.append(result)
+        if keep_fx:
+            kept[plan.name] = net
+        progress.finish(plan.name, ok=all(c.ok for c in result.checks))
+        # FX graphs hold reference cycles, which Python frees only when its collector runs:
+        # collect now, or a network's weights outlive it (8B: gigabytes per network).
+        del net
+        gc.collect()
+    job.source.release()
+    return results, kept
+
+
+def _export_network(job: ExportJob, plan, shared: SharedData, on_stage=lambda stage: None):
+    """trace → FX passes → ONNX → ONNX passes → save, each stage checked against the one before."""
+    seconds: dict[str, float] = {}
+
+    def timed(stage, fn, *args):
+        start = time.perf_counter()
+        value = fn(*args)
+        seconds[stage] = seconds.get(stage, 0.0) + time.perf_counter() - start
+        on_stage(stage)
+        return value
+
+    vocab = int(job.source.config.vocab_size)
+    net = timed("trace", trace_plan, job.source, plan, job.seq_length)
+    checks = []
+    args = check_inputs(net, vocab)
+    traced_out = net.run(*args) if job.check and plan.kind != "block_cache" else None
+    records = timed("fx passes", PassManager(job.fx_pipeline, job.dump_dir).run, net)
+    rewritten_out = None
+    if job.check:
+        args = check_inputs(net, vocab)  # decode networks gained inputs
+        rewritten_out = net.run(*args)
+        if traced_out is not None:
+            checks.append(_compare("fx-rewritten vs traced", traced_out, rewritten_out))
+    dynamic_axes = {"input_ids": {1: "seq"}, "input_embed": {1: "seq"}} if plan.kind == "embedding" else {}
+    onnx_net = timed("onnx export", export_onnx, net, dynamic_axes or None)
+    records += timed("onnx passes", PassManager(job.onnx_pipeline, job.dump_dir, phase="onnx").run, onnx_net)
+    files = timed("save", save_onnx, onnx_net.model, job.folder / f"{plan.name}.onnx", onnx_net.weights, shared)
+    del onnx_net
+    if job.check:
+        onnx_out = timed("check", _onnx_outputs, files[0], net, args)
+        checks.append(_compare("onnxruntime vs fx-rewritten", rewritten_out, onnx_out))
+    digest = timed("hash", _sha256, files)
+    result = NetworkResult(plan.name, plan.kind, files, net.inputs, net.outputs, dynamic_axes, records, seconds,
+                           checks, digest)
+    return result, net
+
+
+# ---- parallel export --------------------------------------------------------------------
+# Networks are independent, so they export in parallel processes, one weight group (a layer's
+# block and block_cache; the embedding; the heads) per task: a group shares its external data
+# file, and each process holds one network's weights at a time. Spawned, not forked: a fork of
+# a process whose OpenMP pool has run can deadlock. Every network's bytes are the same whichever
+# process writes them (tests/test_determinism.py).
+
+_WORKER: dict = {}
+
+
+def default_export_jobs(source: ModelSource) -> int:
+    """1 for small models (starting a process costs more than it saves); otherwise as many as
+    cores, fewer when memory would not hold them: an 8B export process peaked at 4.2 GB with
+    its largest network's weights at 2.1 GB, so budget twice the largest network + 1 GB."""
+    if _parameter_count(source) <= END_TO_END_CHECK_MAX_PARAMS:
+        return 1
+    parts = source.parts
+    largest = max(sum(p.numel() * 4 for p in m.parameters()) for m in (parts.embed, parts.head, parts.layers[0]))
+    return parallel_jobs(2 * largest + (1 << 30))
+
+
+def _worker_start(job: ExportJob, threads: int) -> None:
+    torch.set_num_threads(threads)
+    _WORKER["job"], _WORKER["plans"] = job, {p.name: p for p in job.plans()}
+
+
+def _worker_export(group: list[str]) -> list[NetworkResult]:
+    job, plans = _WORKER["job"], _WORKER["plans"]
+    shared, results = SharedData(job.folder), []
+    for name in group:
+        result, net = _export_network(job, plans[name], shared)
+        results.append(result)
+        del net
+        gc.collect()
+    job.source.release()
+    return results
+
+
+def _export_in_parallel(job: ExportJob, groups: list[list[str]], jobs: int,
+                        progress: Progress) -> dict[str, NetworkResult]:
+    threads = max(1, (os.cpu_count() or 1) // jobs)
+    done: dict[str, NetworkResult] = {}
+    with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn"), initializer=_worker_start,
+                             initargs=(job, threads)) as pool:
+        futures = [pool.submit(_worker_export, group) for group in groups]
+        try:
+            for future in as_completed(futures):
+                for result in future.result():
+                    done[result.name] = result
+                    progress.finish(result.name, ok=all(c.ok for c in result.checks), took=sum(result.seconds.values()))
+        except BaseException:
+            pool.shutdown(wait=False, cancel_futures=True)
+            raise
+    return done
+
+
+def _weight_groups(plans) -> list[list[str]]:
+    groups: dict[str, list[str]] = {}
+    for plan in plans:
+        groups.setdefault(_weight_group(plan), []).append(plan.name)
+    return list(groups.values())
+
+
+def _weight_group(plan) -> str:
+    """Networks whose external data may be shared: block_i with block_cache_i (the same weights),
+    the embedding with the head (tied in small models). Not across layers: block_5 reading
+    block_0's data (for norm weights that are all ones) would tie the layers' files, cache keys
+    and memory estimates together."""
+    return plan.name.rsplit("_", 1)[-1] if plan.kind in ("block", "block_cache") else "embedding and head"
 
 
 def _parameter_count(source: ModelSource) -> int:
@@ -280,7 +401,7 @@ def _manifest(source: ModelSource, target: Target, seq_length: int, results: lis
                 "kind": r.kind,
                 "file": r.files[0].name,
                 "external_data": [f.name for f in r.files[1:]],
-                "sha256": _sha256(r.files),
+                "sha256": r.sha256,
                 "inputs": [s.to_json() for s in r.inputs],
                 "outputs": [s.to_json() for s in r.outputs],
                 "dynamic_axes": r.dynamic_axes,

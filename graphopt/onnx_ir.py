@@ -20,12 +20,12 @@ import functools
 import hashlib
 import tempfile
 import warnings
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import onnx
-import onnx.external_data_helper
 import torch
 import torch.fx as fx
 from onnx import numpy_helper
@@ -110,47 +110,80 @@ def initializer_bytes(model: onnx.ModelProto) -> int:
     return sum(numpy_helper.to_array(t).nbytes if not t.raw_data else len(t.raw_data) for t in model.graph.initializer)
 
 
-def save_onnx(model: onnx.ModelProto, path: Path, weights: dict[str, torch.Tensor] | None = None) -> list[Path]:
-    """Write `path` (plus `path.data` past EXTERNAL_DATA_BYTES of weights); return the files written.
+class SharedData:
+    """The external data already written into one output directory, indexed by content.
 
-    `weights` are graph inputs of `model` to bind as initializers, in graph-input order."""
+    A tensor whose bytes a previous network of the directory wrote points at that file and
+    offset instead of being written again: `block_cache_i` reuses `block_i`'s weights and a
+    tied lm_head the embedding's, so an 8B export is 32 GB on disk instead of 60. The index
+    hashes every tensor it sees (sha1, about 1.5 GB/s): content, not names, because traced
+    names are network-relative (`layer.mlp.up_proj.weight` in every block).
+    """
+
+    def __init__(self, directory: Path):
+        self.directory = Path(directory)
+        self._placed: dict[tuple[int, bytes], tuple[str, int]] = {}
+
+    def find(self, buffer: memoryview) -> tuple[tuple[int, bytes], tuple[str, int] | None]:
+        key = (buffer.nbytes, hashlib.sha1(buffer).digest())
+        return key, self._placed.get(key)
+
+    def add(self, key: tuple[int, bytes], location: str, offset: int) -> None:
+        self._placed.setdefault(key, (location, offset))
+
+
+def save_onnx(model: onnx.ModelProto, path: Path, weights: dict[str, torch.Tensor] | None = None,
+              shared: SharedData | None = None) -> list[Path]:
+    """Write `path` (plus `path.data` past EXTERNAL_DATA_BYTES of weights); return the files it
+    needs: the model first, then every external data file it reads.
+
+    `weights` are graph inputs of `model` to bind as initializers, in graph-input order. With
+    `shared`, external tensors already written in that directory are referenced, not copied."""
     weights = weights or {}
     inputs = [i.name for i in model.graph.input if i.name in weights]
     external = initializer_bytes(model) + sum(t.numel() * t.element_size() for t in weights.values()) \
         > EXTERNAL_DATA_BYTES
-    if not weights:
-        if external:
-            data = path.with_name(path.name + ".data")
-            onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
-                            location=data.name, size_threshold=1024)
-            return [path, data]
-        onnx.save_model(model, str(path))
-        return [path]
     model = _without_inputs(model, set(inputs))
     if not external:
         for name in inputs:
             model.graph.initializer.append(numpy_helper.from_array(weights[name].numpy(), name))
         onnx.save_model(model, str(path))
         return [path]
-    # Past the limit: the model's own constants and then each weight, streamed into one data file.
-    data = path.with_name(path.name + ".data")
-    onnx.external_data_helper.convert_model_to_external_data(model, all_tensors_to_one_file=True,
-                                                             location=data.name, size_threshold=1024)
-    with open(data, "wb") as handle:
+    if shared is not None and shared.directory != path.parent:
+        raise ValueError(f"{path}: the shared-data index belongs to {shared.directory}")
+    # Past the limit: the model's own constants and then each weight, streamed into data files.
+    own = path.with_name(path.name + ".data")
+    used: dict[str, None] = {}  # data files in order of first use
+    with ExitStack() as stack:
+        handle = None
+
+        def place(tensor: onnx.TensorProto, buffer: memoryview) -> None:
+            nonlocal handle
+            key, found = shared.find(buffer) if shared is not None else (None, None)
+            if found is None:
+                if handle is None:
+                    handle = stack.enter_context(open(own, "wb"))
+                found = (own.name, handle.tell())
+                handle.write(buffer)
+                if shared is not None:
+                    shared.add(key, *found)
+            _set_external(tensor, found[0], found[1], buffer.nbytes)
+            used.setdefault(found[0])
+
+        # (Not onnx's convert_model_to_external_data: it refuses when a file of the data file's
+        # name exists in the current directory, whatever directory the model is saved in.)
         for tensor in model.graph.initializer:
-            if tensor.data_location == onnx.TensorProto.EXTERNAL:
-                _set_external(tensor, data.name, handle.tell(), len(tensor.raw_data))
-                handle.write(tensor.raw_data)
+            if len(tensor.raw_data) >= 1024:
+                place(tensor, memoryview(tensor.raw_data))
                 tensor.ClearField("raw_data")
         for name in inputs:
             array = np.ascontiguousarray(weights[name].numpy())
             tensor = onnx.TensorProto(name=name, data_type=onnx.helper.np_dtype_to_tensor_dtype(array.dtype),
                                       dims=array.shape)
-            _set_external(tensor, data.name, handle.tell(), array.nbytes)
-            handle.write(memoryview(array).cast("B"))
+            place(tensor, memoryview(array).cast("B"))
             model.graph.initializer.append(tensor)
     onnx.save_model(model, str(path))
-    return [path, data]
+    return [path, *(path.with_name(name) for name in used)]
 
 
 def _without_inputs(model: onnx.ModelProto, names: set[str]) -> onnx.ModelProto:

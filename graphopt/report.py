@@ -23,6 +23,9 @@ def render(result: CompileResult, wall_seconds: float) -> str:
         checks = ", ".join(f"{'ok' if c.ok else 'FAIL'} {c.max_abs_err:.1e}" for c in net.checks) or "-"
         lines.append(f"  {net.name:<22} {_size(files):>10} {sum(net.seconds.values()):8.1f}  {checks:<40}")
     lines.append("")
+    if result.export.get("processes", 1) > 1:
+        lines.append(f"  export: {result.export['processes']} processes, {result.export['wall_seconds']:.1f}s wall "
+                     "(the per-network and per-stage seconds are each process's own, summed)")
     lines.append("  stages: " + ", ".join(f"{stage} {s:.1f}s" for stage, s in result.seconds.items())
                  + f"; total {wall_seconds:.1f}s")
     if result.end_to_end:
@@ -51,6 +54,7 @@ def write_json(result: CompileResult, wall_seconds: float) -> Path:
                       "passes": [{"pass": p.pass_name, "note": p.note, "seconds": p.seconds} for p in n.passes]}
                      for n in result.networks],
         "end_to_end": result.end_to_end,
+        "export": result.export,
         "target": result.target.to_json() if result.target is not None else None,
     }
     path = result.out_dir / "report.json"

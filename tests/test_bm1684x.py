@@ -145,7 +145,7 @@ def test_a_failed_compile_names_the_network_and_its_log(tools, tmp_path, monkeyp
     with pytest.raises(GraphoptError) as error:
         deploy.deploy_network(tools, spec, broken, "0" * 64)
     message = str(error.value)
-    assert "model_transform failed for network 'lm_head'" in message and "compile.log" in message
+    assert "model_transform failed (exit status 1) for network 'lm_head'" in message and "compile.log" in message
     log = Path(message.split("full log is ")[1].split(";")[0])
     assert log.is_file() and log.parent.name.endswith(".failed")
     assert not list((tmp_path / "cache").glob("*.partial-*")) and not list((tmp_path / "cache").glob("*/result.json"))

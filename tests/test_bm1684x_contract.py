@@ -106,3 +106,20 @@ def test_toolchain_install_says_what_to_do_without_python_3_10(tmp_path, monkeyp
     monkeypatch.setenv("PATH", str(tmp_path))
     with pytest.raises(GraphoptError, match="no Python 3.10 was found.*--python /path/to/python3.10"):
         find_python310()
+
+
+def test_a_killed_tool_is_reported_as_probably_out_of_memory(tmp_path):
+    from graphopt.targets.bm1684x.deploy import DeployError
+
+    log = tmp_path / "compile.log"
+    log.write_text("$ model_transform ...\nConstantFolding finished\n")
+    killed = str(DeployError("lm_head", "model_transform", log, -9))
+    assert killed.startswith("model_transform was killed by signal 9 (most likely out of memory")
+    assert "--jobs" in killed and "ConstantFolding finished" in killed
+
+
+def test_model_transform_does_not_simplify_again():
+    """graphopt's ONNX is already folded and simplified; TPU-MLIR's second pass cost 8B 11 GB."""
+    spec = deploy_specs(_manifest(), "bf16", 64)[0]
+    args = spec.transform_args("x.onnx", "x.mlir")
+    assert args[args.index("--do_onnx_sim") + 1] == ""  # argparse type=bool: only "" is False

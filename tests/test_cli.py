@@ -31,6 +31,17 @@ def test_run_then_generate_gives_transformers_tokens(tmp_path):
     assert json.loads(gen.stdout) == {"tokens": golden["tokens"]}
 
 
+def test_num_layers_compiles_the_first_layers_and_still_matches_transformers(tmp_path):
+    out = tmp_path / "one"
+    assert main(["run", "tiny-llama", "--num-layers", "1", "--seq-length", "32", "--out", str(out)]) == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["model"]["name"] == "tiny-llama-1l" and manifest["model"]["config"]["num_hidden_layers"] == 1
+    assert [n["name"] for n in manifest["networks"]][:3] == ["embedding", "block_0", "block_cache_0"]
+    assert len(manifest["networks"]) == 6
+    report = json.loads((out / "report.json").read_text())
+    assert report["ok"] is True  # includes greedy generation against the 1-layer transformers model
+
+
 def test_passes_lists_the_pipeline_with_docs():
     out = graphopt("passes", "--target", "onnx").stdout
     for name in ("rope-table", "kv-layout", "concat-cache", "fixed-mask", "attention-lower", "linear-weight-layout"):
@@ -88,6 +99,11 @@ def test_architecture_the_passes_cannot_handle(capsys, tmp_path):
 def test_seq_length_beyond_max_positions(capsys, tmp_path):
     assert "max_position_embeddings" in _error(capsys, "run", "tiny-llama", "--seq-length", "4096",
                                                "--out", str(tmp_path / "o"))
+
+
+def test_num_layers_beyond_the_model(capsys, tmp_path):
+    assert "num_hidden_layers, 2" in _error(capsys, "run", "tiny-llama", "--num-layers", "3",
+                                            "--out", str(tmp_path / "o"))
 
 
 def test_unwritable_out(capsys, tmp_path):

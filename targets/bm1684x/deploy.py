@@ -25,7 +25,8 @@ from pathlib import Path
 from tqdm import tqdm
 
 from graphopt.errors import GraphoptError
-from graphopt.targets.bm1684x.contract import DeploySpec
+from graphopt.machine import parallel_jobs
+from graphopt.targets.bm1684x.contract import TRANSFORM_FLAGS, DeploySpec
 from graphopt.targets.bm1684x.inspect_bmodel import read_info
 from graphopt.targets.bm1684x.toolchain import Toolchain, cache_root, log_tail
 
@@ -45,8 +46,13 @@ class DeployedNet:
 
 
 class DeployError(GraphoptError):
-    def __init__(self, net: str, tool: str, log: Path):
-        super().__init__(f"{tool} failed for network '{net}'. Its full log is {log}; the last lines:\n{log_tail(log, 20)}\n"
+    def __init__(self, net: str, tool: str, log: Path, status: int = 1):
+        if status < 0:
+            how = f"was killed by signal {-status}" + (" (most likely out of memory: use a smaller --jobs, or a "
+                                                      "machine with more RAM)" if status == -9 else "")
+        else:
+            how = f"failed (exit status {status})" if status else "exited without writing its output"
+        super().__init__(f"{tool} {how} for network '{net}'. Its full log is {log}; the last lines:\n{log_tail(log, 20)}\n"
                          "If the log names an unsupported op or shape, the network needs a pass that rewrites it; "
                          "otherwise fix what it reports and run the same command again (finished networks are "
                          "cached and not compiled again).")
@@ -60,7 +66,7 @@ def nets_cache() -> Path:
 
 def cache_key(spec: DeploySpec, onnx_sha256: str, toolchain: Toolchain) -> str:
     identity = {"format": CACHE_FORMAT, "onnx": onnx_sha256, "net": spec.name, "shapes": spec.input_shapes,
-                "quantize": spec.quantize, "flags": spec.flags, "tpu_mlir": [toolchain.version, str(toolchain.root)]}
+                "quantize": spec.quantize, "flags": spec.flags, "transform": TRANSFORM_FLAGS, "tpu_mlir": [toolchain.version, str(toolchain.root)]}
     return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:24]
 
 
@@ -102,7 +108,7 @@ def _compile(toolchain, spec, onnx, onnx_sha256, threads, work: Path, final: Pat
             failed = final.with_name(f"{final.name}.failed")
             shutil.rmtree(failed, ignore_errors=True)
             work.rename(failed)
-            raise DeployError(spec.name, tool, failed / "compile.log")
+            raise DeployError(spec.name, tool, failed / "compile.log", status)
     total_cycle = _total_cycle(work / "compiler_profile_0.txt")
     memory = read_info(toolchain, work / bmodel)[0].get("memory")
     # Keep the bmodel, the MLIR text (top and tpu level: what later passes are read from), the
@@ -118,21 +124,12 @@ def _compile(toolchain, spec, onnx, onnx_sha256, threads, work: Path, final: Pat
     return DeployedNet(spec, final / bmodel, False, seconds, total_cycle, memory, final)
 
 
-def _available_memory() -> int:
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 8 << 30
-
-
 def default_jobs(onnx_bytes: int) -> int:
-    """As many parallel jobs as cores, fewer when memory would not hold them: model_transform
-    peaked at 15.0 GB RSS for an 873 MB Llama-3.1-8B block (about 17x the ONNX size)."""
-    per_job = 17 * onnx_bytes + (1 << 30)
-    return max(1, min(os.cpu_count() or 1, _available_memory() // per_job))
+    """As many parallel jobs as cores, fewer when memory would not hold them. Measured peaks at
+    Llama-3.1-8B shape: model_transform 4.3 GB for an 873 MB block and 9.0 GB for the 2.1 GB
+    lm_head (about 5x the ONNX); model_deploy W4BF16 1.6 GB for the block."""
+    per_job = 5 * onnx_bytes + (1 << 30)
+    return parallel_jobs(per_job)
 
 
 @dataclass(frozen=True)

@@ -18,6 +18,7 @@ from __future__ import annotations
 import glob
 import json
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -78,7 +79,7 @@ class Toolchain:
     def run(self, name: str, args: list[str], cwd: Path, log: Path, threads: int | None = None) -> int:
         """Runs a tool with its output appended to `log`; returns the exit status."""
         with open(log, "a") as handle:
-            handle.write(f"$ {' '.join([name, *args])}\n")
+            handle.write(f"$ {shlex.join([name, *args])}\n")
             handle.flush()
             return subprocess.run([*self.tool(name), *args], cwd=cwd, env=self.environ(threads),
                                   stdout=handle, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL).returncode
