@@ -107,7 +107,7 @@ def main(argv=None) -> int:
         table.append([row["flow"], how, m.peak_rss_gb, round(stages["load"], 1) if "load" in stages else None,
                       round(row.get("extrapolated_onnx_bytes", row.get("onnx_bytes", 0)) / 1e9, 2),
                       round(wall(baseline) / wall(row), 1) if baseline else None])
-    columns = ["flow", "wall s", "peak RSS GB (all processes)", "of which load s", "ONNX GB", "× faster than baseline"]
+    columns = ["flow", "wall s", "peak memory GB (all processes, PSS)", "of which load s", "ONNX GB", "× faster than baseline"]
     layers = f"{args.num_layers} layers" if args.num_layers else "all layers"
     publish("export", f"Export: {args.model}, {layers}, seq {args.seq_length}", markdown_table(columns, table),
             {"model": args.model, "num_layers": args.num_layers, "seq_length": args.seq_length, "rows": rows,

@@ -77,7 +77,7 @@ def main(argv=None) -> int:
                  round(p["measured"].wall_s / p["networks"], 2) if "networks" in p else None, p["measured"].peak_rss_gb,
                  round(p.get("onnx_bytes", 0) / 1e9, 2)] for p in points]
 
-    columns = ["wall s", "× first", "s per network", "peak RSS GB", "ONNX GB"]
+    columns = ["wall s", "× first", "s per network", "peak memory GB", "ONNX GB"]
     text = markdown_table(["layers (seq 512)", *columns], rows(by_layers, "layers"))
     if fits:
         w, r = fits["wall_s_vs_layers"], fits["rss_gb_vs_layers"]

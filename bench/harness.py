@@ -2,9 +2,9 @@
 markdown table, write JSON.
 
 A measured command runs as a child process, so its memory is its own, not the bench script's.
-Two figures: the peak of the whole process tree's summed RSS (sampled every 0.2 s from /proc;
-what a machine must hold when graphopt exports with several processes) and the largest single
-process's peak (exact, from wait4).
+Two figures: the peak of the whole process tree's memory (summed PSS, sampled every 0.2 s
+from /proc: what a machine must hold when graphopt exports with several processes) and the
+largest single process's peak RSS (exact, from wait4).
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ class Measured:
     command: list[str]
     returncode: int
     wall_s: float
-    peak_rss_gb: float  # the process tree's summed RSS, sampled
+    peak_rss_gb: float  # the process tree's summed PSS, sampled (at least the largest process's RSS)
     log: str
     peak_process_rss_gb: float = 0.0  # the largest single process, exact  # where stdout and stderr went
 
@@ -62,28 +62,34 @@ def measure(command: list[str], log: Path, env: dict[str, str] | None = None) ->
 
 
 def tree_rss(root: int) -> int:
-    """Summed resident bytes of `root` and all its descendants, from /proc."""
+    """Memory of `root` and all its descendants, from /proc: the sum of their PSS (each shared
+    page divided among the processes that map it), so N processes that each map the same
+    libtorch are not counted N times, as summed RSS would."""
     children: dict[int, list[int]] = {}
-    rss: dict[int, int] = {}
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
         try:
             stat = (entry / "stat").read_text()
-            fields = stat[stat.rindex(")") + 2:].split()  # after "pid (comm) "
-            children.setdefault(int(fields[1]), []).append(int(entry.name))
-            rss[int(entry.name)] = int(fields[21]) * PAGE
+            children.setdefault(int(stat[stat.rindex(")") + 2:].split()[1]), []).append(int(entry.name))
         except (OSError, ValueError, IndexError):
             continue  # exited while we looked
     total, stack = 0, [root]
     while stack:
         pid = stack.pop()
-        total += rss.get(pid, 0)
+        total += _pss(pid)
         stack += children.get(pid, [])
     return total
 
 
-PAGE = os.sysconf("SC_PAGE_SIZE")
+def _pss(pid: int) -> int:
+    try:
+        for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+            if line.startswith("Pss:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError):
+        pass
+    return 0
 
 
 def graphopt_command(*args: str) -> list[str]:
