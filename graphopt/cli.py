@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 from graphopt.errors import GraphoptError
+from graphopt.models.registry import REGISTRY
 
 DEFAULT_SEQ_LENGTH = 512
 
@@ -164,7 +165,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     run = sub.add_parser("run", help="compile a model into per-network files for a target")
-    run.add_argument("model", help="registry name (tiny-llama, llama3.1-8b) or a Hugging Face model directory")
+    run.add_argument("model", help=f"registry name ({', '.join(REGISTRY)}) or a Hugging Face model directory")
     run.add_argument("--target", default="onnx", help="target to compile for (default: onnx)")
     run.add_argument("--seq-length", type=int, default=DEFAULT_SEQ_LENGTH, help="SEQ of the network contract (default 512)")
     run.add_argument("--out", help="output directory (default: graphopt-out/MODEL-TARGET-seqN)")

@@ -59,3 +59,53 @@ LLAMA_3_1_8B = {
     "eos_token_id": [128001, 128008, 128009],
     "torch_dtype": "bfloat16",
 }
+
+# Same size as TINY_LLAMA (BM1684X-friendly channels); what differs is each architecture's own.
+_TINY_COMMON = {
+    "hidden_size": 128,
+    "intermediate_size": 256,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "head_dim": 32,
+    "vocab_size": 1024,
+    "max_position_embeddings": 2048,
+    "hidden_act": "silu",
+    "initializer_range": 0.2,
+    "bos_token_id": 1,
+    "eos_token_id": 2,
+}
+
+# Qwen2.5: q/k/v projections with bias, tied embedding and lm_head (as in the 0.5B-3B sizes).
+TINY_QWEN2_5 = {
+    "model_type": "qwen2",
+    "architectures": ["Qwen2ForCausalLM"],
+    **_TINY_COMMON,
+    "rms_norm_eps": 1e-6,
+    "rope_theta": 1000000.0,
+    "tie_word_embeddings": True,
+    "use_sliding_window": False,
+}
+
+# Qwen3: per-head RMSNorm on q and k before rope, no q/k/v bias, tied embeddings (0.6B-4B).
+TINY_QWEN3 = {
+    "model_type": "qwen3",
+    "architectures": ["Qwen3ForCausalLM"],
+    **_TINY_COMMON,
+    "rms_norm_eps": 1e-6,
+    "rope_theta": 1000000.0,
+    "attention_bias": False,
+    "tie_word_embeddings": True,
+    "use_sliding_window": False,
+}
+
+# Mistral-7B-v0.3: Llama-like, plain rope (theta 1e6), no sliding window, untied.
+TINY_MISTRAL = {
+    "model_type": "mistral",
+    "architectures": ["MistralForCausalLM"],
+    **_TINY_COMMON,
+    "rms_norm_eps": 1e-5,
+    "rope_theta": 1000000.0,
+    "sliding_window": None,
+    "tie_word_embeddings": False,
+}

@@ -21,6 +21,12 @@ REGISTRY = {
     for e in (
         RegistryEntry("tiny-llama", "Llama-3.1 in miniature (GQA, llama3 rope, 2 layers), seeded random weights",
                       configs.TINY_LLAMA, random_weights=True),
+        RegistryEntry("tiny-qwen2.5", "Qwen2.5 in miniature (q/k/v bias, tied embeddings, 2 layers), seeded random weights",
+                      configs.TINY_QWEN2_5, random_weights=True),
+        RegistryEntry("tiny-qwen3", "Qwen3 in miniature (per-head q/k RMSNorm, tied embeddings, 2 layers), seeded random weights",
+                      configs.TINY_QWEN3, random_weights=True),
+        RegistryEntry("tiny-mistral", "Mistral-7B-v0.3 in miniature (2 layers), seeded random weights",
+                      configs.TINY_MISTRAL, random_weights=True),
         RegistryEntry("llama3.1-8b", "Llama-3.1-8B-Instruct; weights from --model-path DIR",
                       configs.LLAMA_3_1_8B, random_weights=False),
     )

@@ -100,12 +100,13 @@ class ModelSource:
                     f"{prefix}{sub_name} ({type(sub).__name__}) has buffers that are not stored in checkpoints "
                     f"({', '.join(sorted(sub._non_persistent_buffers_set))}); graphopt cannot rebuild them."
                 )
+        names = self._tensor_names  # before to_empty, which unties tied weights (embedding = lm_head)
         module.to_empty(device="cpu")
         with torch.no_grad():
             for name, tensor in [*module.named_parameters(remove_duplicate=False),
                                  *module.named_buffers(remove_duplicate=False)]:
                 full = prefix + name
-                self.weights.fill(self._tensor_names[full], tensor.detach())
+                self.weights.fill(names[full], tensor.detach())
 
     def reference_model(self) -> nn.Module:
         """The whole transformers model with these weights, on CPU in fp32 (tiny models, tests, checks)."""

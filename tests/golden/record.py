@@ -22,9 +22,9 @@ from graphopt.models import open_model
 
 HERE = Path(__file__).parent
 NEW_TOKENS = 32
-CASES = {
-    "tiny-llama": {"prompt": [1, 17, 300, 42, 5, 900, 64, 7]},
-}
+PROMPT = [1, 17, 300, 42, 5, 900, 64, 7]
+# One per architecture the passes must handle; each is its registry name.
+CASES = {name: {"prompt": PROMPT} for name in ("tiny-llama", "tiny-qwen2.5", "tiny-qwen3", "tiny-mistral")}
 
 
 def golden_paths(name: str) -> tuple[Path, Path]:
@@ -48,5 +48,7 @@ def record(name: str) -> dict:
 
 
 if __name__ == "__main__":
-    for case in CASES:
+    import sys
+
+    for case in sys.argv[1:] or CASES:  # python -m tests.golden.record [NAME ...]
         print(case, record(case)["tokens"])
