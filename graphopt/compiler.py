@@ -9,7 +9,6 @@ staged output directory that replaces `--out` only when everything is done.
 from __future__ import annotations
 
 import gc
-import hashlib
 import json
 import multiprocessing
 import os
@@ -71,7 +70,7 @@ class NetworkResult:
     passes: list[PassRecord]
     seconds: dict[str, float]
     checks: list[Check] = field(default_factory=list)
-    sha256: str = ""  # of the file and the external data it reads, hashed where it was written
+    sha256: str = ""  # over the file's and its external data's sha256s (SharedData.digest), taken where written
 
 
 @dataclass
@@ -139,15 +138,6 @@ def _onnx_outputs(path: Path, net: NetworkGraph, args) -> list[np.ndarray]:
     session = ort_session(path)
     feeds = {spec.name: a.numpy() for spec, a in zip(net.inputs, args)}
     return session.run(list(net.output_names), feeds)
-
-
-def _sha256(paths: list[Path]) -> str:
-    digest = hashlib.sha256()
-    for path in paths:
-        with open(path, "rb") as handle:
-            for chunk in iter(lambda: handle.read(1 << 24), b""):
-                digest.update(chunk)
-    return digest.hexdigest()
 
 
 def validate_seq_length(source: ModelSource, seq_length: int) -> None:
@@ -275,7 +265,7 @@ def _export_network(job: ExportJob, plan, shared: SharedData, on_stage=lambda st
     if job.check:
         onnx_out = timed("check", _onnx_outputs, files[0], net, args)
         checks.append(_compare("onnxruntime vs fx-rewritten", rewritten_out, onnx_out))
-    digest = timed("hash", _sha256, files)
+    digest = timed("hash", shared.digest, files)
     result = NetworkResult(plan.name, plan.kind, files, net.inputs, net.outputs, dynamic_axes, records, seconds,
                            checks, digest)
     return result, net

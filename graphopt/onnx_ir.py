@@ -117,12 +117,14 @@ class SharedData:
     offset instead of being written again: `block_cache_i` reuses `block_i`'s weights and a
     tied lm_head the embedding's, so an 8B export is 32 GB on disk instead of 60. The index
     hashes every tensor it sees (sha1, about 1.5 GB/s): content, not names, because traced
-    names are network-relative (`layer.mlp.up_proj.weight` in every block).
+    names are network-relative (`layer.mlp.up_proj.weight` in every block). It also keeps each
+    finished file's sha256, so a data file two networks read is hashed once.
     """
 
     def __init__(self, directory: Path):
         self.directory = Path(directory)
         self._placed: dict[tuple[int, bytes], tuple[str, int]] = {}
+        self._file_sha256: dict[Path, str] = {}
 
     def find(self, buffer: memoryview) -> tuple[tuple[int, bytes], tuple[str, int] | None]:
         key = (buffer.nbytes, hashlib.sha1(buffer).digest())
@@ -131,15 +133,32 @@ class SharedData:
     def add(self, key: tuple[int, bytes], location: str, offset: int) -> None:
         self._placed.setdefault(key, (location, offset))
 
+    def digest(self, files: list[Path]) -> str:
+        """sha256 over the sha256 of each file (a network's model and the data files it reads).
+        Only for files no network will write again: a network appends to its own data file only."""
+        for path in files:
+            if path not in self._file_sha256:
+                self._file_sha256[path] = _file_sha256(path)
+        return hashlib.sha256("".join(self._file_sha256[path] for path in files).encode()).hexdigest()
+
+
+def _file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 24), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
 
 def save_onnx(model: onnx.ModelProto, path: Path, weights: dict[str, torch.Tensor] | None = None,
               shared: SharedData | None = None) -> list[Path]:
     """Write `path` (plus `path.data` past EXTERNAL_DATA_BYTES of weights); return the files it
     needs: the model first, then every external data file it reads.
 
-    `weights` are graph inputs of `model` to bind as initializers, in graph-input order. With
-    `shared`, external tensors already written in that directory are referenced, not copied."""
+    `weights` are graph inputs of `model` to bind as initializers, in graph-input order.
+    External tensors already written in the directory `shared` indexes are referenced, not copied."""
     weights = weights or {}
+    shared = shared or SharedData(path.parent)
     inputs = [i.name for i in model.graph.input if i.name in weights]
     external = initializer_bytes(model) + sum(t.numel() * t.element_size() for t in weights.values()) \
         > EXTERNAL_DATA_BYTES
@@ -149,7 +168,7 @@ def save_onnx(model: onnx.ModelProto, path: Path, weights: dict[str, torch.Tenso
             model.graph.initializer.append(numpy_helper.from_array(weights[name].numpy(), name))
         onnx.save_model(model, str(path))
         return [path]
-    if shared is not None and shared.directory != path.parent:
+    if shared.directory != path.parent:
         raise ValueError(f"{path}: the shared-data index belongs to {shared.directory}")
     # Past the limit: the model's own constants and then each weight, streamed into data files.
     own = path.with_name(path.name + ".data")
@@ -159,14 +178,13 @@ def save_onnx(model: onnx.ModelProto, path: Path, weights: dict[str, torch.Tenso
 
         def place(tensor: onnx.TensorProto, buffer: memoryview) -> None:
             nonlocal handle
-            key, found = shared.find(buffer) if shared is not None else (None, None)
+            key, found = shared.find(buffer)
             if found is None:
                 if handle is None:
                     handle = stack.enter_context(open(own, "wb"))
                 found = (own.name, handle.tell())
                 handle.write(buffer)
-                if shared is not None:
-                    shared.add(key, *found)
+                shared.add(key, *found)
             _set_external(tensor, found[0], found[1], buffer.nbytes)
             used.setdefault(found[0])
 

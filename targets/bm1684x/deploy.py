@@ -135,7 +135,7 @@ def default_jobs(onnx_bytes: int) -> int:
 @dataclass(frozen=True)
 class OnnxFile:
     path: Path
-    sha256: str  # of the file and its external data, from the manifest
+    sha256: str  # of the file and its external data (SharedData.digest), from the manifest
     size: int  # bytes, external data included
 
 
