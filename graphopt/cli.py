@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -214,6 +215,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except GraphoptError as error:
+        if os.environ.get("GRAPHOPT_TRACEBACK"):
+            raise
         print(f"graphopt: error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -26,6 +26,7 @@ import graphopt
 from graphopt.errors import GraphoptError
 from graphopt.ir import NetworkGraph, TensorSpec
 from graphopt.machine import parallel_jobs
+from graphopt.models.decoder import sliding_window
 from graphopt.models.source import ModelSource
 from graphopt.networks import causal_mask, decode_mask, plan_networks, trace_plan
 from graphopt.onnx_ir import SharedData, export_onnx, save_onnx
@@ -144,6 +145,14 @@ def validate_seq_length(source: ModelSource, seq_length: int) -> None:
     if not 2 <= seq_length <= source.max_positions:
         raise GraphoptError(f"--seq-length {seq_length} is outside what {source.name} supports: give a value from 2 to "
                             f"its max_position_embeddings, {source.max_positions}.")
+    # The runtime's fixed causal mask lets a token see every earlier one. A model attending within
+    # a window behaves the same only while the whole sequence fits in the window.
+    window = sliding_window(source.config)
+    if window is not None and seq_length > window:
+        raise GraphoptError(f"{source.name} attends within a sliding window of {window} tokens (config sliding_window), "
+                            f"but the runtime's fixed causal mask lets each token see all {seq_length} positions, so "
+                            f"networks for --seq-length {seq_length} would compute something else than the model. "
+                            f"Give --seq-length {window} or less.")
 
 
 def compile_model(source: ModelSource, target: Target, seq_length: int, out_dir: Path, *,
@@ -221,7 +230,7 @@ def _export_serially(job: ExportJob, plans, keep_fx: bool, progress: Progress):
     for plan in plans:
         progress.start(plan.name)
         group = shared.setdefault(_weight_group(plan), SharedData(job.folder))
-        result, net = _export_network(job, plan, group, progress.stage)
+        result, net = export_network(job, plan, group, progress.stage)
         results.append(result)
         if keep_fx:
             kept[plan.name] = net
@@ -234,7 +243,7 @@ def _export_serially(job: ExportJob, plans, keep_fx: bool, progress: Progress):
     return results, kept
 
 
-def _export_network(job: ExportJob, plan, shared: SharedData, on_stage=lambda stage: None):
+def export_network(job: ExportJob, plan, shared: SharedData, on_stage=lambda stage: None):
     """trace → FX passes → ONNX → ONNX passes → save, each stage checked against the one before."""
     seconds: dict[str, float] = {}
 
@@ -301,7 +310,7 @@ def _worker_export(group: list[str]) -> list[NetworkResult]:
     job, plans = _WORKER["job"], _WORKER["plans"]
     shared, results = SharedData(job.folder), []
     for name in group:
-        result, net = _export_network(job, plans[name], shared)
+        result, net = export_network(job, plans[name], shared)
         results.append(result)
         del net
         gc.collect()

@@ -22,3 +22,6 @@ class PassMatchError(GraphoptError):
             "and rotary embeddings computed from position_ids, or run with a pipeline "
             "without this pass."
         )
+
+    def __reduce__(self):  # raised in an export worker process, re-raised in the parent
+        return type(self), (self.pass_name, self.network, self.missing)

@@ -25,12 +25,13 @@ NETWORK_ALIASES = {"embedding_cache": "embedding"}
 
 
 class Embedding(nn.Module):
-    def __init__(self, embed: nn.Module):
+    def __init__(self, embed: nn.Module, multiplier: float = 1.0):
         super().__init__()
-        self.embed = embed
+        self.embed, self.multiplier = embed, multiplier
 
     def forward(self, input_ids):
-        return self.embed(input_ids)
+        embeds = self.embed(input_ids)
+        return embeds if self.multiplier == 1.0 else embeds * self.multiplier
 
 
 class DecoderBlock(nn.Module):
@@ -46,17 +47,19 @@ class DecoderBlock(nn.Module):
         if self._takes_position_embeddings:
             extra["position_embeddings"] = self.rotary(input_states, position_ids)
         out = self.layer(input_states, attention_mask=attention_mask, position_ids=position_ids, **extra)
-        # Layers return a tensor in recent transformers and a 1-tuple in older ones.
+        # Decoder layers return the hidden states from transformers 4.54 on; up to 4.53 they
+        # return a tuple that starts with them (CI runs the goldens on 4.51 too).
         return out[0] if isinstance(out, tuple) else out
 
 
 class LmHead(nn.Module):
-    def __init__(self, norm: nn.Module, head: nn.Module):
+    def __init__(self, norm: nn.Module, head: nn.Module, logit_multiplier: float = 1.0):
         super().__init__()
-        self.norm, self.head = norm, head
+        self.norm, self.head, self.logit_multiplier = norm, head, logit_multiplier
 
     def forward(self, hidden_states):
-        return self.head(self.norm(hidden_states))
+        logits = self.head(self.norm(hidden_states))
+        return logits if self.logit_multiplier == 1.0 else logits * self.logit_multiplier
 
 
 class GreedyHead(nn.Module):
@@ -134,7 +137,7 @@ def plan_networks(source: ModelSource, seq_length: int, layers: list[int] | None
 
     plans = [NetworkPlan(
         "embedding", "embedding",
-        lambda: (Embedding(parts.embed), {"input_ids": torch.zeros(1, seq_length, dtype=torch.int64)}),
+        lambda: (Embedding(parts.embed, parts.embedding_multiplier), {"input_ids": torch.zeros(1, seq_length, dtype=torch.int64)}),
         lambda: (parts.embed,), ["input_embed"])]
     for i in layers:
         layer = parts.layers[i]
@@ -146,7 +149,7 @@ def plan_networks(source: ModelSource, seq_length: int, layers: list[int] | None
                 lambda layer=layer: (layer,), ["hidden_states"]))
     plans += [
         NetworkPlan("lm_head", "lm_head",
-                    lambda: (LmHead(parts.norm, parts.head), {"hidden_states": torch.zeros(1, hidden)}),
+                    lambda: (LmHead(parts.norm, parts.head, parts.logit_multiplier), {"hidden_states": torch.zeros(1, hidden)}),
                     lambda: (parts.norm, parts.head), ["m_logits"]),
         NetworkPlan("greedy_head", "greedy_head",
                     lambda: (GreedyHead(), {"m_logits": torch.zeros(1, vocab)}), lambda: (), ["token"]),

@@ -30,6 +30,7 @@ import torch
 import torch.fx as fx
 from onnx import numpy_helper
 
+from graphopt.errors import GraphoptError
 from graphopt.ir import NetworkGraph
 
 OPSET = 15
@@ -72,11 +73,18 @@ def export_onnx(net: NetworkGraph, dynamic_axes: dict | None = None, weights_out
     with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
         warnings.simplefilter("ignore")
         path = Path(tmp) / f"{net.name}.onnx"
-        torch.onnx.export(
-            gm, (*net.example_inputs(), *weights.values()), str(path),
-            input_names=[s.name for s in net.inputs] + list(weights), output_names=list(net.output_names),
-            opset_version=OPSET, dynamo=False, do_constant_folding=True, dynamic_axes=dynamic_axes,
-        )
+        try:
+            torch.onnx.export(
+                gm, (*net.example_inputs(), *weights.values()), str(path),
+                input_names=[s.name for s in net.inputs] + list(weights), output_names=list(net.output_names),
+                opset_version=OPSET, dynamo=False, do_constant_folding=True, dynamic_axes=dynamic_axes,
+            )
+        except torch.onnx.errors.UnsupportedOperatorError as error:
+            raise GraphoptError(
+                f"network '{net.name}' uses an op the ONNX exporter cannot write at opset {OPSET}: "
+                f"{str(error).splitlines()[0]} Add a rule for it to the onnx-legalize pass "
+                "(passes/onnx_legalize.py), or a pass of your own that rewrites it before export."
+            ) from error
         model = onnx.load(str(path))
     return OnnxNetwork(net.name, net.kind, model, weight_names, set(net.properties), weights)
 

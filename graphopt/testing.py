@@ -50,3 +50,24 @@ def prefill_inputs(seq_length: int, hidden: int = 128, length: int | None = None
 
 def count(net: NetworkGraph, *targets) -> int:
     return sum(1 for _ in net.calls(*targets))
+
+
+def export_networks(source: ModelSource, names: list[str], seq_length: int, folder, target=None, layers=(0,)) -> dict:
+    """Export (and check) only the named networks of `source`, e.g. one block of a full-size model,
+    through `target`'s pipelines (default: the onnx target). Returns {name: NetworkResult}."""
+    from pathlib import Path
+
+    from graphopt.compiler import ExportJob, export_network
+    from graphopt.onnx_ir import SharedData
+    from graphopt.targets.onnx_target import ONNX_TARGET
+
+    target = target or ONNX_TARGET
+    Path(folder).mkdir(parents=True, exist_ok=True)
+    job = ExportJob(source, list(target.fx_pipeline), list(target.onnx_pipeline), seq_length, Path(folder),
+                    list(layers), check=True, dump_dir=None)
+    shared, results = SharedData(Path(folder)), {}
+    for plan in job.plans():
+        if plan.name in names:
+            results[plan.name], _ = export_network(job, plan, shared)
+    source.release()
+    return results

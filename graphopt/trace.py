@@ -15,6 +15,7 @@ import torch
 import torch.fx as fx
 from torch.export.graph_signature import InputKind
 
+from graphopt.errors import GraphoptError
 from graphopt.ir import NetworkGraph
 
 
@@ -32,7 +33,17 @@ def trace_network(
     module.eval()
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        program = torch.export.export(module, tuple(example_inputs.values()), strict=False)
+        try:
+            program = torch.export.export(module, tuple(example_inputs.values()), strict=False)
+        except Exception as error:  # the model's own code, run on the network's inputs
+            shapes = ", ".join(f"{k} {list(v.shape)}" for k, v in example_inputs.items())
+            first_line = (str(error).strip().splitlines() or [""])[0][:300]
+            raise GraphoptError(
+                f"torch.export could not trace network '{name}' ({type(module).__name__} over the model's modules, "
+                f"inputs {shapes}): {type(error).__name__}: {first_line}. The model's code does not run, or "
+                "does not trace, as this kind of network; its architecture may need an adapter (set "
+                "GRAPHOPT_TRACEBACK=1 to see where it failed)."
+            ) from error
         program = program.run_decompositions({})
     gm = _unlift(program)
     net = NetworkGraph(name=name, kind=kind, gm=gm, output_names=list(output_names), seq_length=seq_length)

@@ -65,3 +65,38 @@ def test_llama_block_keeps_numbers_and_has_no_mask_building_ops():
     run_passes(net, "rope-table", "fixed-mask")
     assert "mask.fixed" in net.properties
     torch.testing.assert_close(net.run(*args), before, rtol=1e-5, atol=1e-5)
+
+
+class WhereActivation(nn.Module):
+    """A comparison and a `where` computed from the hidden states (xIELU-like): an activation, not a mask."""
+
+    def forward(self, input_states, position_ids, attention_mask):
+        x = torch.where(input_states > 0, input_states * input_states, 0.5 * input_states)
+        q = _heads(x)
+        return F.scaled_dot_product_attention(q, q, q, attn_mask=attention_mask)
+
+
+class PositionGate(nn.Module):
+    """A mask built from positions and applied outside attention: the runtime's mask can't stand in for it."""
+
+    def forward(self, input_states, position_ids, attention_mask):
+        q = _heads(input_states)
+        out = F.scaled_dot_product_attention(q, q, q, attn_mask=attention_mask)
+        keep = (position_ids < 4).to(out.dtype).view(1, 1, S, 1)
+        return out * keep
+
+
+def test_comparisons_on_hidden_states_are_an_activation_not_a_mask():
+    net, inputs = _toy(WhereActivation())
+    args = tuple(inputs.values())
+    before = net.run(*args)
+    run_passes(net, "fixed-mask")
+    assert sdpa_arg(attention_nodes(net)[0], "attn_mask") is net.input("attention_mask")
+    assert any(n.target == torch.ops.aten.where.self for n in net.graph.nodes)
+    torch.testing.assert_close(net.run(*args), before, rtol=0, atol=0)
+
+
+def test_a_mask_built_from_positions_outside_attention_is_refused():
+    net, _ = _toy(PositionGate())
+    with pytest.raises(PassMatchError, match="fixed-mask.*block_toy.*build a mask from positions remain.*lt"):
+        run_passes(net, "fixed-mask")

@@ -1,6 +1,7 @@
-"""onnx-legalize: rename ATen ops the TorchScript ONNX exporter has no symbolic for.
+"""onnx-legalize: rewrite ATen ops the TorchScript ONNX exporter has no symbolic for.
 
-Rules as data: each entry maps an op torch.export emits to an equivalent the exporter knows.
+Rules as data: RULES renames an op torch.export emits to an equivalent the exporter knows;
+EXPANSIONS replaces one by a few ops it knows.
 """
 
 from __future__ import annotations
@@ -28,9 +29,19 @@ RULES = {
 }
 
 
+def _expm1(graph, x):
+    """expm1(x) → exp(x) − 1 (xIELU activations, Apertus). In fp32 the difference is ≤ 1e-7 absolute."""
+    return graph.call_function(aten.sub.Tensor, (graph.call_function(aten.exp.default, (x,)), 1.0))
+
+
+EXPANSIONS = {
+    aten.expm1.default: _expm1,
+}
+
+
 @register_pass
 class OnnxLegalize(Pass):
-    """Replace ATen ops without a TorchScript-exporter symbolic (_to_copy, _unsafe_view) by equivalents."""
+    """Replace ATen ops without a TorchScript-exporter symbolic (_to_copy, _unsafe_view, expm1) by equivalents."""
 
     name = "onnx-legalize"
     ensures = ("onnx.legal",)
@@ -40,4 +51,9 @@ class OnnxLegalize(Pass):
         for node in net.calls(*RULES):
             node.target, node.args, node.kwargs = RULES[node.target](node)
             count += 1
-        return f"renamed {count} op(s)"
+        for node in net.calls(*EXPANSIONS):
+            with net.graph.inserting_before(node):
+                node.replace_all_uses_with(EXPANSIONS[node.target](net.graph, *node.args))
+            net.graph.erase_node(node)
+            count += 1
+        return f"rewrote {count} op(s)"

@@ -15,11 +15,14 @@ _CHECKS = (aten._assert_tensor_metadata.default, aten._assert_scalar.default,
 # Conversions that are the identity when they keep dtype. (Clones are not: a later `view`
 # may need the contiguous copy.)
 _IDENTITY_IF_SAME_DTYPE = (aten._to_copy.default, aten.to.dtype)
+# Aliases are the identity in export's functional inference IR. A no-op slice such as
+# transformers 4.x's `attention_mask[:, :, :, : key.shape[-2]]` decomposes to one.
+_ALIASES = (aten.alias.default,)
 
 
 @register_pass
 class StripTraceNoise(Pass):
-    """Remove runtime asserts and same-dtype conversions that torch.export leaves in the graph."""
+    """Remove runtime asserts, aliases and same-dtype conversions that torch.export leaves in the graph."""
 
     name = "strip-trace-noise"
     ensures = ("trace.clean",)
@@ -35,4 +38,8 @@ class StripTraceNoise(Pass):
                 node.replace_all_uses_with(source)
                 net.graph.erase_node(node)
                 removed += 1
+        for node in net.calls(*_ALIASES):
+            node.replace_all_uses_with(node.args[0])
+            net.graph.erase_node(node)
+            removed += 1
         return f"removed {removed} nodes"

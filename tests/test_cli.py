@@ -139,3 +139,20 @@ def test_generate_on_a_directory_that_is_not_an_output(capsys, tmp_path):
 def test_errors_from_the_real_process_have_no_traceback(tmp_path):
     proc = graphopt("run", "no-such-model", "--out", str(tmp_path / "o"), check=False)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr and "unknown model" in proc.stderr
+
+
+def test_a_sliding_window_shorter_than_seq_is_refused_and_a_longer_one_compiles(capsys, tmp_path):
+    """Mistral-7B-v0.1 attends within 4096 tokens; the runtime's causal mask cannot express a window."""
+    from graphopt.compiler import compile_model
+    from graphopt.models import open_model
+    from graphopt.targets.onnx_target import ONNX_TARGET
+
+    checkpoint = tmp_path / "windowed-mistral"
+    model = open_model("tiny-mistral").reference_model()
+    model.config.sliding_window = 16
+    model.save_pretrained(checkpoint)
+    err = _error(capsys, "run", str(checkpoint), "--seq-length", "32", "--out", str(tmp_path / "o"))
+    assert "sliding window of 16 tokens" in err and "--seq-length 16 or less" in err
+    # Within the window the model is plain causal attention: compiled, it matches transformers end to end.
+    build = compile_model(open_model(str(checkpoint)), ONNX_TARGET, 16, tmp_path / "ok", show_progress=False)
+    assert build.ok and build.end_to_end["tokens_identical"]

@@ -1,6 +1,6 @@
 """graphopt never patches transformers (or torch): every function they hold is the same object after a run."""
 
-import importlib
+import sys
 
 import torch.nn.functional as F
 
@@ -8,14 +8,12 @@ from graphopt.compiler import compile_model
 from graphopt.models import open_model
 from graphopt.targets.onnx_target import ONNX_TARGET
 
-MODULES = ("transformers.models.llama.modeling_llama", "transformers.modeling_utils",
-           "transformers.integrations.sdpa_attention", "transformers.masking_utils", "transformers.cache_utils")
 
 
-def _snapshot():
+def _snapshot(names):
     seen = {}
-    for name in MODULES:
-        module = importlib.import_module(name)
+    for name in names:
+        module = sys.modules[name]
         for attr, value in vars(module).items():
             seen[f"{name}.{attr}"] = id(value)
             if isinstance(value, type) and value.__module__ == name:
@@ -28,9 +26,12 @@ def _snapshot():
 def test_a_full_run_leaves_transformers_unchanged(tmp_path):
     source = open_model("tiny-llama")
     _ = source.skeleton  # import everything a run imports before taking the snapshot
-    before = _snapshot()
+    # Every transformers module loaded by now (modeling, attention, masks, caches: whatever this
+    # release has), so the test holds on each transformers line CI runs.
+    names = sorted(n for n, m in sys.modules.items() if n.startswith("transformers") and m is not None)
+    before = _snapshot(names)
     compile_model(source, ONNX_TARGET, 16, tmp_path / "out", show_progress=False)
-    after = _snapshot()
+    after = _snapshot(names)
     changed = sorted(k for k in before if after.get(k) != before[k])
     assert not changed, f"changed by graphopt: {changed[:10]}"
-    assert len(before) > 200
+    assert "transformers.models.llama.modeling_llama.LlamaAttention.forward" in before and len(before) > 1000

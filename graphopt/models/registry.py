@@ -29,5 +29,11 @@ REGISTRY = {
                       configs.TINY_MISTRAL, random_weights=True),
         RegistryEntry("llama3.1-8b", "Llama-3.1-8B-Instruct; weights from --model-path DIR",
                       configs.LLAMA_3_1_8B, random_weights=False),
+        RegistryEntry("qwen2.5-7b", "Qwen2.5-7B-Instruct; weights from --model-path DIR",
+                      configs.QWEN2_5_7B, random_weights=False),
+        RegistryEntry("qwen3-8b", "Qwen3-8B; weights from --model-path DIR",
+                      configs.QWEN3_8B, random_weights=False),
+        RegistryEntry("mistral-7b", "Mistral-7B-Instruct-v0.3; weights from --model-path DIR",
+                      configs.MISTRAL_7B_V0_3, random_weights=False),
     )
 }

@@ -1,0 +1,43 @@
+"""Architectures beyond the four goldens, through the same passes, against transformers end to end.
+
+Granite and Cohere scale the embeddings or logits in their model's forward rather than in a
+module (graphopt.models.decoder: EMBEDDING_SCALES, LOGIT_SCALES); the scales are set far from
+1 so that dropping one would fail the logits check. bench/architectures.py surveys more.
+"""
+
+import pytest
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from graphopt.compiler import compile_model
+from graphopt.errors import GraphoptError
+from graphopt.models import open_model
+from graphopt.models.configs import _TINY_COMMON
+from graphopt.models.decoder import decoder_parts
+from graphopt.targets.onnx_target import ONNX_TARGET
+
+CASES = {
+    "granite": {"embedding_multiplier": 12.0, "logits_scaling": 8.0, "residual_multiplier": 0.22,
+                "attention_multiplier": 0.0078125},
+    "cohere": {"logit_scale": 0.25, "use_qk_norm": False},
+    "phi3": {},  # fused qkv and gate_up projections
+}
+
+
+@pytest.mark.parametrize("model_type", list(CASES))
+def test_compiles_and_matches_transformers(model_type, tmp_path):
+    config = AutoConfig.for_model(model_type, **_TINY_COMMON, pad_token_id=0, **CASES[model_type])
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / model_type)
+    build = compile_model(open_model(str(tmp_path / model_type)), ONNX_TARGET, 32, tmp_path / "out", show_progress=False)
+    assert build.ok, build.end_to_end
+    assert build.end_to_end["tokens_identical"] and build.end_to_end["max_abs_logit_err"] < 1e-3
+
+
+def test_a_post_head_transform_graphopt_does_not_emit_is_refused():
+    config = AutoConfig.for_model("llama", **_TINY_COMMON)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    model.config.final_logit_softcapping = 30.0
+    with pytest.raises(GraphoptError, match="final_logit_softcapping=30.0"):
+        decoder_parts(model)
