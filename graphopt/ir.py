@@ -94,6 +94,14 @@ class NetworkGraph:
         """The call_function nodes whose target is one of `targets`, in graph order."""
         return (n for n in list(self.graph.nodes) if n.op == "call_function" and n.target in targets)
 
+    def computed_from(self, source: fx.Node | None) -> set[fx.Node]:
+        """Every node whose value depends on `source` (itself included; empty for None)."""
+        reached = {source} if source is not None else set()
+        for node in self.graph.nodes:  # topological order
+            if any(arg in reached for arg in node.all_input_nodes):
+                reached.add(node)
+        return reached
+
     def constant(self, attr: str, value: torch.Tensor, before: fx.Node) -> fx.Node:
         """Register `value` on the module under a fresh name and return a get_attr node for it."""
         name, k = attr, 0

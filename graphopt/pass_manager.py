@@ -17,7 +17,12 @@ from typing import ClassVar
 from graphopt.errors import GraphoptError
 from graphopt.ir import NetworkGraph
 
-ALL_KINDS = frozenset({"embedding", "block", "block_cache", "lm_head", "greedy_head", "penalty_sample_head"})
+# Network kinds. An encoder-decoder model's decoder blocks have a cross-attention besides the
+# self-attention, and no rotary embedding; they are blocks for every pass that is not about rope.
+PREFILL_BLOCKS = frozenset({"block", "decoder_block"})
+DECODE_BLOCKS = frozenset({"block_cache", "decoder_block_cache"})
+BLOCKS = PREFILL_BLOCKS | DECODE_BLOCKS
+ALL_KINDS = BLOCKS | frozenset({"embedding", "lm_head", "greedy_head", "penalty_sample_head"})
 
 
 class Pass:

@@ -4,6 +4,7 @@ from graphopt.passes import (  # noqa: F401
     attention_canonical,
     attention_lower,
     concat_cache,
+    cross_kv_inputs,
     fixed_mask,
     kv_layout,
     onnx_legalize,

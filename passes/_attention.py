@@ -19,8 +19,18 @@ _SDPA_ARGS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "s
 _SDPA_DEFAULTS = {"attn_mask": None, "dropout_p": 0.0, "is_causal": False, "scale": None, "enable_gqa": False}
 
 
-def attention_nodes(net: NetworkGraph) -> list[fx.Node]:
-    return list(net.calls(SDPA))
+# Set in node.meta by `cross-kv-inputs` on attentions whose K/V are the network's cross_k/cross_v
+# inputs. The cache passes (kv-layout, concat-cache) are about self-attention and skip them.
+CROSS_ATTENTION = "graphopt.cross_attention"
+
+
+def attention_nodes(net: NetworkGraph, include_cross: bool = False) -> list[fx.Node]:
+    """The network's attention calls: self-attention only, unless `include_cross`."""
+    return [n for n in net.calls(SDPA) if include_cross or not n.meta.get(CROSS_ATTENTION)]
+
+
+def cross_attention_nodes(net: NetworkGraph) -> list[fx.Node]:
+    return [n for n in net.calls(SDPA) if n.meta.get(CROSS_ATTENTION)]
 
 
 def sdpa_arg(node: fx.Node, name: str):

@@ -14,7 +14,7 @@ import torch.fx as fx
 
 from graphopt.errors import PassMatchError
 from graphopt.ir import NetworkGraph, shape_of
-from graphopt.pass_manager import Pass, register_pass
+from graphopt.pass_manager import BLOCKS, Pass, register_pass
 from graphopt.passes._attention import attention_nodes, sdpa_arg, set_sdpa_arg
 
 aten = torch.ops.aten
@@ -51,11 +51,11 @@ class AttentionCanonical(Pass):
     """Let attention read K/V in kv-heads (enable_gqa) instead of after repeat_kv."""
 
     name = "attention-canonical"
-    applies_to = frozenset({"block", "block_cache"})
+    applies_to = BLOCKS
     ensures = ("attention.canonical",)
 
     def run(self, net: NetworkGraph) -> str:
-        attentions = attention_nodes(net)
+        attentions = attention_nodes(net, include_cross=True)
         if not attentions:
             raise PassMatchError(self.name, net.name, "found no attention call (aten.scaled_dot_product_attention); "
                                  "load the model with attn_implementation='sdpa'")

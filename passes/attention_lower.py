@@ -13,7 +13,7 @@ import torch
 
 from graphopt.errors import PassMatchError
 from graphopt.ir import NetworkGraph, shape_of
-from graphopt.pass_manager import Pass, register_pass
+from graphopt.pass_manager import BLOCKS, Pass, register_pass
 from graphopt.passes._attention import attention_nodes, sdpa_arg
 
 aten = torch.ops.aten
@@ -24,12 +24,12 @@ class AttentionLower(Pass):
     """Lower attention to repeat-kv + MatMul/Mul/Add/Softmax/MatMul (ONNX has no attention op ≤ 17)."""
 
     name = "attention-lower"
-    applies_to = frozenset({"block", "block_cache"})
+    applies_to = BLOCKS
     requires = ("mask.fixed",)
     ensures = ("attention.lowered",)
 
     def run(self, net: NetworkGraph) -> str:
-        attentions = attention_nodes(net)
+        attentions = attention_nodes(net, include_cross=True)
         graph = net.graph
         for node in attentions:
             query, key, value = (sdpa_arg(node, a) for a in ("query", "key", "value"))

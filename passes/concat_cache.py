@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 
 from graphopt.ir import NetworkGraph, shape_of
-from graphopt.pass_manager import Pass, register_pass
+from graphopt.pass_manager import DECODE_BLOCKS, Pass, register_pass
 from graphopt.passes._attention import attention_nodes, kv_names, sdpa_arg, set_sdpa_arg
 from graphopt.passes.fixed_mask import MASK_INPUT
 
@@ -25,7 +25,7 @@ class ConcatCache(Pass):
     """Decode form: concatenate history_k/history_v [1,SEQ,KV,D] inputs in front of the new K/V."""
 
     name = "concat-cache"
-    applies_to = frozenset({"block_cache"})
+    applies_to = DECODE_BLOCKS
     requires = ("attention.canonical", "kv.exposed", "mask.fixed")
     ensures = ("cache.concat",)
 

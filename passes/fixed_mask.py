@@ -6,7 +6,8 @@ This pass wires every attention's mask operand straight to that input (skipping 
 slices, replacing `is_causal=True`) and then refuses any mask-building op left in the
 network (arange, cumsum, comparisons, tril/triu, where, masked_fill) that is computed from
 positions and constants alone. The same ops computed from the hidden states are an
-activation, such as Apertus' xIELU (`where(x > 0, ...)`), not a mask.
+activation, such as Apertus' xIELU (`where(x > 0, ...)`), not a mask. A cross-attention
+(see cross-kv-inputs) takes the `encoder_attention_mask` input [1,1,steps,SRC] instead.
 """
 
 from __future__ import annotations
@@ -16,11 +17,12 @@ import torch.fx as fx
 
 from graphopt.errors import PassMatchError
 from graphopt.ir import NetworkGraph, shape_of
-from graphopt.pass_manager import Pass, register_pass
-from graphopt.passes._attention import attention_nodes, sdpa_arg, set_sdpa_arg
+from graphopt.pass_manager import BLOCKS, Pass, register_pass
+from graphopt.passes._attention import attention_nodes, cross_attention_nodes, sdpa_arg, set_sdpa_arg
 
 aten = torch.ops.aten
 MASK_INPUT = "attention_mask"
+ENCODER_MASK_INPUT = "encoder_attention_mask"  # cross-attention's [1, 1, steps, SRC] additive mask
 HIDDEN_INPUT = "input_states"
 
 MASK_BUILDING_OPS = {
@@ -30,15 +32,6 @@ MASK_BUILDING_OPS = {
     aten.tril.default, aten.triu.default, aten.where.self, aten.where.ScalarSelf, aten.where.ScalarOther,
     aten.masked_fill.Scalar, aten.masked_fill.Tensor,
 }
-
-
-def _computed_from(net: NetworkGraph, source: fx.Node | None) -> set[fx.Node]:
-    """Every node whose value depends on `source` (nodes are in topological order)."""
-    reached = {source} if source is not None else set()
-    for node in net.graph.nodes:
-        if any(arg in reached for arg in node.all_input_nodes):
-            reached.add(node)
-    return reached
 
 
 def _through_noop_slices(node: fx.Node) -> fx.Node:
@@ -53,7 +46,7 @@ class FixedMask(Pass):
     """Make the attention mask the fixed-shape `attention_mask` input; no mask-building ops remain."""
 
     name = "fixed-mask"
-    applies_to = frozenset({"block", "block_cache"})
+    applies_to = BLOCKS
     requires = ("attention.canonical",)
     ensures = ("mask.fixed",)
 
@@ -74,10 +67,27 @@ class FixedMask(Pass):
             if operand is not mask:
                 set_sdpa_arg(node, "attn_mask", mask)
                 rewired += 1
+        for node in cross_attention_nodes(net):
+            rewired += self._wire_cross_attention_mask(net, node)
         net.graph.eliminate_dead_code()
-        activations = _computed_from(net, net.input(HIDDEN_INPUT))
+        activations = net.computed_from(net.input(HIDDEN_INPUT))
         builders = sorted({str(n.target) for n in net.calls(*MASK_BUILDING_OPS) if n not in activations})
         if builders:
             raise PassMatchError(self.name, net.name, "ops that build a mask from positions remain after the "
                                  f"attention masks were rewired: {', '.join(builders)}")
-        return f"{rewired} mask operand(s) rewired to '{MASK_INPUT}'"
+        return f"{rewired} mask operand(s) rewired to '{MASK_INPUT}' or '{ENCODER_MASK_INPUT}'"
+
+    def _wire_cross_attention_mask(self, net: NetworkGraph, node: fx.Node) -> int:
+        """Cross-attention masks source padding: it takes the `encoder_attention_mask` input."""
+        mask = net.input(ENCODER_MASK_INPUT)
+        if mask is None:
+            raise PassMatchError(self.name, net.name, f"cross-attention '{node.name}' has no '{ENCODER_MASK_INPUT}' "
+                                 "input to mask the source padding with")
+        operand = sdpa_arg(node, "attn_mask")
+        if operand is not None and _through_noop_slices(operand) is not mask:
+            raise PassMatchError(self.name, net.name, f"the mask of cross-attention '{node.name}' is computed inside "
+                                 f"the network (by '{operand.name}'), not taken from the '{ENCODER_MASK_INPUT}' input")
+        if operand is mask:
+            return 0
+        set_sdpa_arg(node, "attn_mask", mask)
+        return 1

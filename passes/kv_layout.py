@@ -11,7 +11,7 @@ import torch
 
 from graphopt.errors import PassMatchError
 from graphopt.ir import NetworkGraph
-from graphopt.pass_manager import Pass, register_pass
+from graphopt.pass_manager import BLOCKS, Pass, register_pass
 from graphopt.passes._attention import attention_nodes, kv_names, sdpa_arg
 
 
@@ -20,7 +20,7 @@ class KvLayout(Pass):
     """Add outputs past_k/past_v: the new K/V in [batch, seq, kv_heads, head_dim], pre-GQA-repeat."""
 
     name = "kv-layout"
-    applies_to = frozenset({"block", "block_cache"})
+    applies_to = BLOCKS
     requires = ("attention.canonical",)
     ensures = ("kv.exposed",)
 

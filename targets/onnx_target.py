@@ -42,6 +42,8 @@ FX_PIPELINE = (
     "strip-trace-noise",    # first: asserts and no-op casts would hide dataflow from matchers
     "views-to-reshapes",    # before any rewrite that changes a tensor's producer (and so its strides)
     "attention-canonical",  # K/V in kv-heads: kv-layout and concat-cache rely on it
+    "cross-kv-inputs",      # encoder-decoder blocks; before fixed-mask and kv-layout, which tell
+                            # self- from cross-attention by the mark it leaves
     "rope-table",
     "fixed-mask",
     "kv-layout",            # before concat-cache: exposes the new token's K/V, not the concatenation
