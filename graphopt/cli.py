@@ -39,7 +39,7 @@ def cmd_run(args) -> int:
     source = open_model(args.model, args.model_path, args.random_weights, args.num_layers)
     out = Path(args.out or f"graphopt-out/{source.name}-{target.name}-seq{args.seq_length}")
     # Everything the user can get wrong is checked before any work starts.
-    _ = source.parts
+    source.check_structure()
     validate_seq_length(source, args.seq_length)
     check_output_dir(out)
     options = {"quantize": args.quantize, "group_size": args.group_size, "jobs": args.jobs}
@@ -77,7 +77,7 @@ def _sim_backend(directory: Path, manifest: dict, stack):
 def cmd_generate(args) -> int:
     from contextlib import ExitStack
 
-    from graphopt.runtime import ChipStyleRuntime, OrtBackend, Shapes, load_manifest
+    from graphopt.runtime import OrtBackend, load_manifest, runtime_for
 
     prompt = _parse_ids(args.input_ids)
     directory = Path(args.dir)
@@ -91,13 +91,15 @@ def cmd_generate(args) -> int:
     with ExitStack() as stack:
         backend = OrtBackend(directory, manifest) if args.backend == "onnxruntime" else \
             _sim_backend(directory, manifest, stack)
-        return _generate(args, prompt, ChipStyleRuntime(backend, Shapes.from_manifest(manifest)), manifest)
+        return _generate(args, prompt, runtime_for(backend, manifest), manifest)
 
 
 def _generate(args, prompt, runtime, manifest) -> int:
     eos = manifest["model"]["config"].get("eos_token_id")
     stops = frozenset() if args.ignore_eos or eos is None else frozenset(eos if isinstance(eos, list) else [eos])
-    result = runtime.generate(prompt, args.max_new_tokens, stops)
+    from graphopt.runtime import run_prompt
+
+    result = run_prompt(runtime, prompt, args.max_new_tokens, stops)
     if args.json:
         print(json.dumps({"tokens": result.tokens}))
     else:

@@ -28,15 +28,16 @@ from graphopt.ir import NetworkGraph, TensorSpec
 from graphopt.machine import parallel_jobs
 from graphopt.models.decoder import sliding_window
 from graphopt.models.source import ModelSource
-from graphopt.networks import causal_mask, decode_mask, plan_networks, trace_plan
+from graphopt.networks import MASK_VALUE, causal_mask, decode_mask, plan_networks, trace_plan
 from graphopt.onnx_ir import SharedData, export_onnx, save_onnx
 from graphopt.output import MANIFEST, StagedDirectory
-from graphopt.pass_manager import PassManager, PassRecord
+from graphopt.pass_manager import BLOCKS, DECODE_BLOCKS, PassManager, PassRecord
 from graphopt.progress import Progress
 
 if TYPE_CHECKING:  # the targets package imports the compiler's checks
     from graphopt.targets.onnx_target import Target
 
+INPUTS_REWRITTEN = DECODE_BLOCKS | {"decoder_block"}
 # Models up to this many parameters are also checked end to end against transformers.
 END_TO_END_CHECK_MAX_PARAMS = 200_000_000
 END_TO_END_PROMPT = [1, 17, 300, 42, 5, 900, 64, 7]
@@ -106,6 +107,14 @@ def sample_inputs(inputs: list[TensorSpec], seq_length: int, vocab: int, seed: i
         elif spec.name == "position_ids":
             steps = spec.shape[1]
             values.append((torch.arange(steps) if steps > 1 else torch.tensor([seq // 2])).view(spec.shape))
+        elif spec.name == "attention_mask" and len(spec.shape) == 2:  # an encoder's: 1 = token, 0 = padding
+            mask = torch.ones(spec.shape, dtype=spec.dtype)
+            mask[:, spec.shape[1] * 3 // 4:] = 0
+            values.append(mask)
+        elif spec.name == "encoder_attention_mask":  # additive, the source's last quarter padding
+            mask = torch.zeros(spec.shape)
+            mask[..., spec.shape[-1] * 3 // 4:] = MASK_VALUE
+            values.append(mask)
         elif spec.name == "attention_mask":
             steps, keys = spec.shape[2], spec.shape[3]
             if steps == keys:
@@ -258,7 +267,9 @@ def export_network(job: ExportJob, plan, shared: SharedData, on_stage=lambda sta
     net = timed("trace", trace_plan, job.source, plan, job.seq_length)
     checks = []
     args = check_inputs(net, vocab)
-    traced_out = net.run(*args) if job.check and plan.kind != "block_cache" else None
+    # Decode networks gain history inputs and encoder-decoder blocks trade encoder_hidden_states for
+    # cross_k/cross_v: their rewritten form has other inputs than the traced one to compare with.
+    traced_out = net.run(*args) if job.check and plan.kind not in INPUTS_REWRITTEN else None
     records = timed("fx passes", PassManager(job.fx_pipeline, job.dump_dir).run, net)
     rewritten_out = None
     if job.check:
@@ -266,7 +277,9 @@ def export_network(job: ExportJob, plan, shared: SharedData, on_stage=lambda sta
         rewritten_out = net.run(*args)
         if traced_out is not None:
             checks.append(_compare("fx-rewritten vs traced", traced_out, rewritten_out))
-    dynamic_axes = {"input_ids": {1: "seq"}, "input_embed": {1: "seq"}} if plan.kind == "embedding" else {}
+    # The embedding serves prefill ([1,SEQ]) and decode ([1,1]): its seq axis stays dynamic.
+    dynamic_axes = ({name: {1: "seq"} for name in ("input_ids", "position_ids", "input_embed")
+                     if name in net.output_names or net.input(name) is not None} if plan.kind == "embedding" else {})
     onnx_net = timed("onnx export", export_onnx, net, dynamic_axes or None)
     records += timed("onnx passes", PassManager(job.onnx_pipeline, job.dump_dir, phase="onnx").run, onnx_net)
     files = timed("save", save_onnx, onnx_net.model, job.folder / f"{plan.name}.onnx", onnx_net.weights, shared)
@@ -296,8 +309,13 @@ def default_export_jobs(source: ModelSource) -> int:
     its largest network's weights at 2.1 GB, so budget twice the largest network + 1 GB."""
     if _parameter_count(source) <= END_TO_END_CHECK_MAX_PARAMS:
         return 1
-    parts = source.parts
-    largest = max(sum(p.numel() * 4 for p in m.parameters()) for m in (parts.embed, parts.head, parts.layers[0]))
+    if source.is_encoder_decoder:
+        parts = source.seq2seq_parts
+        heaviest = (parts.encoder, parts.head, parts.layers[0])
+    else:
+        parts = source.parts
+        heaviest = (parts.embed, parts.head, parts.layers[0])
+    largest = max(sum(p.numel() * 4 for p in m.parameters()) for m in heaviest)
     return parallel_jobs(2 * largest + (1 << 30))
 
 
@@ -348,7 +366,7 @@ def _weight_group(plan) -> str:
     the embedding with the head (tied in small models). Not across layers: block_5 reading
     block_0's data (for norm weights that are all ones) would tie the layers' files, cache keys
     and memory estimates together."""
-    return plan.name.rsplit("_", 1)[-1] if plan.kind in ("block", "block_cache") else "embedding and head"
+    return plan.name.rsplit("_", 1)[-1] if plan.kind in BLOCKS else "embedding and head"
 
 
 def _parameter_count(source: ModelSource) -> int:
@@ -357,13 +375,14 @@ def _parameter_count(source: ModelSource) -> int:
 
 def end_to_end_check(source: ModelSource, folder: Path, manifest: dict, new_tokens: int = 8) -> dict:
     """Greedy tokens of the ONNX networks (driven like the chip) against transformers' generate."""
-    from graphopt.runtime import ChipStyleRuntime, OrtBackend, Shapes
+    from graphopt.runtime import OrtBackend, Shapes, run_prompt, runtime_for
 
     shapes = Shapes.from_manifest(manifest)
     prompt = [t % int(source.config.vocab_size) for t in END_TO_END_PROMPT][: shapes.seq_length - 1]
-    new_tokens = min(new_tokens, shapes.seq_length - len(prompt))
+    # (an encoder-decoder model translates the prompt: its target starts with one token, not the prompt)
+    new_tokens = min(new_tokens, shapes.seq_length - (1 if source.is_encoder_decoder else len(prompt)))
     reference = hf_greedy(source.reference_model(), prompt, new_tokens)
-    ours = ChipStyleRuntime(OrtBackend(folder, manifest), shapes).generate(prompt, new_tokens)
+    ours = run_prompt(runtime_for(OrtBackend(folder, manifest), manifest), prompt, new_tokens)
     err = max(float(np.max(np.abs(a - b))) for a, b in zip(reference["logits"], ours.logits))
     same = reference["tokens"] == ours.tokens
     return {"prompt": prompt, "tokens": ours.tokens, "reference_tokens": reference["tokens"],
@@ -371,14 +390,27 @@ def end_to_end_check(source: ModelSource, folder: Path, manifest: dict, new_toke
 
 
 def hf_greedy(model, prompt: list[int], new_tokens: int) -> dict:
-    """transformers' own greedy generation, EOS ignored, with the logits of every step."""
+    """transformers' own greedy generation, EOS ignored, with the logits of every step.
+
+    For an encoder-decoder model the prompt is the source, and the target starts with the decoder
+    start token. Its generation config is replaced by a plain greedy one: translation models ship
+    logits processors (forced EOS at the length limit, banned pad tokens) that the networks,
+    which output raw logits, leave to the runtime."""
+    if model.config.is_encoder_decoder:
+        from transformers import GenerationConfig
+
+        start = model.generation_config.decoder_start_token_id
+        model.generation_config = GenerationConfig(decoder_start_token_id=start, pad_token_id=0)
+        skip = 1
+    else:
+        skip = len(prompt)
     model.generation_config.eos_token_id = None
     model.generation_config.pad_token_id = 0
     with torch.no_grad():
         out = model.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
                              max_new_tokens=new_tokens, do_sample=False, num_beams=1,
                              output_logits=True, return_dict_in_generate=True)
-    return {"tokens": out.sequences[0, len(prompt):].tolist(), "logits": [l[0].numpy() for l in out.logits]}
+    return {"tokens": out.sequences[0, skip:].tolist(), "logits": [l[0].numpy() for l in out.logits]}
 
 
 def _manifest(source: ModelSource, target: Target, seq_length: int, results: list[NetworkResult]) -> dict:

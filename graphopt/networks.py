@@ -123,6 +123,10 @@ def decode_mask(seq_length: int, row: int) -> torch.Tensor:
 
 
 def plan_networks(source: ModelSource, seq_length: int, layers: list[int] | None = None) -> list[NetworkPlan]:
+    if source.is_encoder_decoder:
+        from graphopt.seq2seq_networks import plan_seq2seq_networks
+
+        return plan_seq2seq_networks(source, seq_length, layers)
     cfg = source.config
     parts = source.parts
     hidden, vocab = int(cfg.hidden_size), int(cfg.vocab_size)

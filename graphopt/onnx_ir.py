@@ -82,7 +82,7 @@ def export_onnx(net: NetworkGraph, dynamic_axes: dict | None = None, weights_out
         except torch.onnx.errors.UnsupportedOperatorError as error:
             raise GraphoptError(
                 f"network '{net.name}' uses an op the ONNX exporter cannot write at opset {OPSET}: "
-                f"{str(error).splitlines()[0]} Add a rule for it to the onnx-legalize pass "
+                f"{str(error).splitlines()[0].rstrip('.')}. Add a rule for it to the onnx-legalize pass "
                 "(passes/onnx_legalize.py), or a pass of your own that rewrites it before export."
             ) from error
         model = onnx.load(str(path))

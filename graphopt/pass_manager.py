@@ -22,7 +22,7 @@ from graphopt.ir import NetworkGraph
 PREFILL_BLOCKS = frozenset({"block", "decoder_block"})
 DECODE_BLOCKS = frozenset({"block_cache", "decoder_block_cache"})
 BLOCKS = PREFILL_BLOCKS | DECODE_BLOCKS
-ALL_KINDS = BLOCKS | frozenset({"embedding", "lm_head", "greedy_head", "penalty_sample_head"})
+ALL_KINDS = BLOCKS | frozenset({"embedding", "lm_head", "greedy_head", "penalty_sample_head", "encoder", "cross_kv"})
 
 
 class Pass:

@@ -18,7 +18,7 @@ from typing import Protocol
 import numpy as np
 
 from graphopt.errors import GraphoptError
-from graphopt.networks import NETWORK_ALIASES, causal_mask, decode_mask
+from graphopt.networks import MASK_VALUE, NETWORK_ALIASES, causal_mask, decode_mask
 
 from graphopt.output import MANIFEST
 
@@ -86,9 +86,10 @@ class Shapes:
     @classmethod
     def from_manifest(cls, manifest: dict) -> "Shapes":
         nets = {n["name"]: n for n in manifest["networks"]}
-        past_k = next(o for o in nets["block_0"]["outputs"] if o["name"] == "past_k")["shape"]
+        block = "decoder_block_" if "decoder_block_0" in nets else "block_"
+        past_k = next(o for o in nets[f"{block}0"]["outputs"] if o["name"] == "past_k")["shape"]
         return cls(seq_length=manifest["seq_length"],
-                   num_layers=sum(1 for n in nets if n.startswith("block_") and not n.startswith("block_cache_")),
+                   num_layers=sum(1 for n in nets if n.startswith(block) and not n.startswith(f"{block}cache_")),
                    hidden=nets["lm_head"]["inputs"][0]["shape"][-1], kv_heads=past_k[2], head_dim=past_k[3])
 
 
@@ -105,6 +106,16 @@ class ChipStyleRuntime:
         token = self.backend.run("greedy_head", {"m_logits": logits})["token"]
         return int(token.reshape(-1)[0]), logits[0]
 
+    # What differs between model families: the network names and the inputs besides the
+    # hidden states, mask and cache (Seq2SeqRuntime overrides these).
+    block, block_cache = "block_", "block_cache_"
+
+    def _embed(self, network: str, ids: np.ndarray, positions: np.ndarray) -> np.ndarray:
+        return self.backend.run(network, {"input_ids": ids})["input_embed"]
+
+    def _layer_inputs(self, layer: int, positions: np.ndarray) -> dict[str, np.ndarray]:
+        return {"position_ids": positions}
+
     def prefill(self, prompt: list[int]) -> tuple[int, np.ndarray]:
         seq, n = self.shapes.seq_length, len(prompt)
         ids = np.zeros((1, seq), np.int64)
@@ -112,10 +123,10 @@ class ChipStyleRuntime:
         positions = np.zeros((1, seq), np.int64)
         positions[0, :n] = np.arange(n)
         mask = causal_mask(seq, seq, n).numpy()
-        hidden = self.backend.run("embedding", {"input_ids": ids})["input_embed"]
+        hidden = self._embed("embedding", ids, positions)
         for layer in range(self.shapes.num_layers):
-            out = self.backend.run(f"block_{layer}", {"input_states": hidden, "position_ids": positions,
-                                                      "attention_mask": mask})
+            out = self.backend.run(f"{self.block}{layer}", {"input_states": hidden, "attention_mask": mask,
+                                                            **self._layer_inputs(layer, positions)})
             hidden = out["hidden_states"]
             self.cache_k[layer][...] = out["past_k"]
             self.cache_v[layer][...] = out["past_v"]
@@ -127,11 +138,11 @@ class ChipStyleRuntime:
         self.length += 1
         row = self.length - 1  # the new token's position and its cache row
         mask = decode_mask(seq, row).numpy()
-        hidden = self.backend.run("embedding_cache", {"input_ids": np.array([[token]], np.int64)})["input_embed"]
         positions = np.array([[row]], np.int64)
+        hidden = self._embed("embedding_cache", np.array([[token]], np.int64), positions)
         for layer in range(self.shapes.num_layers):
-            out = self.backend.run(f"block_cache_{layer}", {
-                "input_states": hidden, "position_ids": positions, "attention_mask": mask,
+            out = self.backend.run(f"{self.block_cache}{layer}", {
+                "input_states": hidden, "attention_mask": mask, **self._layer_inputs(layer, positions),
                 "history_k": self.cache_k[layer], "history_v": self.cache_v[layer]})
             hidden = out["hidden_states"]
             self.cache_k[layer][:, row] = out["past_k"][:, 0]
@@ -160,6 +171,67 @@ class ChipStyleRuntime:
         return result
 
 
+class Seq2SeqRuntime(ChipStyleRuntime):
+    """An encoder-decoder model's networks, driven as a chip runtime would.
+
+    The source is padded to SRC (= SEQ) and encoded once; `cross_kv` turns the encoder output into
+    every layer's cross-attention K/V once. The target then runs like a decoder-only model: the
+    decoder start token is the prompt, prefilled through `decoder_block_i`, and each next token is
+    decoded through `decoder_block_cache_i`, all reading the same cross K/V and source mask."""
+
+    block, block_cache = "decoder_block_", "decoder_block_cache_"
+
+    def __init__(self, backend: Backend, shapes: Shapes, decoder_start: int):
+        super().__init__(backend, shapes)
+        self.decoder_start = decoder_start
+        self.cross: dict[str, np.ndarray] = {}
+        self.source_mask = np.zeros((1, 1, 1, shapes.seq_length), np.float32)
+
+    def encode(self, source: list[int]) -> None:
+        seq, n = self.shapes.seq_length, len(source)
+        if not 0 < n <= seq:
+            raise GraphoptError(f"the source has {n} tokens but the networks were compiled for --seq-length {seq}: "
+                                f"give 1 to {seq} tokens, or compile with a larger --seq-length.")
+        ids, valid = np.zeros((1, seq), np.int64), np.zeros((1, seq), np.int64)
+        ids[0, :n], valid[0, :n] = source, 1
+        states = self.backend.run("encoder", {"input_ids": ids, "attention_mask": valid})["encoder_hidden_states"]
+        self.cross = self.backend.run("cross_kv", {"encoder_hidden_states": states})
+        self.source_mask[...] = 0.0
+        self.source_mask[..., n:] = MASK_VALUE
+
+    def _embed(self, network: str, ids: np.ndarray, positions: np.ndarray) -> np.ndarray:
+        return self.backend.run(network, {"input_ids": ids, "position_ids": positions})["input_embed"]
+
+    def _layer_inputs(self, layer: int, positions: np.ndarray) -> dict[str, np.ndarray]:
+        steps = positions.shape[1]  # the source mask, one row per decoder position
+        return {"encoder_attention_mask": np.repeat(self.source_mask, steps, axis=2),
+                "cross_k": self.cross[f"cross_k_{layer}"], "cross_v": self.cross[f"cross_v_{layer}"]}
+
+    def translate(self, source: list[int], max_new_tokens: int, stop_tokens: frozenset[int] = frozenset()) -> Generation:
+        """Greedy target tokens for `source` (the decoder start token is not among them)."""
+        self.encode(source)
+        result = self.generate([self.decoder_start], max_new_tokens, stop_tokens)
+        result.prompt = list(source)
+        return result
+
+
+def runtime_for(backend: Backend, manifest: dict) -> ChipStyleRuntime:
+    """The runtime that drives this manifest's networks: decoder-only or encoder-decoder."""
+    shapes = Shapes.from_manifest(manifest)
+    config = manifest["model"]["config"]
+    if config.get("is_encoder_decoder"):
+        return Seq2SeqRuntime(backend, shapes, int(config["decoder_start_token_id"]))
+    return ChipStyleRuntime(backend, shapes)
+
+
+def run_prompt(runtime: ChipStyleRuntime, prompt: list[int], max_new_tokens: int,
+               stop_tokens: frozenset[int] = frozenset()) -> Generation:
+    """Generate from `prompt`: a prompt to continue, or for an encoder-decoder model the source to translate."""
+    if isinstance(runtime, Seq2SeqRuntime):
+        return runtime.translate(prompt, max_new_tokens, stop_tokens)
+    return runtime.generate(prompt, max_new_tokens, stop_tokens)
+
+
 def load_manifest(directory: Path) -> dict:
     path = directory / MANIFEST
     if not path.is_file():
@@ -170,4 +242,4 @@ def load_manifest(directory: Path) -> dict:
 
 def open_runtime(directory: Path) -> tuple[ChipStyleRuntime, dict]:
     manifest = load_manifest(directory)
-    return ChipStyleRuntime(OrtBackend(directory, manifest), Shapes.from_manifest(manifest)), manifest
+    return runtime_for(OrtBackend(directory, manifest), manifest), manifest

@@ -3,12 +3,12 @@ and with it the cache passes give a decode form that matches the prefill row by 
 
 import pytest
 import torch
-import torch.nn as nn
 from transformers import BartConfig, BartForConditionalGeneration
 
 from graphopt.errors import PassMatchError
 from graphopt.networks import causal_mask, decode_mask
 from graphopt.passes._attention import attention_nodes, cross_attention_nodes
+from graphopt.seq2seq_networks import DecoderBlock
 from graphopt.testing import run_passes
 from graphopt.trace import trace_network
 
@@ -16,19 +16,6 @@ TGT, SRC, HIDDEN, HEADS = 8, 12, 128, 4
 HEAD_DIM = HIDDEN // HEADS
 PREFIX = ("strip-trace-noise", "views-to-reshapes", "attention-canonical")
 PIPELINE = (*PREFIX, "cross-kv-inputs", "fixed-mask", "kv-layout")
-
-
-class DecoderLayerBlock(nn.Module):
-    """A BART (or Marian: the same layer) decoder layer called as its decoder calls it, inputs named as the network's."""
-
-    def __init__(self, layer):
-        super().__init__()
-        self.layer = layer
-
-    def forward(self, input_states, attention_mask, encoder_hidden_states, encoder_attention_mask):
-        out = self.layer(input_states, attention_mask=attention_mask, encoder_hidden_states=encoder_hidden_states,
-                         encoder_attention_mask=encoder_attention_mask, use_cache=False)
-        return out[0] if isinstance(out, tuple) else out
 
 
 @pytest.fixture(scope="module")
@@ -46,7 +33,7 @@ def _trace(layer, steps, name):
               "encoder_hidden_states": torch.randn(1, SRC, HIDDEN, generator=g),
               "encoder_attention_mask": torch.zeros(1, 1, steps, SRC)}
     kind = "decoder_block" if steps > 1 else "decoder_block_cache"
-    return trace_network(DecoderLayerBlock(layer), inputs, name=name, kind=kind, output_names=["hidden_states"],
+    return trace_network(DecoderBlock(layer), inputs, name=name, kind=kind, output_names=["hidden_states"],
                          seq_length=TGT), inputs
 
 

@@ -189,3 +189,45 @@ MISTRAL_7B_V0_3 = {
     "eos_token_id": 2,
     "torch_dtype": "bfloat16",
 }
+
+
+# ---- encoder-decoder minis (issue 6): BM1684X-friendly sizes like the decoder-only ones ----
+_TINY_SEQ2SEQ = {
+    "vocab_size": 1024,
+    "d_model": 128,
+    "encoder_layers": 2,
+    "decoder_layers": 2,
+    "encoder_attention_heads": 4,
+    "decoder_attention_heads": 4,
+    "encoder_ffn_dim": 256,
+    "decoder_ffn_dim": 256,
+    "max_position_embeddings": 512,
+    "init_std": 0.2,
+    "pad_token_id": 0,
+    "eos_token_id": 2,
+    "decoder_start_token_id": 0,
+    "is_encoder_decoder": True,
+}
+
+# Helsinki-NLP opus-mt in miniature: sinusoidal positions, scaled embeddings (sqrt(d_model)), swish,
+# tied embeddings and head, final_logits_bias.
+TINY_MARIAN = {
+    "model_type": "marian",
+    "architectures": ["MarianMTModel"],
+    **_TINY_SEQ2SEQ,
+    "scale_embedding": True,
+    "activation_function": "swish",
+    "static_position_embeddings": True,
+}
+
+# BART in miniature: learned positions (offset 2), layernorm_embedding, gelu, tied head, final_logits_bias.
+TINY_BART = {
+    "model_type": "bart",
+    "architectures": ["BartForConditionalGeneration"],
+    **_TINY_SEQ2SEQ,
+    "decoder_start_token_id": 2,
+    "bos_token_id": 0,
+    "forced_eos_token_id": 2,
+    "scale_embedding": False,
+    "activation_function": "gelu",
+}

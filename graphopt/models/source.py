@@ -18,6 +18,7 @@ import torch.nn as nn
 
 from graphopt.errors import GraphoptError
 from graphopt.models.decoder import DecoderParts, decoder_parts
+from graphopt.models.seq2seq import Seq2SeqParts, seq2seq_parts
 from graphopt.models.registry import REGISTRY
 from graphopt.models.weights import RandomWeights, SafetensorsWeights, WeightProvider
 
@@ -39,12 +40,34 @@ class ModelSource:
     def skeleton(self) -> nn.Module:
         """The whole model with parameters on the meta device (no memory)."""
         with torch.device("meta"):
-            model = _causal_lm_from_config(self.config)
+            model = _model_from_config(self.config)
         return model.float().eval()
+
+    @property
+    def is_encoder_decoder(self) -> bool:
+        return bool(getattr(self.config, "is_encoder_decoder", False))
 
     @cached_property
     def parts(self) -> DecoderParts:
         return decoder_parts(self.skeleton)
+
+    @cached_property
+    def seq2seq_parts(self) -> Seq2SeqParts:
+        return seq2seq_parts(self.skeleton)
+
+    def check_structure(self) -> None:
+        """Raise GraphoptError now if the adapter does not recognise the model (before any work)."""
+        _ = self.seq2seq_parts if self.is_encoder_decoder else self.parts
+
+    def load_tensor(self, name: str) -> torch.Tensor | None:
+        """One named parameter or buffer with its real values (None if the model has none of that name),
+        for tensors that live outside the modules a network wraps (a seq2seq model's final_logits_bias)."""
+        meta = dict([*self.skeleton.named_parameters(), *self.skeleton.named_buffers()]).get(name)
+        if meta is None:
+            return None
+        tensor = torch.empty(meta.shape, dtype=meta.dtype)
+        self.weights.fill(self._tensor_names[name], tensor)
+        return tensor
 
     @cached_property
     def rotary(self) -> nn.Module:
@@ -110,10 +133,13 @@ class ModelSource:
 
     def reference_model(self) -> nn.Module:
         """The whole transformers model with these weights, on CPU in fp32 (tiny models, tests, checks)."""
-        model = _causal_lm_from_config(self.config).float().eval()
+        model = _model_from_config(self.config).float().eval()
+        stored = set(model.state_dict())  # parameters and persistent buffers (final_logits_bias)
         with torch.no_grad():
-            for name, tensor in model.named_parameters(remove_duplicate=False):
-                self.weights.fill(self._tensor_names[name], tensor.detach())
+            for name, tensor in [*model.named_parameters(remove_duplicate=False),
+                                 *model.named_buffers(remove_duplicate=False)]:
+                if name in stored:
+                    self.weights.fill(self._tensor_names[name], tensor.detach())
         return model
 
     def __getstate__(self) -> dict:
@@ -130,16 +156,17 @@ class ModelSource:
                 "model_type": self.config.model_type, "config": self.config.to_diff_dict()}
 
 
-def _causal_lm_from_config(config) -> nn.Module:
-    from transformers import AutoModelForCausalLM
+def _model_from_config(config) -> nn.Module:
+    from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
 
+    auto = AutoModelForSeq2SeqLM if getattr(config, "is_encoder_decoder", False) else AutoModelForCausalLM
     try:
-        return AutoModelForCausalLM.from_config(config, attn_implementation="sdpa")
+        return auto.from_config(config, attn_implementation="sdpa")
     except ValueError as error:
         raise GraphoptError(
-            f"graphopt cannot build a causal language model from this config (model_type "
-            f"'{config.model_type}'): {str(error).splitlines()[0]} graphopt compiles decoder-only causal LMs "
-            "that transformers can build with AutoModelForCausalLM and SDPA attention."
+            f"graphopt cannot build a model from this config (model_type '{config.model_type}'): "
+            f"{str(error).splitlines()[0]} graphopt compiles decoder-only causal LMs and encoder-decoder LMs "
+            f"that transformers can build with {auto.__name__} and SDPA attention."
         ) from None
 
 
@@ -213,7 +240,9 @@ def _open_model(model: str, model_path: str | None, random_weights: bool) -> Mod
         return ModelSource(model, config, SafetensorsWeights(directory), f"registry:{model} + {directory.resolve()}")
     config = _config_from_dict(entry.config)
     if entry.random_weights or random_weights:
-        return ModelSource(model, config, RandomWeights(RANDOM_SEED, config.initializer_range), f"registry:{model}")
+        # (Marian and BART call their initializer's scale init_std)
+        std = getattr(config, "initializer_range", None) or getattr(config, "init_std", 0.02)
+        return ModelSource(model, config, RandomWeights(RANDOM_SEED, std), f"registry:{model}")
     raise GraphoptError(
         f"'{model}' needs its weights: pass --model-path DIR with the Hugging Face checkpoint (config.json + "
         "*.safetensors, e.g. what `huggingface-cli download meta-llama/Llama-3.1-8B-Instruct` fetches), "

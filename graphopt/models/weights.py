@@ -37,7 +37,8 @@ class RandomWeights:
 
     Seeding per name makes a tensor independent of the order networks are built in and of
     how a transformers release initialises modules, so goldens stay valid across releases.
-    Norm scales are 1 + noise (not all ones) so a pass that drops one is caught.
+    Norm scales are 1 + noise (not all ones) so a pass that drops one is caught; norm biases are
+    noise like any other bias.
     """
 
     def __init__(self, seed: int = 0, std: float = 0.02):
@@ -47,7 +48,7 @@ class RandomWeights:
         name = min(names)  # a tied group draws once, under one name
         generator = torch.Generator().manual_seed(zlib.crc32(f"{self.seed}:{name}".encode()))
         torch.randn(out.shape, generator=generator, dtype=out.dtype, out=out)
-        if out.dim() == 1 and "norm" in name:
+        if out.dim() == 1 and "norm" in name and name.endswith("weight"):  # a norm's scale, not its bias
             out.mul_(0.1).add_(1.0)
         else:
             out.mul_(self.std)

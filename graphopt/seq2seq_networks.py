@@ -1,0 +1,143 @@
+"""The networks of an encoder-decoder model (Marian, BART), as thin wrappers named by their inputs.
+
+    encoder              input_ids [1,SRC] int64, attention_mask [1,SRC] int64 (1 = token, 0 = padding)
+                         -> encoder_hidden_states [1,SRC,H]
+    cross_kv             encoder_hidden_states -> cross_k_i, cross_v_i [1,SRC,heads,D] for every layer,
+                         computed once per source sentence
+    embedding            input_ids [1,T], position_ids [1,T] -> input_embed [1,T,H] (scaled tokens +
+                         the position table; T is dynamic: SEQ for prefill, 1 for decode)
+    decoder_block_i      input_states [1,SEQ,H], attention_mask [1,1,SEQ,SEQ],
+                         encoder_attention_mask [1,1,SEQ,SRC], cross_k, cross_v
+                         -> hidden_states, past_k, past_v [1,SEQ,heads,D]
+    decoder_block_cache_i  the same for one token, with history_k/history_v [1,SEQ,heads,D]
+    lm_head              hidden_states [1,H] -> m_logits [1,V] (final norm, head, final_logits_bias)
+    greedy_head          m_logits -> token
+
+The decoder blocks are traced with `encoder_hidden_states`; the cross-kv-inputs pass turns their
+cross-attention K/V into the cross_k/cross_v inputs, the rest is the decoder-only pipeline.
+SRC is the same as SEQ.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from graphopt.networks import GreedyHead, NetworkPlan, causal_mask
+from graphopt.models.source import ModelSource
+
+
+class Encoder(nn.Module):
+    def __init__(self, encoder: nn.Module):
+        super().__init__()
+        self.encoder = encoder
+
+    def forward(self, input_ids, attention_mask):
+        return self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+
+
+class CrossKv(nn.Module):
+    """Each decoder layer's cross-attention K and V projections of the encoder output."""
+
+    def __init__(self, layers: nn.ModuleList, heads: int):
+        super().__init__()
+        self.layers, self.heads = layers, heads
+
+    def forward(self, encoder_hidden_states):
+        batch, length, hidden = encoder_hidden_states.shape
+        out = []
+        for layer in self.layers:
+            for proj in (layer.encoder_attn.k_proj, layer.encoder_attn.v_proj):
+                out.append(proj(encoder_hidden_states).view(batch, length, self.heads, hidden // self.heads))
+        return tuple(out)
+
+
+class DecoderEmbedding(nn.Module):
+    """Scaled token embeddings plus the position table gathered by position_ids (the table is the
+    position module's weight, so no release's position-module signature matters)."""
+
+    def __init__(self, tokens: nn.Module, positions: nn.Module, offset: int, scale: float, norm: nn.Module | None):
+        super().__init__()
+        self.tokens, self.positions, self.norm = tokens, positions, norm
+        self.offset, self.scale = offset, scale
+
+    def forward(self, input_ids, position_ids):
+        embeds = self.tokens(input_ids)
+        if self.scale != 1.0:
+            embeds = embeds * self.scale
+        embeds = embeds + F.embedding(position_ids + self.offset, self.positions.weight)
+        return embeds if self.norm is None else self.norm(embeds)
+
+
+class DecoderBlock(nn.Module):
+    """One decoder layer called as the model's decoder calls it."""
+
+    def __init__(self, layer: nn.Module):
+        super().__init__()
+        self.layer = layer
+
+    def forward(self, input_states, attention_mask, encoder_hidden_states, encoder_attention_mask):
+        out = self.layer(input_states, attention_mask=attention_mask, encoder_hidden_states=encoder_hidden_states,
+                         encoder_attention_mask=encoder_attention_mask, use_cache=False)
+        # Layers return a tuple up to transformers 4.53 (see networks.DecoderBlock).
+        return out[0] if isinstance(out, tuple) else out
+
+
+class LmHead(nn.Module):
+    def __init__(self, norm: nn.Module | None, head: nn.Module, logits_bias: torch.Tensor | None):
+        super().__init__()
+        self.norm, self.head = norm, head
+        self.register_buffer("logits_bias", logits_bias)
+
+    def forward(self, hidden_states):
+        if self.norm is not None:
+            hidden_states = self.norm(hidden_states)
+        logits = self.head(hidden_states)
+        return logits if self.logits_bias is None else logits + self.logits_bias.view(1, -1)
+
+
+def plan_seq2seq_networks(source: ModelSource, seq_length: int, layers: list[int] | None = None) -> list[NetworkPlan]:
+    cfg, parts = source.config, source.seq2seq_parts
+    hidden, vocab = int(cfg.d_model), int(cfg.vocab_size)
+    layers = list(range(len(parts.layers))) if layers is None else layers
+    g = torch.Generator().manual_seed(0)
+    encoder_states = torch.randn(1, seq_length, hidden, generator=g)
+
+    def block_inputs(steps: int) -> dict[str, torch.Tensor]:
+        return {"input_states": torch.randn(1, steps, hidden, generator=torch.Generator().manual_seed(0)),
+                "attention_mask": causal_mask(steps, steps, steps),
+                "encoder_hidden_states": encoder_states,
+                "encoder_attention_mask": torch.zeros(1, 1, steps, seq_length)}
+
+    ids = torch.zeros(1, seq_length, dtype=torch.int64)
+    plans = [
+        NetworkPlan("encoder", "encoder",
+                    lambda: (Encoder(parts.encoder), {"input_ids": ids, "attention_mask": torch.ones_like(ids)}),
+                    lambda: (parts.encoder,), ["encoder_hidden_states"]),
+        NetworkPlan("cross_kv", "cross_kv",
+                    lambda: (CrossKv(parts.layers, parts.heads), {"encoder_hidden_states": encoder_states}),
+                    lambda: tuple(layer.encoder_attn for layer in parts.layers),
+                    [name for i in range(len(parts.layers)) for name in (f"cross_k_{i}", f"cross_v_{i}")]),
+        NetworkPlan("embedding", "embedding",
+                    lambda: (DecoderEmbedding(parts.embed_tokens, parts.embed_positions, parts.position_offset,
+                                              parts.embed_scale, parts.embed_norm),
+                             {"input_ids": ids, "position_ids": torch.arange(seq_length).view(1, -1)}),
+                    lambda: tuple(m for m in (parts.embed_tokens, parts.embed_positions, parts.embed_norm) if m),
+                    ["input_embed"]),
+    ]
+    for i in layers:
+        layer = parts.layers[i]
+        for name, kind, steps in ((f"decoder_block_{i}", "decoder_block", seq_length),
+                                  (f"decoder_block_cache_{i}", "decoder_block_cache", 1)):
+            plans.append(NetworkPlan(name, kind, lambda layer=layer, steps=steps: (DecoderBlock(layer), block_inputs(steps)),
+                                     lambda layer=layer: (layer,), ["hidden_states"]))
+    plans += [
+        NetworkPlan("lm_head", "lm_head",
+                    lambda: (LmHead(parts.final_norm, parts.head, source.load_tensor("final_logits_bias")),
+                             {"hidden_states": torch.zeros(1, hidden)}),
+                    lambda: tuple(m for m in (parts.final_norm, parts.head) if m), ["m_logits"]),
+        NetworkPlan("greedy_head", "greedy_head", lambda: (GreedyHead(), {"m_logits": torch.zeros(1, vocab)}),
+                    lambda: (), ["token"]),
+    ]
+    return plans
