@@ -3,8 +3,8 @@
 The networks are graphopt.seq2seq_networks'; the runtime (graphopt.runtime.Seq2SeqRuntime) drives
 them as a chip would: encoder and cross_kv once per source, then decoder_block_i for the start
 token and decoder_block_cache_i per new token. It must give transformers' greedy tokens and
-logits for a source padded to SEQ (transformers sees it unpadded). (Stored goldens wait for discriminative tiny configs: 2-layer
-random post-LN decoders emit one repeated token, see the issue note.)
+logits for a source padded to SEQ (transformers sees it unpadded). The stored goldens for both
+models are in tests/golden/.
 """
 
 import json

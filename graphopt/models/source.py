@@ -8,6 +8,7 @@ size. A network's modules are given real weights only while that network is trac
 from __future__ import annotations
 
 import os
+import re
 from contextlib import contextmanager
 from dataclasses import dataclass, field, fields
 from functools import cached_property
@@ -125,11 +126,23 @@ class ModelSource:
                 )
         names = self._tensor_names  # before to_empty, which unties tied weights (embedding = lm_head)
         module.to_empty(device="cpu")
+        computed = set()
         with torch.no_grad():
             for name, tensor in [*module.named_parameters(remove_duplicate=False),
                                  *module.named_buffers(remove_duplicate=False)]:
                 full = prefix + name
+                if self._is_computed(full):
+                    computed.add(name.rpartition(".")[0])
+                    continue
                 self.weights.fill(names[full], tensor.detach())
+            for owner in sorted(computed):  # the model's own init computes them from the config
+                self.skeleton._init_weights(module.get_submodule(owner))
+
+    def _is_computed(self, name: str) -> bool:
+        """A tensor the model computes from its config instead of storing it: transformers leaves it
+        out of checkpoints (`_keys_to_ignore_on_save`; Marian's sinusoidal position tables)."""
+        patterns = getattr(self.skeleton, "_keys_to_ignore_on_save", None) or ()
+        return any(re.search(pattern, name) for pattern in patterns)
 
     def reference_model(self) -> nn.Module:
         """The whole transformers model with these weights, on CPU in fp32 (tiny models, tests, checks)."""
@@ -138,7 +151,7 @@ class ModelSource:
         with torch.no_grad():
             for name, tensor in [*model.named_parameters(remove_duplicate=False),
                                  *model.named_buffers(remove_duplicate=False)]:
-                if name in stored:
+                if name in stored and not self._is_computed(name):  # (computed ones keep the model's init)
                     self.weights.fill(self._tensor_names[name], tensor.detach())
         return model
 

@@ -23,8 +23,11 @@ from graphopt.models import open_model
 HERE = Path(__file__).parent
 NEW_TOKENS = 32
 PROMPT = [1, 17, 300, 42, 5, 900, 64, 7]
-# One per architecture the passes must handle; each is its registry name.
-CASES = {name: {"prompt": PROMPT} for name in ("tiny-llama", "tiny-qwen2.5", "tiny-qwen3", "tiny-mistral")}
+# One per architecture the passes must handle; each is its registry name. For the encoder-decoder
+# models the prompt is the source sentence and the tokens are the greedy translation.
+CASES = {name: {"prompt": PROMPT} for name in ("tiny-llama", "tiny-qwen2.5", "tiny-qwen3", "tiny-mistral",
+                                               "tiny-marian", "tiny-bart")}
+ENCODER_DECODER = {"tiny-marian", "tiny-bart"}
 
 
 def golden_paths(name: str) -> tuple[Path, Path]:

@@ -1,24 +1,40 @@
 """Golden outputs, stage by stage: transformers → rewritten FX → ONNX in onnxruntime.
 
-One golden per architecture (tests/golden/record.py: Llama-3.1, Qwen2.5, Qwen3, Mistral),
-all through the same passes. Each stage is driven like the chip runtime (pad to SEQ, prefill,
-concat-cache decode) and must give transformers' greedy tokens exactly and its logits within
-1e-4, through the registry name and through a `save_pretrained` directory.
+One golden per architecture (tests/golden/record.py: Llama-3.1, Qwen2.5, Qwen3, Mistral, and the
+encoder-decoders Marian and BART), all through the same passes. Each stage is driven like the
+chip runtime (pad to SEQ, prefill, concat-cache decode; encoder and cross_kv once per source)
+and must give transformers' greedy tokens exactly and its logits within 1e-4, through the
+registry name and through a `save_pretrained` directory.
 """
 
 import numpy as np
 import pytest
-from transformers import AutoModelForCausalLM
+import transformers
+from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
 
 from graphopt.compiler import compile_model, hf_greedy
 from graphopt.models import open_model
-from graphopt.runtime import ChipStyleRuntime, FxBackend, OrtBackend, Shapes
+from graphopt.runtime import FxBackend, OrtBackend, run_prompt, runtime_for
 from graphopt.targets.onnx_target import ONNX_TARGET
 from tests.conftest import GOLDEN_SEQ
-from tests.golden.record import CASES, load_golden
+from tests.golden.record import CASES, ENCODER_DECODER, load_golden
 
 LOGIT_ATOL = 1e-4
-MODELS = list(CASES)
+# Registry name -> the transformers class that must have SDPA attention for graphopt to trace it.
+NEEDS_SDPA = {"tiny-marian": "MarianMTModel"}
+
+
+def _case(name):
+    """A golden case, skipped where this transformers release has no SDPA attention for the model
+    (Marian before transformers 5; graphopt would need an eager-attention pass, see issue 6)."""
+    cls = NEEDS_SDPA.get(name)
+    marks = []
+    if cls and not getattr(getattr(transformers, cls), "_supports_sdpa", True):
+        marks = [pytest.mark.skip(reason=f"transformers {transformers.__version__} has no SDPA {cls}")]
+    return pytest.param(name, marks=marks)
+
+
+MODELS = [_case(name) for name in CASES]
 
 
 def assert_matches_golden(tokens, logits, name="tiny-llama"):
@@ -48,8 +64,14 @@ def golden_build(request, tiny_llama_build, tmp_path_factory):
 def test_golden_is_discriminative(name):
     golden, logits = load_golden(name)
     assert len(golden["tokens"]) == 32
-    assert len(set(golden["tokens"])) >= 16, "a near-constant golden would let a broken rewrite pass"
     assert 0.3 < float(np.abs(logits).max()) < 100  # logits of order 1, where 1e-4 is meaningful
+    if name in ENCODER_DECODER:
+        # Random post-LN encoder-decoders repeat one greedy token (see issue 6's note), so the logits
+        # carry the check: each step's differ from the last by far more than the tolerance, and a
+        # network that lost its history or positions could not match them.
+        assert np.abs(np.diff(logits, axis=0)).max(axis=1).min() > 100 * LOGIT_ATOL
+    else:
+        assert len(set(golden["tokens"])) >= 16, "a near-constant golden would let a broken rewrite pass"
 
 
 @pytest.mark.parametrize("name", MODELS)
@@ -65,8 +87,7 @@ def test_stage_matches_golden(golden_build, name, stage):
     golden, _ = load_golden(name)
     build = golden_build(name)
     backend = FxBackend(build.fx_networks) if stage == "fx" else OrtBackend(build.out_dir, build.manifest)
-    runtime = ChipStyleRuntime(backend, Shapes.from_manifest(build.manifest))
-    result = runtime.generate(golden["prompt"], golden["new_tokens"])
+    result = run_prompt(runtime_for(backend, build.manifest), golden["prompt"], golden["new_tokens"])
     assert_matches_golden(result.tokens, result.logits, name)
 
 
@@ -76,8 +97,10 @@ def test_run_checks_and_end_to_end_pass(golden_build, name):
     assert build.ok
     assert build.end_to_end["tokens_identical"]
     # Every block was rewritten by the passes the contract needs, not passed through.
-    applied = {p["pass"] for net in build.manifest["networks"] if net["kind"] == "block_cache" for p in net["passes"]}
-    assert {"rope-table", "kv-layout", "concat-cache", "fixed-mask", "attention-lower"} <= applied
+    decode_kind, contract = (("decoder_block_cache", {"cross-kv-inputs"}) if name in ENCODER_DECODER
+                             else ("block_cache", {"rope-table"}))
+    applied = {p["pass"] for net in build.manifest["networks"] if net["kind"] == decode_kind for p in net["passes"]}
+    assert contract | {"kv-layout", "concat-cache", "fixed-mask", "attention-lower"} <= applied
 
 
 @pytest.mark.parametrize("name", MODELS)
@@ -90,12 +113,13 @@ def test_save_pretrained_directory_gives_the_same_golden(tmp_path, name):
 
     golden, _ = load_golden(name)
     # transformers loading the directory on its own is the reference for this path.
-    reference = AutoModelForCausalLM.from_pretrained(checkpoint, attn_implementation="sdpa").float().eval()
+    auto = AutoModelForSeq2SeqLM if name in ENCODER_DECODER else AutoModelForCausalLM
+    reference = auto.from_pretrained(checkpoint, attn_implementation="sdpa").float().eval()
     ref = hf_greedy(reference, golden["prompt"], golden["new_tokens"])
     assert_matches_golden(ref["tokens"], ref["logits"], name)
 
     build = compile_model(open_model(str(checkpoint)), ONNX_TARGET, GOLDEN_SEQ, tmp_path / "out", show_progress=False)
     assert build.ok
-    runtime = ChipStyleRuntime(OrtBackend(build.out_dir, build.manifest), Shapes.from_manifest(build.manifest))
-    result = runtime.generate(golden["prompt"], golden["new_tokens"])
+    result = run_prompt(runtime_for(OrtBackend(build.out_dir, build.manifest), build.manifest), golden["prompt"],
+                        golden["new_tokens"])
     assert_matches_golden(result.tokens, result.logits, name)
