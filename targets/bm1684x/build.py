@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from graphopt.errors import GraphoptError
 from graphopt.targets.bm1684x import contract, deploy, fake_quant, inspect_bmodel, toolchain, verify
 from graphopt.targets.bm1684x.simulator import Simulator
 
@@ -89,6 +90,12 @@ def simulator_log() -> Path:
 
 class Bm1684xBuild:
     def validate(self, source, options: dict[str, Any]) -> None:
+        if source.is_encoder_decoder:
+            raise GraphoptError(
+                f"{source.name} is an encoder-decoder model, and the bm1684x target builds the decoder-only "
+                "bmodel that LLM-TPU's chat runtime loads; it has no encoder-decoder contract yet. Compile it "
+                "with --target onnx (docs/encoder-decoder-networks.md describes its networks)."
+            )
         contract.check_quantizable(source.config, options["quantize"], options["group_size"])
         toolchain.require()
 
