@@ -5,6 +5,7 @@ from graphopt.passes import (  # noqa: F401
     attention_lower,
     concat_cache,
     cross_kv_inputs,
+    encoder_padding_mask,
     fixed_mask,
     kv_layout,
     onnx_legalize,

@@ -51,7 +51,7 @@ class AttentionCanonical(Pass):
     """Let attention read K/V in kv-heads (enable_gqa) instead of after repeat_kv."""
 
     name = "attention-canonical"
-    applies_to = BLOCKS
+    applies_to = BLOCKS | {"encoder"}
     ensures = ("attention.canonical",)
 
     def run(self, net: NetworkGraph) -> str:

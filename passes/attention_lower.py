@@ -24,7 +24,7 @@ class AttentionLower(Pass):
     """Lower attention to repeat-kv + MatMul/Mul/Add/Softmax/MatMul (ONNX has no attention op ≤ 17)."""
 
     name = "attention-lower"
-    applies_to = BLOCKS
+    applies_to = BLOCKS | {"encoder"}
     requires = ("mask.fixed",)
     ensures = ("attention.lowered",)
 
@@ -40,9 +40,11 @@ class AttentionLower(Pass):
             with graph.inserting_before(node):
                 key, value = (self._repeat_heads(graph, t, heads) for t in (key, value))
                 key_t = graph.call_function(aten.transpose.int, (key, -2, -1))
-                scores = graph.call_function(aten.matmul.default, (query, key_t))
                 scale = scale if scale is not None else 1.0 / math.sqrt(head_dim)
-                scores = graph.call_function(aten.mul.Tensor, (scores, scale))
+                # Scale the query, not the scores: [heads, steps, D] multiplies instead of
+                # [heads, steps, keys], and in 16 bits the large scores are rounded once less.
+                query = graph.call_function(aten.mul.Tensor, (query, scale))
+                scores = graph.call_function(aten.matmul.default, (query, key_t))
                 if mask is not None:
                     scores = graph.call_function(aten.add.Tensor, (scores, mask))
                 probs = graph.call_function(aten.softmax.int, (scores, -1))

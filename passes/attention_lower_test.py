@@ -1,3 +1,4 @@
+import pytest
 import torch
 
 from graphopt.passes._attention import SDPA
@@ -15,6 +16,9 @@ def test_prefill_attention_becomes_matmul_softmax():
     run_passes(net, "attention-lower")
     assert count(net, SDPA) == 0
     assert count(net, aten.softmax.int) == 1 and count(net, aten.matmul.default) == 2
+    # The scale multiplies the query [heads, steps, D] before q·kᵀ, not the [heads, steps, keys] scores.
+    scores = next(net.calls(aten.matmul.default))
+    assert scores.args[0].target == aten.mul.Tensor and scores.args[0].args[1] == pytest.approx(32 ** -0.5)
     torch.testing.assert_close(net.run(*args), before, rtol=1e-4, atol=1e-4)
 
 

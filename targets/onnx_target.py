@@ -46,6 +46,8 @@ FX_PIPELINE = (
                             # self- from cross-attention by the mark it leaves
     "rope-table",
     "fixed-mask",
+    "encoder-padding-mask", # the encoder's counterpart of fixed-mask: both give attention-lower
+                            # additive masks
     "kv-layout",            # before concat-cache: exposes the new token's K/V, not the concatenation
     "concat-cache",         # block_cache only; widens the mask input fixed-mask wired up
     "attention-lower",      # last rewrite: ONNX ≤ 17 has no attention op

@@ -97,9 +97,11 @@ def test_tiny_qwen2_5_compiles_to_bf16_and_passes_the_simulator_checks(net_cache
     blocks = [n for n in report["nets"] if n["net"].startswith("block")]
     assert len(blocks) == 4 and all(not n["cached"] and n["worst"] >= contract.MIN_COSINE for n in blocks)
     # Simulated greedy tokens against onnxruntime's: the same, except that bf16 may resolve a near-tie
-    # of the reference logits the other way (tiny-qwen2.5 has one at the 8th token: top-2 margin 0.06).
+    # of the reference logits the other way (tiny-qwen2.5 has one at the 8th token: top-2 margin 0.06;
+    # with the query scaled before q·kᵀ bf16 resolves it as fp32 does). Logit cosine per step, measured:
+    # 0.9993 or better for the first 8 steps, 0.9983 at the 10th.
     generation = report["generation"]
-    assert generation["ok"] and generation["min_logit_cosine"] > 0.999
+    assert generation["ok"] and generation["min_logit_cosine"] > 0.998
     first_difference = generation["first_difference"]
     agreed = len(generation["tokens"]) if first_difference is None else first_difference
     assert agreed >= 4 and generation["tokens"][:agreed] == generation["fp32_tokens"][:agreed]
@@ -182,3 +184,35 @@ def test_without_a_toolchain_the_error_says_how_to_install_one(tmp_path):
 def test_toolchain_status_names_the_toolchain_in_use(tools):
     out = graphopt("toolchain", "status").stdout
     assert f"used by --target bm1684x: {tools.describe()}" in out
+
+
+def test_tiny_marian_compiles_to_bf16_and_passes_the_simulator_checks(net_cache, tmp_path):
+    """An encoder-decoder model on the chip: encoder, cross_kv, the decoder blocks with their cross-attention
+    inputs, one bmodel; every net in the simulator against onnxruntime, then a simulated translation."""
+    folder = tmp_path / "marian-bf16"
+    run = graphopt("run", "tiny-marian", "--target", "bm1684x", "--quantize", "bf16", "--seq-length", SEQ,
+                   "--out", str(folder), env=net_cache)
+    assert "checks: all passed" in run.stdout, run.stdout
+    report = json.loads((folder / "bm1684x.json").read_text())
+    assert report["ok"] and report["bmodel"] == f"tiny-marian_bf16_seq{SEQ}_bm1684x_1dev.bmodel"
+    assert report["contract"].startswith("encoder-decoder") and not report["contract_problems"]
+    nets = {n["net"]: n for n in report["nets"]}
+    assert list(nets) == ["encoder", "cross_kv", "embedding", "embedding_cache", "decoder_block_0",
+                          "decoder_block_cache_0", "decoder_block_1", "decoder_block_cache_1", "lm_head", "greedy_head"]
+    assert all(n["worst"] >= contract.MIN_COSINE for n in nets.values()), nets
+    generation = report["generation"]
+    assert generation["tokens_identical"] and generation["tokens"] == generation["fp32_tokens"]
+    assert len(generation["tokens"]) == 16 and generation["min_logit_cosine"] > 0.999
+
+    # The bmodel holds the contract's dtypes: int32 ids and source mask, bf16 states, masks and K/V.
+    _, infos = read_info(toolchain.require(), folder / report["bmodel"])
+    by_name = {n.name: n for n in infos}
+    assert [t.dtype for t in by_name["encoder"].inputs] == ["int32", "int32"]
+    assert {t.dtype for n in infos if n.name.startswith("decoder_block") for t in n.inputs + n.outputs} == {"bfloat16"}
+    assert "contract (encoder-decoder networks" in graphopt("inspect", str(folder / report["bmodel"])).stdout
+
+    # `graphopt generate --backend bm1684x-sim` translates with the bmodel as transformers does.
+    golden, _ = load_golden("tiny-marian")
+    common = ["--input-ids", ",".join(map(str, golden["prompt"])), "--max-new-tokens", "12", "--ignore-eos", "--json"]
+    sim = json.loads(graphopt("generate", str(folder), "--backend", "bm1684x-sim", *common).stdout)["tokens"]
+    assert sim == golden["tokens"][:12]

@@ -123,3 +123,75 @@ def test_model_transform_does_not_simplify_again():
     spec = deploy_specs(_manifest(), "bf16", 64)[0]
     args = spec.transform_args("x.onnx", "x.mlir")
     assert args[args.index("--do_onnx_sim") + 1] == ""  # argparse type=bool: only "" is False
+
+
+def _seq2seq_manifest(layers=2, seq=64, hidden=128):
+    def net(name, inputs):
+        return {"name": name, "inputs": [{"name": n, "shape": s, "dtype": "float32"} for n, s in inputs]}
+
+    kv = [1, seq, 4, 32]
+    nets = [net("encoder", [("input_ids", [1, seq]), ("attention_mask", [1, seq])]),
+            net("cross_kv", [("encoder_hidden_states", [1, seq, hidden])]),
+            net("embedding", [("input_ids", [1, seq]), ("position_ids", [1, seq])])]
+    for i in range(layers):
+        cross = [("cross_k", kv), ("cross_v", kv)]
+        nets.append(net(f"decoder_block_{i}", [("input_states", [1, seq, hidden]), ("attention_mask", [1, 1, seq, seq]),
+                                               ("encoder_attention_mask", [1, 1, seq, seq]), *cross]))
+        nets.append(net(f"decoder_block_cache_{i}", [
+            ("input_states", [1, 1, hidden]), ("attention_mask", [1, 1, 1, seq + 1]),
+            ("encoder_attention_mask", [1, 1, 1, seq]), *cross, ("history_k", kv), ("history_v", kv)]))
+    nets += [net("lm_head", [("hidden_states", [1, hidden])]), net("greedy_head", [("m_logits", [1, 1024])])]
+    return {"networks": nets}
+
+
+def test_encoder_decoder_specs_are_the_documented_networks():
+    specs = {s.name: s for s in deploy_specs(_seq2seq_manifest(), "w4bf16", 64)}
+    assert list(specs) == ["encoder", "cross_kv", "embedding", "embedding_cache", "decoder_block_0",
+                           "decoder_block_cache_0", "decoder_block_1", "decoder_block_cache_1", "lm_head", "greedy_head"]
+    # The encoder and cross_kv hold Linear weights: quantized like the blocks, 16-bit in and out.
+    assert specs["encoder"].quantize == specs["cross_kv"].quantize == specs["decoder_block_0"].quantize == "W4BF16"
+    for name in ("encoder", "cross_kv", "decoder_block_0", "decoder_block_cache_0"):
+        assert {"--quant_input", "--quant_output"} <= set(specs[name].flags)
+        assert "--high_precision" not in specs[name].flags  # it would leave a final LayerNorm's output fp32
+    assert specs["decoder_block_cache_0"].flags[-2:] == ("--addr_mode", "io_alone")
+    assert specs["embedding_cache"].input_shapes == ((1, 1), (1, 1))  # token and position
+
+
+def _infos(manifest, dtype_of=lambda net, io, name: None):
+    """The nets model_tool would show for a bmodel compiled from `manifest` (its dtype names: int32 ids,
+    bf16 activations, fp32 logits), each dtype open to change by `dtype_of`."""
+    from graphopt.targets.bm1684x.inspect_bmodel import NetInfo, Tensor
+
+    inputs = {n["name"]: [(i["name"], tuple(i["shape"])) for i in n["inputs"]] for n in manifest["networks"]}
+    inputs["embedding_cache"] = [("input_ids", (1, 1)), ("position_ids", (1, 1))]
+    seq, kv = 64, (4, 32)
+    outputs = {"encoder": [("encoder_hidden_states", (1, seq, 128))],
+               "cross_kv": [(f"cross_{t}_{i}", (1, seq, *kv)) for i in range(2) for t in "kv"],
+               "embedding": [("input_embed", (1, seq, 128))], "embedding_cache": [("input_embed", (1, 1, 128))],
+               "lm_head": [("m_logits", (1, 1024))], "greedy_head": [("token", (1, 1))]}
+    for i in range(2):
+        for name, steps in ((f"decoder_block_{i}", seq), (f"decoder_block_cache_{i}", 1)):
+            outputs[name] = [("hidden_states", (1, steps, 128)), ("past_k", (1, steps, *kv)), ("past_v", (1, steps, *kv))]
+    ints = {"input_ids", "position_ids", "token", "attention_mask"}
+
+    def dtype(net, io, name):
+        default = ("int32" if name in ints and (net in ("encoder", "embedding", "embedding_cache") or io == "out")
+                   else "float32" if name == "m_logits" else "bfloat16")
+        return dtype_of(net, io, name) or default
+
+    return [NetInfo(net, [Tensor(n, s, dtype(net, "in", n)) for n, s in inputs[net]],
+                    [Tensor(n, s, dtype(net, "out", n)) for n, s in outputs[net]]) for net in outputs]
+
+
+def test_an_encoder_decoder_bmodel_is_held_to_its_own_contract():
+    from graphopt.targets.bm1684x.inspect_bmodel import ENCODER_DECODER, contract_of, contract_problems
+
+    infos = _infos(_seq2seq_manifest())
+    assert contract_of(infos) == ENCODER_DECODER and contract_problems(infos) == []
+    # What --high_precision did to a post-LN block: its hidden states came out fp32.
+    fp32_states = _infos(_seq2seq_manifest(), lambda net, io, name: "float32" if io == "out" and
+                         name == "hidden_states" else None)
+    assert contract_problems(fp32_states)[0] == ("decoder_block_0 output 0 (hidden_states): dtype float32, expected "
+                                                 "bfloat16 or float16")
+    missing = [n for n in infos if n.name != "cross_kv"]
+    assert contract_problems(missing) == ["net 'cross_kv' is missing"]

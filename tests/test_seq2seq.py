@@ -69,11 +69,3 @@ def test_generate_from_the_command_line_translates_the_source(build, capsys):
     assert main(["generate", str(result.out_dir), "--input-ids", ids, "--max-new-tokens", "8", "--ignore-eos",
                  "--json"]) == 0
     assert json.loads(capsys.readouterr().out) == {"tokens": reference["tokens"]}
-
-
-def test_the_bm1684x_target_refuses_an_encoder_decoder_model_before_any_work(tmp_path, capsys):
-    capsys.readouterr()
-    assert main(["run", "tiny-marian", "--target", "bm1684x", "--out", str(tmp_path / "o")]) == 2
-    err = capsys.readouterr().err
-    assert "encoder-decoder model" in err and "--target onnx" in err and "Traceback" not in err
-    assert not (tmp_path / "o").exists()

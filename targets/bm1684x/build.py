@@ -12,7 +12,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from graphopt.errors import GraphoptError
 from graphopt.targets.bm1684x import contract, deploy, fake_quant, inspect_bmodel, toolchain, verify
 from graphopt.targets.bm1684x.simulator import Simulator
 
@@ -35,6 +34,7 @@ class Bm1684xResult:
     sim_skipped: str = ""
     memory: dict[str, int] = field(default_factory=dict)  # the combined file's device bytes
     problems: list[str] = field(default_factory=list)  # contract problems of the combined file
+    contract: str = inspect_bmodel.LLM_TPU  # the runtime contract the file is held to
 
     @property
     def ok(self) -> bool:
@@ -73,15 +73,15 @@ class Bm1684xResult:
                          + (f"; vs fp32 {g['fp32_agreement']:.0%} of tokens equal" if self.quantize.startswith("w")
                             else ""))
         if self.problems:
-            lines.append("  contract: NOT MET: " + "; ".join(self.problems))
+            lines.append(f"  contract ({self.contract}): NOT MET: " + "; ".join(self.problems))
         else:
-            lines.append("  contract (LLM-TPU Llama3_1 chat demo): met")
+            lines.append(f"  contract ({self.contract}): met")
         return lines
 
     def to_json(self) -> dict:
         return {"bmodel": self.bmodel, "bmodel_bytes": self.bmodel_bytes, "quantize": self.quantize, "toolchain": self.toolchain, "jobs": self.jobs,
                 "ok": self.ok, "seconds": self.seconds, "memory": self.memory, "nets": self.nets, "generation": self.generation,
-                "sim_skipped": self.sim_skipped, "contract_problems": self.problems}
+                "sim_skipped": self.sim_skipped, "contract": self.contract, "contract_problems": self.problems}
 
 
 def simulator_log() -> Path:
@@ -90,12 +90,6 @@ def simulator_log() -> Path:
 
 class Bm1684xBuild:
     def validate(self, source, options: dict[str, Any]) -> None:
-        if source.is_encoder_decoder:
-            raise GraphoptError(
-                f"{source.name} is an encoder-decoder model, and the bm1684x target builds the decoder-only "
-                "bmodel that LLM-TPU's chat runtime loads; it has no encoder-decoder contract yet. Compile it "
-                "with --target onnx (docs/encoder-decoder-networks.md describes its networks)."
-            )
         contract.check_quantizable(source.config, options["quantize"], options["group_size"])
         toolchain.require()
 
@@ -122,7 +116,8 @@ class Bm1684xBuild:
                  "seconds": c.seconds, "total_cycle": c.total_cycle, "memory": c.memory,
                  "cache_dir": str(c.directory)} for c in compiled]
         result = Bm1684xResult(bmodel.name, bmodel.stat().st_size, quantize, tools.describe(), options.get("jobs"), nets,
-                               seconds, memory=header.get("memory", {}), problems=inspect_bmodel.contract_problems(infos))
+                               seconds, memory=header.get("memory", {}), problems=inspect_bmodel.contract_problems(infos),
+                               contract=inspect_bmodel.contract_of(infos))
 
         params = sum(p.numel() for p in source.skeleton.parameters())
         if not check:

@@ -7,6 +7,7 @@ table and `inspect_bmodel.py` checks a bmodel against it.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 from graphopt.errors import GraphoptError
@@ -68,6 +69,10 @@ class DeploySpec:
         return ["--mlir", mlir, "--quantize", self.quantize, *self.flags, "--chip", CHIP, "--model", bmodel]
 
 
+def is_encoder_decoder(manifest: dict) -> bool:
+    return any(n["name"] == "encoder" for n in manifest["networks"])
+
+
 def deploy_specs(manifest: dict, quantize: str, group_size: int) -> list[DeploySpec]:
     """The contract's networks, in the order LLM-TPU's compile script combines them."""
     weights, half = QUANT_MODES[quantize]
@@ -80,6 +85,11 @@ def deploy_specs(manifest: dict, quantize: str, group_size: int) -> list[DeployS
     def shapes(name: str) -> tuple[tuple[int, ...], ...]:
         return tuple(tuple(i["shape"]) for i in nets[name]["inputs"])
 
+    if is_encoder_decoder(manifest):
+        # Without --high_precision: a post-LN block (Marian, BART) ends in a LayerNorm, which it computes in
+        # fp32 and leaves as the net's fp32 output (--quant_output strips casts, and there is none), so the
+        # next net would be fed fp32. Measured on tiny-marian bf16: the same block cosines either way.
+        return _encoder_decoder_specs(nets, shapes, weights, half, block_flags[:-1])
     specs = [
         DeploySpec("embedding", "embedding", shapes("embedding"), half, ("--quant_input", "--quant_output")),
         # The same ONNX (its seq axis is dynamic) compiled for one token.
@@ -100,6 +110,28 @@ def deploy_specs(manifest: dict, quantize: str, group_size: int) -> list[DeployS
     return specs
 
 
+def _encoder_decoder_specs(nets, shapes, weights: str, half: str, block_flags) -> list[DeploySpec]:
+    """An encoder-decoder model's nets (docs/encoder-decoder-networks.md), in the order a runtime
+    calls them. The encoder and cross_kv hold Linear weights like the blocks and take their mode;
+    their outputs stay in the blocks' 16-bit float, so nothing is converted between the nets."""
+    layers = sorted(int(n.rsplit("_", 1)[1]) for n in nets if re.fullmatch(r"decoder_block_\d+", n))
+    specs = [
+        DeploySpec("encoder", "encoder", shapes("encoder"), weights, block_flags),
+        DeploySpec("cross_kv", "cross_kv", shapes("cross_kv"), weights, block_flags),
+        DeploySpec("embedding", "embedding", shapes("embedding"), half, ("--quant_input", "--quant_output")),
+        DeploySpec("embedding_cache", "embedding", ((1, 1), (1, 1)), half, ("--quant_input", "--quant_output")),
+    ]
+    for i in layers:
+        specs.append(DeploySpec(f"decoder_block_{i}", f"decoder_block_{i}", shapes(f"decoder_block_{i}"), weights,
+                                block_flags))
+        specs.append(DeploySpec(f"decoder_block_cache_{i}", f"decoder_block_cache_{i}",
+                                shapes(f"decoder_block_cache_{i}"), weights, block_flags + ("--addr_mode", "io_alone")))
+    return specs + [
+        DeploySpec("lm_head", "lm_head", shapes("lm_head"), half, ("--quant_input",)),
+        DeploySpec("greedy_head", "greedy_head", shapes("greedy_head"), "F32", ()),
+    ]
+
+
 def check_quantizable(config, quantize: str, group_size: int) -> None:
     """W4 on BM1684X needs every quantized weight's output channels to be a multiple of 64
     (TPU-MLIR reports `invalid scale channel` otherwise), and its input channels to split into groups."""
@@ -112,14 +144,16 @@ def check_quantizable(config, quantize: str, group_size: int) -> None:
     hidden = int(config.hidden_size)
     heads, kv = int(config.num_attention_heads), int(getattr(config, "num_key_value_heads", None) or config.num_attention_heads)
     head_dim = int(getattr(config, "head_dim", None) or hidden // heads)
-    channels = {"hidden_size": hidden, "intermediate_size": int(config.intermediate_size),
-                "q heads x head_dim": heads * head_dim, "kv heads x head_dim": kv * head_dim}
+    # Decoder-only configs name the MLP width intermediate_size; encoder-decoder ones have one per stack.
+    ffn = {k: int(getattr(config, k)) for k in ("intermediate_size", "encoder_ffn_dim", "decoder_ffn_dim")
+           if getattr(config, k, None)}
+    channels = {"hidden_size": hidden, **ffn, "q heads x head_dim": heads * head_dim, "kv heads x head_dim": kv * head_dim}
     bad = {k: v for k, v in channels.items() if v % 64}
     if QUANT_MODES[quantize][0].startswith("W4") and bad:
         raise GraphoptError(f"--quantize {quantize} cannot quantize this model on BM1684X: W4 needs every weight's "
                             f"output channels to be a multiple of 64, and {', '.join(f'{k} = {v}' for k, v in bad.items())}"
                             ". Use --quantize w8bf16 or bf16 for it.")
-    uneven = {k: v for k, v in channels.items() if k in ("hidden_size", "intermediate_size", "q heads x head_dim")
+    uneven = {k: v for k, v in channels.items() if k in ("hidden_size", *ffn, "q heads x head_dim")
               and v % group_size}
     if uneven:
         raise GraphoptError(f"--group-size {group_size} does not divide the input channels of every weight "

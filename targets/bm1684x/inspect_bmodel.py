@@ -1,8 +1,10 @@
 """What is inside a .bmodel (`model_tool --info`), and whether it meets the runtime's contract.
 
-The contract is what LLM-TPU's Llama3_1 chat demo reads from the file: the nets by name,
-NUM_LAYERS = (nets - 5) / 2, int32 ids and positions, 16-bit activations, a [1,SEQ,KV,D]
-cache in and a [1,1,KV,D] row out for the decode nets, the masks' shapes.
+For a decoder-only model the contract is what LLM-TPU's Llama3_1 chat demo reads from the file:
+the nets by name, NUM_LAYERS = (nets - 5) / 2, int32 ids and positions, 16-bit activations, a
+[1,SEQ,KV,D] cache in and a [1,1,KV,D] row out for the decode nets, the masks' shapes. For an
+encoder-decoder model it is docs/encoder-decoder-networks.md, with the bmodel's int32 ids and
+16-bit floats.
 """
 
 from __future__ import annotations
@@ -65,22 +67,17 @@ HALF = ("bfloat16", "float16")
 INT = ("int32",)
 
 
-def contract_problems(nets: list[NetInfo]) -> list[str]:
-    """Everything in `nets` the LLM-TPU Llama3_1 runtime would trip over; empty when it meets the contract."""
-    by_name = {n.name: n for n in nets}
-    problems = []
-    fixed = ("embedding", "embedding_cache", "lm_head", "greedy_head", "penalty_sample_head")
-    problems += [f"net '{name}' is missing" for name in fixed if name not in by_name]
-    blocks = sorted(int(n[6:]) for n in by_name if re.fullmatch(r"block_\d+", n))
-    caches = sorted(int(n[12:]) for n in by_name if re.fullmatch(r"block_cache_\d+", n))
-    if blocks != list(range(len(blocks))) or caches != blocks or not blocks:
-        problems.append(f"block nets must be block_0..block_{{L-1}} and block_cache_0..block_cache_{{L-1}}; "
-                        f"found blocks {blocks} and caches {caches}")
-    if len(nets) != 5 + 2 * len(blocks):
-        problems.append(f"{len(nets)} nets, but the runtime computes NUM_LAYERS = (nets - 5) / 2 and expects "
-                        f"{5 + 2 * len(blocks)} for {len(blocks)} layers")
-    if problems:
-        return problems
+LLM_TPU = "LLM-TPU Llama3_1 chat demo"
+ENCODER_DECODER = "encoder-decoder networks, docs/encoder-decoder-networks.md"
+
+
+def contract_of(nets: list[NetInfo]) -> str:
+    """Which runtime contract a bmodel's nets are held to: an encoder net makes it a translation model."""
+    return ENCODER_DECODER if any(n.name == "encoder" for n in nets) else LLM_TPU
+
+
+def _expecter(by_name: dict[str, NetInfo], problems: list[str]):
+    """`expect(net, io, index, rank, dtypes, shape)`: the tensor, after noting every way it differs."""
 
     def expect(net: str, io: str, index: int, rank: int | None = None, dtypes=None, shape=None):
         tensors = getattr(by_name[net], io)
@@ -96,6 +93,38 @@ def contract_problems(nets: list[NetInfo]) -> list[str]:
             problems.append(f"{net} {io[:-1]} {index} ({t.name}): shape {list(t.shape)}, expected {list(shape)}")
         return t
 
+    return expect
+
+
+def _layers(by_name: dict[str, NetInfo], prefix: str) -> tuple[list[int], list[int]]:
+    blocks = sorted(int(n[len(prefix):]) for n in by_name if re.fullmatch(rf"{prefix}\d+", n))
+    caches = sorted(int(n[len(prefix) + 6:]) for n in by_name if re.fullmatch(rf"{prefix}cache_\d+", n))
+    return blocks, caches
+
+
+def _missing_nets(by_name: dict[str, NetInfo], fixed: tuple[str, ...], prefix: str) -> tuple[list[str], list[int]]:
+    """(problems, layers): the fixed nets that are missing, and whether the block nets are numbered 0..L-1."""
+    problems = [f"net '{name}' is missing" for name in fixed if name not in by_name]
+    blocks, caches = _layers(by_name, prefix)
+    if blocks != list(range(len(blocks))) or caches != blocks or not blocks:
+        problems.append(f"block nets must be {prefix}0..{prefix}{{L-1}} and {prefix}cache_0..{prefix}cache_{{L-1}}; "
+                        f"found blocks {blocks} and caches {caches}")
+    return problems, blocks
+
+
+def contract_problems(nets: list[NetInfo]) -> list[str]:
+    """Everything in `nets` their runtime would trip over (see `contract_of`); empty when they meet the contract."""
+    if contract_of(nets) == ENCODER_DECODER:
+        return encoder_decoder_problems(nets)
+    by_name = {n.name: n for n in nets}
+    fixed = ("embedding", "embedding_cache", "lm_head", "greedy_head", "penalty_sample_head")
+    problems, blocks = _missing_nets(by_name, fixed, "block_")
+    if len(nets) != 5 + 2 * len(blocks):
+        problems.append(f"{len(nets)} nets, but the runtime computes NUM_LAYERS = (nets - 5) / 2 and expects "
+                        f"{5 + 2 * len(blocks)} for {len(blocks)} layers")
+    if problems:
+        return problems
+    expect = _expecter(by_name, problems)
     ids = expect("embedding", "inputs", 0, 2, INT)
     seq = ids.shape[1] if ids else 0
     expect("embedding_cache", "inputs", 0, dtypes=INT, shape=(1, 1))
@@ -130,6 +159,49 @@ def contract_problems(nets: list[NetInfo]) -> list[str]:
     return problems
 
 
+def encoder_decoder_problems(nets: list[NetInfo]) -> list[str]:
+    """The nets of docs/encoder-decoder-networks.md, as a bmodel holds them: ids and masks of the
+    encoder int32, every activation, mask and K/V 16-bit, the decode blocks' cache [1,SEQ,heads,D]."""
+    by_name = {n.name: n for n in nets}
+    fixed = ("encoder", "cross_kv", "embedding", "embedding_cache", "lm_head", "greedy_head")
+    problems, blocks = _missing_nets(by_name, fixed, "decoder_block_")
+    if problems:
+        return problems
+    expect = _expecter(by_name, problems)
+    ids = expect("encoder", "inputs", 0, 2, INT)
+    seq = ids.shape[1] if ids else 0
+    expect("encoder", "inputs", 1, dtypes=INT, shape=(1, seq))
+    states = expect("encoder", "outputs", 0, 3, HALF)
+    hidden = states.shape[2] if states else 0
+    expect("cross_kv", "inputs", 0, dtypes=HALF, shape=(1, seq, hidden))
+    expect("embedding", "inputs", 0, dtypes=INT, shape=(1, seq))
+    expect("embedding", "inputs", 1, dtypes=INT, shape=(1, seq))
+    expect("embedding_cache", "inputs", 0, dtypes=INT, shape=(1, 1))
+    expect("embedding_cache", "inputs", 1, dtypes=INT, shape=(1, 1))
+    expect("embedding", "outputs", 0, dtypes=HALF, shape=(1, seq, hidden))
+    for i in blocks:
+        k = expect("cross_kv", "outputs", 2 * i, 4, HALF)
+        kv = tuple(k.shape[2:]) if k else ()
+        expect("cross_kv", "outputs", 2 * i + 1, dtypes=HALF, shape=(1, seq, *kv))
+        block, cache = f"decoder_block_{i}", f"decoder_block_cache_{i}"
+        for net, steps, keys in ((block, seq, seq), (cache, 1, seq + 1)):
+            expect(net, "inputs", 0, dtypes=HALF, shape=(1, steps, hidden))
+            expect(net, "inputs", 1, dtypes=HALF, shape=(1, 1, steps, keys))
+            expect(net, "inputs", 2, dtypes=HALF, shape=(1, 1, steps, seq))
+            expect(net, "inputs", 3, dtypes=HALF, shape=(1, seq, *kv))
+            expect(net, "inputs", 4, dtypes=HALF, shape=(1, seq, *kv))
+            expect(net, "outputs", 0, dtypes=HALF, shape=(1, steps, hidden))
+            expect(net, "outputs", 1, dtypes=HALF, shape=(1, steps, *kv))
+            expect(net, "outputs", 2, dtypes=HALF, shape=(1, steps, *kv))
+        expect(cache, "inputs", 5, dtypes=HALF, shape=(1, seq, *kv))
+        expect(cache, "inputs", 6, dtypes=HALF, shape=(1, seq, *kv))
+    expect("lm_head", "inputs", 0, dtypes=HALF, shape=(1, hidden))
+    logits = expect("lm_head", "outputs", 0, 2)
+    expect("greedy_head", "inputs", 0, shape=(1, logits.shape[1] if logits else 0))
+    expect("greedy_head", "outputs", 0, dtypes=INT)
+    return problems
+
+
 def render(path: Path, header: dict, nets: list[NetInfo], problems: list[str]) -> str:
     lines = [f"{path}: {header.get('chip', '?')}, {len(nets)} nets, bmodel {header.get('bmodel version', '?')}"]
     if mem := header.get("memory"):
@@ -141,10 +213,11 @@ def render(path: Path, header: dict, nets: list[NetInfo], problems: list[str]) -
             for t in tensors:
                 lines.append(f"    {io} {t.name:<28} {str(list(t.shape)):<22} {t.dtype}")
     lines.append("")
+    contract = contract_of(nets)
     if problems:
-        lines.append("contract (LLM-TPU Llama3_1 chat demo): NOT MET")
+        lines.append(f"contract ({contract}): NOT MET")
         lines += [f"  - {p}" for p in problems]
     else:
-        layers = (len(nets) - 5) // 2
-        lines.append(f"contract (LLM-TPU Llama3_1 chat demo): met ({layers} layers)")
+        layers = len(_layers({n.name: n for n in nets}, "decoder_block_" if contract == ENCODER_DECODER else "block_")[0])
+        lines.append(f"contract ({contract}): met ({layers} layers)")
     return "\n".join(lines)

@@ -14,7 +14,7 @@ import numpy as np
 
 from graphopt.compiler import END_TO_END_PROMPT, sample_inputs
 from graphopt.ir import TensorSpec
-from graphopt.runtime import ChipStyleRuntime, OrtBackend, Shapes, ort_session
+from graphopt.runtime import Generation, OrtBackend, ort_session, run_prompt, runtime_for
 from graphopt.targets.bm1684x.contract import MIN_COSINE, MIN_COSINE_VS_FP32, DeploySpec
 from graphopt.targets.bm1684x.simulator import SimBackend, Simulator
 
@@ -56,13 +56,19 @@ def network_similarity(sim: Simulator, bmodel: Path, spec: DeploySpec, manifest:
 def generation_check(sim: Simulator, bmodel: Path, manifest: dict, folder: Path, quantized: Path,
                      new_tokens: int = 16) -> dict:
     """Greedy tokens of the simulated bmodel against the ONNX networks in onnxruntime, same driver."""
-    shapes = Shapes.from_manifest(manifest)
+    seq = manifest["seq_length"]
     vocab = int(manifest["model"]["config"]["vocab_size"])
-    prompt = [t % vocab for t in END_TO_END_PROMPT][: shapes.seq_length - 1]
-    new_tokens = min(new_tokens, shapes.seq_length - len(prompt))
-    ours = ChipStyleRuntime(SimBackend(sim, bmodel, manifest), shapes).generate(prompt, new_tokens)
-    reference = ChipStyleRuntime(OrtBackend(quantized, manifest), shapes).generate(prompt, new_tokens)
-    fp32 = ChipStyleRuntime(OrtBackend(folder, manifest), shapes).generate(prompt, new_tokens).tokens
+    prompt = [t % vocab for t in END_TO_END_PROMPT][: seq - 1]  # the source, for an encoder-decoder model
+    # A translation's target starts at position 0 (after the decoder start token), a continuation after the prompt.
+    room = seq - 1 if manifest["model"]["config"].get("is_encoder_decoder") else seq - len(prompt)
+    new_tokens = min(new_tokens, room)
+
+    def generate(backend) -> Generation:
+        return run_prompt(runtime_for(backend, manifest), prompt, new_tokens)
+
+    ours = generate(SimBackend(sim, bmodel, manifest))
+    reference = generate(OrtBackend(quantized, manifest))
+    fp32 = generate(OrtBackend(folder, manifest)).tokens
     result = {"prompt": prompt, "tokens": ours.tokens, "reference_tokens": reference.tokens,
               **compare_greedy(reference.tokens, reference.logits, ours.tokens, ours.logits),
               "fp32_tokens": fp32, "fp32_agreement": sum(a == b for a, b in zip(fp32, ours.tokens)) / len(fp32)}
