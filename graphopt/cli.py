@@ -1,4 +1,4 @@
-"""The `graphopt` command: run, generate, passes, inspect, toolchain."""
+"""The `graphopt` command: run, generate, passes, golden, inspect, toolchain."""
 
 from __future__ import annotations
 
@@ -28,14 +28,17 @@ def _parse_ids(text: str) -> list[int]:
 
 
 def cmd_run(args) -> int:
-    from graphopt.compiler import compile_model, validate_seq_length
+    from graphopt.compiler import check_dump_after, compile_model, validate_seq_length
+    from graphopt.plugins import with_plugins
     from graphopt.models import open_model
     from graphopt.output import check_output_dir
     from graphopt.report import render, write_json
     from graphopt.targets import get_target
 
     start = time.perf_counter()
+    plugins, dump_after = _plugins(args), _dump_after(args)
     target = get_target(args.target)
+    check_dump_after(with_plugins(target, plugins), dump_after)  # user passes load (and fail) before any work
     source = open_model(args.model, args.model_path, args.random_weights, args.num_layers)
     out = Path(args.out or f"graphopt-out/{source.name}-{target.name}-seq{args.seq_length}")
     # Everything the user can get wrong is checked before any work starts.
@@ -51,8 +54,11 @@ def cmd_run(args) -> int:
     print(f"graphopt: {source.name} ({source.weights.describe()}) -> target {target.name}{detail}, "
           f"seq {args.seq_length}", file=sys.stderr)
     dump_dir = Path(args.dump_dir) if args.dump_dir else None
+    if dump_after is not None and dump_dir is None:
+        dump_dir = Path(f"{out}.dump")
+        print(f"graphopt: graphs after {', '.join(sorted(dump_after)) or 'no pass'} go to {dump_dir}", file=sys.stderr)
     result = compile_model(source, target, args.seq_length, out, check=not args.no_check, dump_dir=dump_dir,
-                           target_options=options, jobs=args.jobs)
+                           target_options=options, jobs=args.jobs, plugins=plugins, dump_after=dump_after)
     wall = time.perf_counter() - start
     write_json(result, wall)
     print(render(result, wall))
@@ -109,11 +115,27 @@ def _generate(args, prompt, runtime, manifest) -> int:
     return 0
 
 
+def _plugins(args):
+    from graphopt.plugins import PassPlugins
+
+    if args.insert_after and args.insert_before:
+        raise GraphoptError("--insert-after and --insert-before both place the --pass-file passes; give one of them.")
+    return PassPlugins(tuple(args.pass_file or ()), args.insert_after, args.insert_before)
+
+
+def _dump_after(args) -> frozenset[str] | None:
+    """--dump-after NAME (repeatable) -> those passes; 'all' -> None (every pass); not given -> None."""
+    names = [n for value in (args.dump_after or ()) for n in value.split(",") if n]
+    return None if not names or "all" in names else frozenset(names)
+
+
 def cmd_passes(args) -> int:
     from graphopt.pass_manager import get_pass
+    from graphopt.plugins import with_plugins
     from graphopt.targets import get_target
 
-    target = get_target(args.target)
+    builtin = get_target(args.target)
+    target = with_plugins(builtin, _plugins(args))
     print(f"target {target.name}: {target.description}")
     for phase, names in (("FX passes (on the traced graph)", target.fx_pipeline),
                          ("ONNX passes (on the exported model)", target.onnx_pipeline)):
@@ -123,12 +145,33 @@ def cmd_passes(args) -> int:
             kinds = "all networks" if len(cls.applies_to) > 5 else ", ".join(sorted(cls.applies_to))
             print(f"  {index:2d}. {name:<22} {cls.doc()}")
             detail = [f"on: {kinds}"]
+            if name not in (*builtin.fx_pipeline, *builtin.onnx_pipeline):
+                detail.insert(0, f"user pass from {sys.modules[cls.__module__].__file__}")
             if cls.requires:
                 detail.append(f"needs: {', '.join(cls.requires)}")
             if cls.ensures:
                 detail.append(f"ensures: {', '.join(cls.ensures)}")
             print(f"      {'':<22} ({'; '.join(detail)})")
     return 0
+
+
+def cmd_golden(args) -> int:
+    from graphopt import golden
+
+    directory = Path(args.dir)
+    if args.action == "record":
+        prompt = _parse_ids(args.prompt) if args.prompt else None
+        recorded = golden.record(args.model, directory, name=args.name, model_path=args.model_path, prompt=prompt,
+                                 new_tokens=args.new_tokens)
+        meta, logits = golden.Golden.paths(directory, recorded.name)
+        print(f"recorded golden '{recorded.name}': {len(recorded.tokens)} tokens from transformers "
+              f"{recorded.recorded_with['transformers']} -> {meta}, {logits}")
+        return 0
+    report = golden.check(args.model, directory, name=args.name, model_path=args.model_path, target=args.target,
+                          seq_length=args.seq_length, plugins=_plugins(args),
+                          target_options={"quantize": args.quantize} if args.quantize else None)
+    print(report.table())
+    return 0 if report.ok else 1
 
 
 def cmd_inspect(args) -> int:
@@ -163,12 +206,23 @@ def cmd_toolchain(args) -> int:
     return 0
 
 
+def _add_pass_options(parser) -> None:
+    group = parser.add_argument_group("user passes (docs/writing-passes.md)")
+    group.add_argument("--pass-file", action="append", metavar="FILE", help="a Python file of passes registered with "
+                       "@register_pass (repeatable); installed packages add theirs through the entry point group "
+                       "graphopt.passes")
+    group.add_argument("--insert-after", metavar="PASS", help="place the --pass-file passes after this pass "
+                       "(instead of where each pass's insert_after/insert_before says)")
+    group.add_argument("--insert-before", metavar="PASS", help="place the --pass-file passes before this pass")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="graphopt", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
     run = sub.add_parser("run", help="compile a model into per-network files for a target")
-    run.add_argument("model", help=f"registry name ({', '.join(REGISTRY)}) or a Hugging Face model directory")
+    run.add_argument("model", help=f"registry name ({', '.join(REGISTRY)}), a Hugging Face model directory, or a "
+                     "Python file declaring ADAPTER = CustomDecoder(...) for your own module")
     run.add_argument("--target", default="onnx", help="target to compile for (default: onnx)")
     run.add_argument("--seq-length", type=int, default=DEFAULT_SEQ_LENGTH, help="SEQ of the network contract (default 512)")
     run.add_argument("--out", help="output directory (default: graphopt-out/MODEL-TARGET-seqN)")
@@ -178,7 +232,11 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--no-check", action="store_true", help="skip the stage-by-stage numeric checks")
     run.add_argument("--jobs", type=int, help="processes exporting (and, for bm1684x, compiling) networks in "
                      "parallel (default: as many as cores and memory allow; 1 for models under 200M parameters)")
-    run.add_argument("--dump-dir", help="write each network's graph after every pass into this directory")
+    run.add_argument("--dump-dir", help="write each network's graph after every pass (or those of --dump-after) "
+                     "into this directory")
+    run.add_argument("--dump-after", action="append", metavar="PASS", help="write each network's graph after this "
+                     "pass (repeatable, or comma-separated; 'all' for every pass) into --dump-dir (default: OUT.dump)")
+    _add_pass_options(run)
     bm = run.add_argument_group("bm1684x target")
     bm.add_argument("--quantize", default="w4bf16", help="w4bf16 (default), w8bf16, w4f16, w8f16, bf16 or f16: "
                     "the blocks' weights; embedding and lm_head use the matching 16-bit float")
@@ -197,7 +255,24 @@ def build_parser() -> argparse.ArgumentParser:
 
     passes = sub.add_parser("passes", help="print a target's pass pipeline")
     passes.add_argument("--target", default="onnx")
+    _add_pass_options(passes)
     passes.set_defaults(func=cmd_passes)
+
+    gold = sub.add_parser("golden", help="record transformers' greedy output as a golden, or check every "
+                          "compiler stage against one")
+    gold.add_argument("action", choices=("record", "check"))
+    gold.add_argument("model", help="registry name, Hugging Face model directory, or a model file declaring ADAPTER")
+    gold.add_argument("--dir", default="tests/golden", help="where goldens live (default: tests/golden)")
+    gold.add_argument("--name", help="the golden's name (default: the registry name or the directory's name)")
+    gold.add_argument("--model-path", help="checkpoint directory for a registry model")
+    gold.add_argument("--prompt", help="record: prompt (or source) token ids, e.g. 1,2,3 (default: 8 fixed ids)")
+    gold.add_argument("--new-tokens", type=int, default=32, help="record: greedy tokens to keep (default 32)")
+    gold.add_argument("--target", default="onnx", help="check: the target whose stages to check (default: onnx; "
+                      "bm1684x adds the bmodel in the simulator)")
+    gold.add_argument("--seq-length", type=int, default=64, help="check: SEQ to compile for (default 64)")
+    gold.add_argument("--quantize", help="check, bm1684x: the mode of the bmodel stage (default bf16)")
+    _add_pass_options(gold)
+    gold.set_defaults(func=cmd_golden)
 
     inspect = sub.add_parser("inspect", help="print a .bmodel's nets and check them against the runtime contract")
     inspect.add_argument("file")

@@ -32,6 +32,7 @@ from graphopt.networks import MASK_VALUE, causal_mask, decode_mask, plan_network
 from graphopt.onnx_ir import SharedData, export_onnx, save_onnx
 from graphopt.output import MANIFEST, StagedDirectory
 from graphopt.pass_manager import BLOCKS, DECODE_BLOCKS, PassManager, PassRecord
+from graphopt.plugins import PassPlugins, reload_in_worker, with_plugins
 from graphopt.progress import Progress
 
 if TYPE_CHECKING:  # the targets package imports the compiler's checks
@@ -167,15 +168,22 @@ def validate_seq_length(source: ModelSource, seq_length: int) -> None:
 def compile_model(source: ModelSource, target: Target, seq_length: int, out_dir: Path, *,
                   layers: list[int] | None = None, check: bool = True, keep_fx: bool = False,
                   dump_dir: Path | None = None, show_progress: bool = True,
-                  target_options: dict | None = None, jobs: int | None = None) -> CompileResult:
+                  target_options: dict | None = None, jobs: int | None = None,
+                  plugins: PassPlugins | None = None, dump_after: frozenset[str] | None = None) -> CompileResult:
+    """Compile `source` for `target` into `out_dir`. `plugins` adds user passes to the target's
+    pipelines; `dump_after` limits the `dump_dir` graphs to those passes (None: after every pass)."""
     validate_seq_length(source, seq_length)
+    if plugins is not None:
+        target = with_plugins(target, plugins)
+    check_dump_after(target, dump_after)
     target_options = target_options or {}
     if target.build:
         target.build.validate(source, target_options)
     staged = StagedDirectory(out_dir)
     try:
-        result = _compile(source, target, seq_length, staged.path, layers, check, keep_fx, dump_dir, show_progress,
-                          jobs)
+        job = ExportJob(source, list(target.fx_pipeline), list(target.onnx_pipeline), seq_length, staged.path, layers,
+                        check, dump_dir, dump_after, plugins)
+        result = _compile(job, target, keep_fx, show_progress, jobs)
         if target.build:
             result.target = target.build.build(staged.path, result.manifest, source, target_options, check,
                                                show_progress)
@@ -199,15 +207,22 @@ class ExportJob:
     layers: list[int] | None
     check: bool
     dump_dir: Path | None
+    dump_after: frozenset[str] | None = None
+    plugins: PassPlugins | None = None  # user passes, loaded again by each worker
 
     def plans(self) -> list:
         return plan_networks(self.source, self.seq_length, self.layers)
 
 
-def _compile(source, target, seq_length, folder, layers, check, keep_fx, dump_dir, show_progress,
-             jobs: int | None = None) -> CompileResult:
-    job = ExportJob(source, list(target.fx_pipeline), list(target.onnx_pipeline), seq_length, folder, layers, check,
-                    dump_dir)
+def check_dump_after(target: Target, dump_after: frozenset[str] | None) -> None:
+    unknown = sorted(set(dump_after or ()) - {*target.fx_pipeline, *target.onnx_pipeline})
+    if unknown:
+        raise GraphoptError(f"--dump-after {', '.join(unknown)}: no such pass in the {target.name} pipeline "
+                            f"({', '.join([*target.fx_pipeline, *target.onnx_pipeline])}); name one of those, or 'all'.")
+
+
+def _compile(job: ExportJob, target: Target, keep_fx: bool, show_progress: bool, jobs: int | None) -> CompileResult:
+    source, seq_length, folder, layers, check = job.source, job.seq_length, job.folder, job.layers, job.check
     plans = job.plans()
     groups = _weight_groups(plans)
     jobs = 1 if keep_fx else min(jobs or default_export_jobs(source), len(groups))
@@ -270,7 +285,7 @@ def export_network(job: ExportJob, plan, shared: SharedData, on_stage=lambda sta
     # Decode networks gain history inputs and encoder-decoder blocks trade encoder_hidden_states for
     # cross_k/cross_v: their rewritten form has other inputs than the traced one to compare with.
     traced_out = net.run(*args) if job.check and plan.kind not in INPUTS_REWRITTEN else None
-    records = timed("fx passes", PassManager(job.fx_pipeline, job.dump_dir).run, net)
+    records = timed("fx passes", PassManager(job.fx_pipeline, job.dump_dir, dump_after=job.dump_after).run, net)
     rewritten_out = None
     if job.check:
         args = check_inputs(net, vocab)  # decode networks gained inputs
@@ -281,7 +296,8 @@ def export_network(job: ExportJob, plan, shared: SharedData, on_stage=lambda sta
     dynamic_axes = ({name: {1: "seq"} for name in ("input_ids", "position_ids", "input_embed")
                      if name in net.output_names or net.input(name) is not None} if plan.kind == "embedding" else {})
     onnx_net = timed("onnx export", export_onnx, net, dynamic_axes or None)
-    records += timed("onnx passes", PassManager(job.onnx_pipeline, job.dump_dir, phase="onnx").run, onnx_net)
+    records += timed("onnx passes", PassManager(job.onnx_pipeline, job.dump_dir, phase="onnx",
+                                                dump_after=job.dump_after).run, onnx_net)
     files = timed("save", save_onnx, onnx_net.model, job.folder / f"{plan.name}.onnx", onnx_net.weights, shared)
     del onnx_net
     if job.check:
@@ -321,6 +337,7 @@ def default_export_jobs(source: ModelSource) -> int:
 
 def _worker_start(job: ExportJob, threads: int) -> None:
     torch.set_num_threads(threads)
+    reload_in_worker(job.plugins)  # a spawned process has only the built-in passes registered
     _WORKER["job"], _WORKER["plans"] = job, {p.name: p for p in job.plans()}
 
 
@@ -374,14 +391,14 @@ def _parameter_count(source: ModelSource) -> int:
 
 
 def end_to_end_check(source: ModelSource, folder: Path, manifest: dict, new_tokens: int = 8) -> dict:
-    """Greedy tokens of the ONNX networks (driven like the chip) against transformers' generate."""
+    """Greedy tokens of the ONNX networks (driven like the chip) against the reference (transformers' generate)."""
     from graphopt.runtime import OrtBackend, Shapes, run_prompt, runtime_for
 
     shapes = Shapes.from_manifest(manifest)
     prompt = [t % int(source.config.vocab_size) for t in END_TO_END_PROMPT][: shapes.seq_length - 1]
     # (an encoder-decoder model translates the prompt: its target starts with one token, not the prompt)
     new_tokens = min(new_tokens, shapes.seq_length - (1 if source.is_encoder_decoder else len(prompt)))
-    reference = hf_greedy(source.reference_model(), prompt, new_tokens)
+    reference = source.greedy(prompt, new_tokens)
     ours = run_prompt(runtime_for(OrtBackend(folder, manifest), manifest), prompt, new_tokens)
     err = max(float(np.max(np.abs(a - b))) for a, b in zip(reference["logits"], ours.logits))
     same = reference["tokens"] == ours.tokens

@@ -149,7 +149,7 @@ def plan_networks(source: ModelSource, seq_length: int, layers: list[int] | None
         for name, kind, steps in ((f"block_{i}", "block", seq_length), (f"block_cache_{i}", "block_cache", 1)):
             plans.append(NetworkPlan(
                 name, kind,
-                lambda layer=layer, steps=steps: (DecoderBlock(layer, source.rotary), block_inputs(steps)),
+                lambda layer=layer, steps=steps: (_block(source, layer), block_inputs(steps)),
                 lambda layer=layer: (layer,), ["hidden_states"]))
     plans += [
         NetworkPlan("lm_head", "lm_head",
@@ -164,6 +164,14 @@ def plan_networks(source: ModelSource, seq_length: int, layers: list[int] | None
                     lambda: (), ["probs", "token"]),
     ]
     return plans
+
+
+def _block(source: ModelSource, layer: nn.Module) -> nn.Module:
+    if source.parts.call_block is not None:  # a user's model says how its block takes the inputs
+        from graphopt.models.custom import CustomBlock
+
+        return CustomBlock(layer, source.parts.call_block)
+    return DecoderBlock(layer, source.rotary)
 
 
 def trace_plan(source: ModelSource, plan: NetworkPlan, seq_length: int) -> NetworkGraph:

@@ -31,6 +31,10 @@ class Pass:
     applies_to: ClassVar[frozenset[str]] = ALL_KINDS
     requires: ClassVar[tuple[str, ...]] = ()
     ensures: ClassVar[tuple[str, ...]] = ()
+    # Where a user pass goes in a target's pipeline: after or before the pass of that name (one of
+    # the two; --insert-after/--insert-before override it). Built-in passes are placed by the targets.
+    insert_after: ClassVar[str | None] = None
+    insert_before: ClassVar[str | None] = None
 
     def run(self, net: NetworkGraph) -> str:
         """Rewrite `net` in place; return a one-line note of what changed."""
@@ -80,12 +84,15 @@ class PassManager:
 
     After each pass the network is finalized (dead code removed, shapes re-propagated), the
     pass's `ensures` are added to the network's properties, and, when `dump_dir` is set,
-    the graph is written to `dump_dir/<network>/<phase>-<NN>-<pass>.py|.txt` for reading.
+    the graph is written to `dump_dir/<network>/<phase>-<NN>-<pass>.py|.txt` for reading (after the
+    passes named in `dump_after` only, when it is given; the input is always written).
     """
 
-    def __init__(self, pass_names: list[str], dump_dir: Path | None = None, phase: str = "fx"):
+    def __init__(self, pass_names: list[str], dump_dir: Path | None = None, phase: str = "fx",
+                 dump_after: frozenset[str] | None = None):
         self.passes = [get_pass(n)() for n in pass_names]
         self.dump_dir, self.phase = dump_dir, phase
+        self.dump_after = dump_after  # the passes after which to dump; None: every pass
 
     def run(self, net: NetworkGraph) -> list[PassRecord]:
         records = []
@@ -109,7 +116,7 @@ class PassManager:
         return records
 
     def _dump(self, net: NetworkGraph, index: int, label: str) -> None:
-        if self.dump_dir is None:
+        if self.dump_dir is None or (index and self.dump_after is not None and label not in self.dump_after):
             return
         folder = self.dump_dir / net.name
         folder.mkdir(parents=True, exist_ok=True)

@@ -30,7 +30,7 @@ def render(result: CompileResult, wall_seconds: float) -> str:
                  + f"; total {wall_seconds:.1f}s")
     if result.end_to_end:
         e2e = result.end_to_end
-        lines.append(f"  end to end vs transformers generate: {len(e2e['tokens'])} greedy tokens "
+        lines.append(f"  end to end vs the reference (transformers generate, or your model's forward): {len(e2e['tokens'])} greedy tokens "
                      f"{'identical' if e2e['tokens_identical'] else 'DIFFER'}, "
                      f"max logit error {e2e['max_abs_logit_err']:.1e}")
     if result.target is not None:

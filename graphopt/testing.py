@@ -1,4 +1,4 @@
-"""Helpers for testing passes: traced tiny-llama networks and the inputs a runtime sends them.
+"""Helpers for testing passes: traced networks of the registry's tiny models and the inputs a runtime sends them.
 
 Pass tests (ours, and users' own) compare a network before and after a pass on the same
 inputs and check that the rewrite happened; these give them a real traced network fast.
@@ -18,20 +18,24 @@ from graphopt.pass_manager import PassManager
 
 
 @functools.cache
+def registry_model(name: str) -> ModelSource:
+    return open_model(name)
+
+
 def tiny_llama() -> ModelSource:
-    return open_model("tiny-llama")
+    return registry_model("tiny-llama")
 
 
 @functools.cache
-def _traced(name: str, seq_length: int) -> NetworkGraph:
-    source = tiny_llama()
+def _traced(model: str, name: str, seq_length: int) -> NetworkGraph:
+    source = registry_model(model)
     plan = next(p for p in plan_networks(source, seq_length, layers=[0]) if p.name == name)
     return trace_plan(source, plan, seq_length)
 
 
-def traced(name: str = "block_0", seq_length: int = 16) -> NetworkGraph:
-    """A fresh copy of a traced tiny-llama network (tracing is cached, passes mutate)."""
-    return copy.deepcopy(_traced(name, seq_length))
+def traced(name: str = "block_0", seq_length: int = 16, model: str = "tiny-llama") -> NetworkGraph:
+    """A fresh copy of a traced network of a registry model (tracing is cached, passes mutate)."""
+    return copy.deepcopy(_traced(model, name, seq_length))
 
 
 def run_passes(net: NetworkGraph, *names: str) -> NetworkGraph:

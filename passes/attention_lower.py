@@ -43,7 +43,8 @@ class AttentionLower(Pass):
                 scale = scale if scale is not None else 1.0 / math.sqrt(head_dim)
                 # Scale the query, not the scores: [heads, steps, D] multiplies instead of
                 # [heads, steps, keys], and in 16 bits the large scores are rounded once less.
-                query = graph.call_function(aten.mul.Tensor, (query, scale))
+                if scale != 1.0:  # 1 when a pass folded it into the weights (examples/passes/fold_attention_scale.py)
+                    query = graph.call_function(aten.mul.Tensor, (query, scale))
                 scores = graph.call_function(aten.matmul.default, (query, key_t))
                 if mask is not None:
                     scores = graph.call_function(aten.add.Tensor, (scores, mask))

@@ -1,6 +1,7 @@
 """The command line: a full run, generate, passes, and clear errors for bad input."""
 
 import json
+from pathlib import Path
 import subprocess
 import sys
 
@@ -156,3 +157,16 @@ def test_a_sliding_window_shorter_than_seq_is_refused_and_a_longer_one_compiles(
     # Within the window the model is plain causal attention: compiled, it matches transformers end to end.
     build = compile_model(open_model(str(checkpoint)), ONNX_TARGET, 16, tmp_path / "ok", show_progress=False)
     assert build.ok and build.end_to_end["tokens_identical"]
+
+
+def test_a_model_file_without_an_adapter_is_one_paragraph(tmp_path):
+    model = tmp_path / "mine.py"
+    model.write_text("import torch.nn as nn\n\nclass Mine(nn.Module):\n    pass\n")
+    result = graphopt("run", str(model), "--out", str(tmp_path / "out"), check=False)
+    assert result.returncode == 2 and "declares no ADAPTER = CustomDecoder(...)" in result.stderr
+    assert "Traceback" not in result.stderr and not (tmp_path / "out").exists()
+    wrong = tmp_path / "wrong.py"
+    wrong.write_text((Path(__file__).parents[1] / "examples" / "custom_model" / "tiny_gpt.py").read_text()
+                     .replace('layers="blocks"', 'layers="stack"'))
+    result = graphopt("run", str(wrong), "--out", str(tmp_path / "out"), check=False)
+    assert result.returncode == 2 and "layers = 'stack' is not a submodule of TinyGPT" in result.stderr

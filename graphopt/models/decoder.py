@@ -7,6 +7,7 @@ Llama, Qwen2/3 and Mistral name them the same way; a user's own model declares t
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch.nn as nn
 
@@ -19,9 +20,11 @@ class DecoderParts:
     layers: nn.ModuleList  # the decoder blocks
     norm: nn.Module  # final norm before the head
     head: nn.Module  # hidden -> logits
-    rotary: nn.Module  # (hidden, position_ids) -> (cos, sin)
+    rotary: nn.Module | None  # (hidden, position_ids) -> (cos, sin); None when call_block computes its own
     embedding_multiplier: float = 1.0  # applied after `embed` (see EMBEDDING_SCALES)
     logit_multiplier: float = 1.0  # applied after `head` (see LOGIT_SCALES)
+    # A user's model (models/custom.py): (block, input_states, position_ids, attention_mask) -> hidden.
+    call_block: Callable | None = None
 
 
 # Some models scale the embeddings or the logits in their forward, not in a module, so the

@@ -18,6 +18,7 @@ import torch
 import torch.nn as nn
 
 from graphopt.errors import GraphoptError
+from graphopt.models.custom import CustomConfig, CustomDecoder, CustomReference, load_adapter, resolve
 from graphopt.models.decoder import DecoderParts, decoder_parts
 from graphopt.models.seq2seq import Seq2SeqParts, seq2seq_parts
 from graphopt.models.registry import REGISTRY
@@ -34,6 +35,7 @@ class ModelSource:
     config: object  # a transformers PretrainedConfig
     weights: WeightProvider
     origin: str
+    adapter_file: str | None = None  # a user's own model: the file that declares its CustomDecoder
     _live: tuple = field(default=((), ()), repr=False, compare=False)  # (ids, modules) filled now
 
     # ---- structure ----------------------------------------------------------------------
@@ -41,8 +43,13 @@ class ModelSource:
     def skeleton(self) -> nn.Module:
         """The whole model with parameters on the meta device (no memory)."""
         with torch.device("meta"):
-            model = _model_from_config(self.config)
+            model = self.adapter.build() if self.adapter else _model_from_config(self.config)
         return model.float().eval()
+
+    @cached_property
+    def adapter(self) -> CustomDecoder | None:
+        """A user's model: where its networks' modules are (None for a transformers model)."""
+        return load_adapter(Path(self.adapter_file)) if self.adapter_file else None
 
     @property
     def is_encoder_decoder(self) -> bool:
@@ -50,6 +57,11 @@ class ModelSource:
 
     @cached_property
     def parts(self) -> DecoderParts:
+        if self.adapter:
+            a, model = self.adapter, self.skeleton
+            return DecoderParts(resolve(model, a.embed, "embed"), resolve(model, a.layers, "layers"),
+                                resolve(model, a.norm, "norm"), resolve(model, a.head, "head"), rotary=None,
+                                call_block=a.call_block)
         return decoder_parts(self.skeleton)
 
     @cached_property
@@ -144,9 +156,17 @@ class ModelSource:
         patterns = getattr(self.skeleton, "_keys_to_ignore_on_save", None) or ()
         return any(re.search(pattern, name) for pattern in patterns)
 
+    def greedy(self, prompt: list[int], new_tokens: int) -> dict:
+        """The reference's greedy tokens and per-step logits: transformers' generate, or a user model's forward."""
+        from graphopt.compiler import hf_greedy
+
+        if self.adapter:
+            return CustomReference(self.reference_model(), self.adapter).greedy(prompt, new_tokens)
+        return hf_greedy(self.reference_model(), prompt, new_tokens)
+
     def reference_model(self) -> nn.Module:
-        """The whole transformers model with these weights, on CPU in fp32 (tiny models, tests, checks)."""
-        model = _model_from_config(self.config).float().eval()
+        """The whole model with these weights, on CPU in fp32 (tiny models, tests, checks)."""
+        model = (self.adapter.build() if self.adapter else _model_from_config(self.config)).float().eval()
         stored = set(model.state_dict())  # parameters and persistent buffers (final_logits_bias)
         with torch.no_grad():
             for name, tensor in [*model.named_parameters(remove_duplicate=False),
@@ -212,6 +232,9 @@ def open_model(model: str, model_path: str | None = None, random_weights: bool =
     model of the same shape, for dry runs and benchmarks. Random weights are seeded by tensor
     name, so its layers are the full model's first N."""
     source = _open_model(model, model_path, random_weights)
+    if num_layers is not None and source.adapter:
+        raise GraphoptError("--num-layers works on transformers configs; for your own model file, build it with "
+                            "fewer layers in its ADAPTER instead.")
     if num_layers is not None:
         _truncate_layers(source, num_layers)
     return source
@@ -233,6 +256,8 @@ def _truncate_layers(source: ModelSource, num_layers: int) -> None:
 
 def _open_model(model: str, model_path: str | None, random_weights: bool) -> ModelSource:
     path = Path(model).expanduser()
+    if path.suffix == ".py":
+        return _open_custom(path, model_path)
     if path.is_dir():
         config = _config_from_directory(path)
         return ModelSource(path.resolve().name, config, SafetensorsWeights(path), str(path.resolve()))
@@ -261,3 +286,23 @@ def _open_model(model: str, model_path: str | None, random_weights: bool) -> Mod
         "*.safetensors, e.g. what `huggingface-cli download meta-llama/Llama-3.1-8B-Instruct` fetches), "
         "or --random-weights for a dry run with seeded random weights."
     )
+
+
+def _open_custom(path: Path, model_path: str | None) -> ModelSource:
+    """A user's own model: the file's CustomDecoder, random weights or --model-path's safetensors."""
+    if not path.is_file():
+        raise GraphoptError(f"{path} does not exist; give the Python file that declares your model's "
+                            "ADAPTER = CustomDecoder(...).")
+    adapter = load_adapter(path)
+    with torch.device("meta"):
+        layers = len(resolve(adapter.build(), adapter.layers, "layers"))
+    config, name = CustomConfig(adapter, layers), adapter.name or path.stem
+    if model_path:
+        directory = Path(model_path).expanduser()
+        if not directory.is_dir():
+            raise GraphoptError(f"--model-path {model_path} is not a directory; give the folder with the model's "
+                                "*.safetensors (its state_dict, e.g. written by safetensors.torch.save_model).")
+        return ModelSource(name, config, SafetensorsWeights(directory), f"{path.resolve()} + {directory.resolve()}",
+                           adapter_file=str(path.resolve()))
+    return ModelSource(name, config, RandomWeights(RANDOM_SEED, adapter.init_std), str(path.resolve()),
+                       adapter_file=str(path.resolve()))

@@ -1,6 +1,7 @@
 """Record golden outputs with transformers (the reference), on graphopt's seeded weights.
 
     python -m tests.golden.record            # rewrite every golden on purpose
+    graphopt golden record tiny-llama        # the same for one model (graphopt.golden)
 
 A golden is what transformers' own `generate(do_sample=False)` produces: 32 greedy tokens
 and the logits of each step. Tests compare every compiler stage against it, and compare
@@ -14,15 +15,12 @@ import json
 from pathlib import Path
 
 import numpy as np
-import torch
-import transformers
 
-from graphopt.compiler import hf_greedy
-from graphopt.models import open_model
+import graphopt.golden
 
 HERE = Path(__file__).parent
-NEW_TOKENS = 32
-PROMPT = [1, 17, 300, 42, 5, 900, 64, 7]
+NEW_TOKENS = graphopt.golden.DEFAULT_NEW_TOKENS
+PROMPT = graphopt.golden.DEFAULT_PROMPT
 # One per architecture the passes must handle; each is its registry name. For the encoder-decoder
 # models the prompt is the source sentence and the tokens are the greedy translation.
 CASES = {name: {"prompt": PROMPT} for name in ("tiny-llama", "tiny-qwen2.5", "tiny-qwen3", "tiny-mistral",
@@ -40,14 +38,8 @@ def load_golden(name: str) -> tuple[dict, np.ndarray]:
 
 
 def record(name: str) -> dict:
-    prompt = CASES[name]["prompt"]
-    reference = hf_greedy(open_model(name).reference_model(), prompt, NEW_TOKENS)
-    meta_path, logits_path = golden_paths(name)
-    meta = {"model": name, "prompt": prompt, "new_tokens": NEW_TOKENS, "tokens": reference["tokens"],
-            "recorded_with": {"transformers": transformers.__version__, "torch": torch.__version__.split("+")[0]}}
-    meta_path.write_text(json.dumps(meta, indent=2) + "\n")
-    np.savez_compressed(logits_path, logits=np.stack(reference["logits"]).astype(np.float32))
-    return meta
+    golden = graphopt.golden.record(name, HERE, prompt=CASES[name]["prompt"], new_tokens=NEW_TOKENS)
+    return {"tokens": golden.tokens}
 
 
 if __name__ == "__main__":
