@@ -195,3 +195,16 @@ def test_an_encoder_decoder_bmodel_is_held_to_its_own_contract():
                                                  "bfloat16 or float16")
     missing = [n for n in infos if n.name != "cross_kv"]
     assert contract_problems(missing) == ["net 'cross_kv' is missing"]
+
+
+def test_the_time_estimate_sums_what_a_token_passes_through():
+    from graphopt.targets.bm1684x.build import time_estimate
+
+    cycles = {"embedding": 1_000, "embedding_cache": 10, "block_0": 2_000_000, "block_cache_0": 300_000,
+              "block_1": 2_000_000, "block_cache_1": 300_000, "lm_head": 500_000, "greedy_head": None,
+              "penalty_sample_head": 7_000}
+    estimate = time_estimate([{"net": k, "total_cycle": v} for k, v in cycles.items()])
+    assert estimate == {"prefill_ms": 4.501, "decode_ms_per_token": 1.10001}  # 1 GHz; the sampler is not on the path
+    seq2seq = time_estimate([{"net": k, "total_cycle": v} for k, v in
+                             {"encoder": 900_000, "cross_kv": 100_000, "decoder_block_cache_0": 50_000}.items()])
+    assert seq2seq == {"prefill_ms": 0.0, "decode_ms_per_token": 0.05, "encode_ms": 1.0}

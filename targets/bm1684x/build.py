@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sys
 import tempfile
 import time
@@ -60,6 +61,11 @@ class Bm1684xResult:
             else:
                 sim = "-"
             lines.append(f"  {n['net']:<22} {n['quantize']:<7} {compile_s:>9} {cycles:>12} {memory:>10}  {sim}")
+        t = time_estimate(self.nets)
+        encode = f"encode {t['encode_ms']:.2f} ms per source, " if "encode_ms" in t else ""
+        lines.append(f"  estimated chip time (TPU-MLIR cycle model, 1 GHz): {encode}prefill {t['prefill_ms']:.2f} ms, decode "
+                     f"{t['decode_ms_per_token']:.3f} ms per token ({1000 / max(t['decode_ms_per_token'], 1e-9):,.0f} "
+                     "tokens/s)")
         if self.sim_skipped:
             lines.append(f"  simulator checks skipped: {self.sim_skipped}")
         if self.generation:
@@ -80,8 +86,33 @@ class Bm1684xResult:
 
     def to_json(self) -> dict:
         return {"bmodel": self.bmodel, "bmodel_bytes": self.bmodel_bytes, "quantize": self.quantize, "toolchain": self.toolchain, "jobs": self.jobs,
-                "ok": self.ok, "seconds": self.seconds, "memory": self.memory, "nets": self.nets, "generation": self.generation,
+                "ok": self.ok, "seconds": self.seconds, "memory": self.memory, "estimate": time_estimate(self.nets),
+                "nets": self.nets, "generation": self.generation,
                 "sim_skipped": self.sim_skipped, "contract": self.contract, "contract_problems": self.problems}
+
+
+# TPU-MLIR's profile converts cycles to time at 1 GHz (`total_cycle` 12,784 -> `runtime: 0.012784ms`).
+CYCLES_PER_MS = 1_000_000
+
+
+def time_estimate(nets: list[dict]) -> dict:
+    """Chip time by TPU-MLIR's cycle model: what one prompt (or source) and one new token pass through.
+
+    Prefill: embedding, every prefill block, lm_head, greedy_head. Decode, per token: embedding_cache,
+    every decode block, lm_head, greedy_head. An encoder-decoder model also encodes once per source
+    (encoder, cross_kv). Nets without a cycle count (greedy_head) add nothing."""
+    cycles = {n["net"]: n.get("total_cycle") or 0 for n in nets}
+    prefill = [k for k in cycles if re.fullmatch(r"(decoder_)?block_\d+", k)]
+    decode = [k for k in cycles if re.fullmatch(r"(decoder_)?block_cache_\d+", k)]
+    head = ["lm_head", "greedy_head"]
+
+    def ms(names) -> float:
+        return sum(cycles.get(n, 0) for n in names) / CYCLES_PER_MS
+
+    estimate = {"prefill_ms": ms(["embedding", *prefill, *head]), "decode_ms_per_token": ms(["embedding_cache", *decode, *head])}
+    if "encoder" in cycles:
+        estimate["encode_ms"] = ms(["encoder", "cross_kv"])
+    return estimate
 
 
 def simulator_log() -> Path:

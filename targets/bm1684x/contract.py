@@ -73,13 +73,23 @@ def is_encoder_decoder(manifest: dict) -> bool:
     return any(n["name"] == "encoder" for n in manifest["networks"])
 
 
+def block_flags(quantize: str, group_size: int) -> tuple[str, ...]:
+    """model_deploy flags of a decoder-only block (the decode form adds `DECODE_FLAGS`)."""
+    flags = ("--quant_input", "--quant_output")
+    if QUANT_MODES[quantize][0].startswith("W"):
+        flags = ("--q_group_size", str(group_size), *flags)
+    return flags + ("--high_precision",)
+
+
+# io_alone: the decode net's inputs/outputs get their own memory, so the runtime can point
+# history_k/v at the cache in place instead of copying it every step.
+DECODE_FLAGS = ("--addr_mode", "io_alone")
+
+
 def deploy_specs(manifest: dict, quantize: str, group_size: int) -> list[DeploySpec]:
     """The contract's networks, in the order LLM-TPU's compile script combines them."""
     weights, half = QUANT_MODES[quantize]
-    block_flags = ("--quant_input", "--quant_output")
-    if weights.startswith("W"):
-        block_flags = ("--q_group_size", str(group_size), *block_flags)
-    block_flags += ("--high_precision",)
+    blocks = block_flags(quantize, group_size)
     nets = {n["name"]: n for n in manifest["networks"]}
 
     def shapes(name: str) -> tuple[tuple[int, ...], ...]:
@@ -89,7 +99,7 @@ def deploy_specs(manifest: dict, quantize: str, group_size: int) -> list[DeployS
         # Without --high_precision: a post-LN block (Marian, BART) ends in a LayerNorm, which it computes in
         # fp32 and leaves as the net's fp32 output (--quant_output strips casts, and there is none), so the
         # next net would be fed fp32. Measured on tiny-marian bf16: the same block cosines either way.
-        return _encoder_decoder_specs(nets, shapes, weights, half, block_flags[:-1])
+        return _encoder_decoder_specs(nets, shapes, weights, half, blocks[:-1])
     specs = [
         DeploySpec("embedding", "embedding", shapes("embedding"), half, ("--quant_input", "--quant_output")),
         # The same ONNX (its seq axis is dynamic) compiled for one token.
@@ -97,11 +107,9 @@ def deploy_specs(manifest: dict, quantize: str, group_size: int) -> list[DeployS
     ]
     layers = sorted(int(n.rsplit("_", 1)[1]) for n in nets if n.startswith("block_") and "cache" not in n)
     for i in layers:
-        specs.append(DeploySpec(f"block_{i}", f"block_{i}", shapes(f"block_{i}"), weights, block_flags))
-        # io_alone: the decode net's inputs/outputs get their own memory, so the runtime can
-        # point history_k/v at the cache in place instead of copying it every step.
+        specs.append(DeploySpec(f"block_{i}", f"block_{i}", shapes(f"block_{i}"), weights, blocks))
         specs.append(DeploySpec(f"block_cache_{i}", f"block_cache_{i}", shapes(f"block_cache_{i}"), weights,
-                                block_flags + ("--addr_mode", "io_alone")))
+                                blocks + DECODE_FLAGS))
     specs += [
         DeploySpec("lm_head", "lm_head", shapes("lm_head"), half, ("--quant_input",)),
         DeploySpec("greedy_head", "greedy_head", shapes("greedy_head"), "F32", ()),
@@ -125,7 +133,7 @@ def _encoder_decoder_specs(nets, shapes, weights: str, half: str, block_flags) -
         specs.append(DeploySpec(f"decoder_block_{i}", f"decoder_block_{i}", shapes(f"decoder_block_{i}"), weights,
                                 block_flags))
         specs.append(DeploySpec(f"decoder_block_cache_{i}", f"decoder_block_cache_{i}",
-                                shapes(f"decoder_block_cache_{i}"), weights, block_flags + ("--addr_mode", "io_alone")))
+                                shapes(f"decoder_block_cache_{i}"), weights, block_flags + DECODE_FLAGS))
     return specs + [
         DeploySpec("lm_head", "lm_head", shapes("lm_head"), half, ("--quant_input",)),
         DeploySpec("greedy_head", "greedy_head", shapes("greedy_head"), "F32", ()),
