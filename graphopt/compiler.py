@@ -390,16 +390,20 @@ def _parameter_count(source: ModelSource) -> int:
     return sum(p.numel() for p in source.skeleton.parameters())
 
 
+def end_to_end_prompt(vocab: int, seq_length: int) -> list[int]:
+    """The fixed prompt (or source) the end-to-end checks generate from, fitted to the vocabulary and SEQ."""
+    return [t % int(vocab) for t in END_TO_END_PROMPT][: seq_length - 1]
+
+
 def end_to_end_check(source: ModelSource, folder: Path, manifest: dict, new_tokens: int = 8) -> dict:
     """Greedy tokens of the ONNX networks (driven like the chip) against the reference (transformers' generate)."""
-    from graphopt.runtime import OrtBackend, Shapes, run_prompt, runtime_for
+    from graphopt.runtime import OrtBackend, run_prompt, runtime_for
 
-    shapes = Shapes.from_manifest(manifest)
-    prompt = [t % int(source.config.vocab_size) for t in END_TO_END_PROMPT][: shapes.seq_length - 1]
-    # (an encoder-decoder model translates the prompt: its target starts with one token, not the prompt)
-    new_tokens = min(new_tokens, shapes.seq_length - (1 if source.is_encoder_decoder else len(prompt)))
+    prompt = end_to_end_prompt(source.config.vocab_size, manifest["seq_length"])
+    runtime = runtime_for(OrtBackend(folder, manifest), manifest)
+    new_tokens = min(new_tokens, runtime.room(prompt))
     reference = source.greedy(prompt, new_tokens)
-    ours = run_prompt(runtime_for(OrtBackend(folder, manifest), manifest), prompt, new_tokens)
+    ours = run_prompt(runtime, prompt, new_tokens)
     err = max(float(np.max(np.abs(a - b))) for a, b in zip(reference["logits"], ours.logits))
     same = reference["tokens"] == ours.tokens
     return {"prompt": prompt, "tokens": ours.tokens, "reference_tokens": reference["tokens"],

@@ -116,6 +116,10 @@ class ChipStyleRuntime:
     def _layer_inputs(self, layer: int, positions: np.ndarray) -> dict[str, np.ndarray]:
         return {"position_ids": positions}
 
+    def room(self, prompt: list[int]) -> int:
+        """How many tokens can follow `prompt` before its SEQ positions are used up."""
+        return self.shapes.seq_length - len(prompt)
+
     def prefill(self, prompt: list[int]) -> tuple[int, np.ndarray]:
         seq, n = self.shapes.seq_length, len(prompt)
         ids = np.zeros((1, seq), np.int64)
@@ -198,6 +202,10 @@ class Seq2SeqRuntime(ChipStyleRuntime):
         self.cross = self.backend.run("cross_kv", {"encoder_hidden_states": states})
         self.source_mask[...] = 0.0
         self.source_mask[..., n:] = MASK_VALUE
+
+    def room(self, source: list[int]) -> int:
+        """A translation's target has its own SEQ positions, the first taken by the decoder start token."""
+        return self.shapes.seq_length - 1
 
     def _embed(self, network: str, ids: np.ndarray, positions: np.ndarray) -> np.ndarray:
         return self.backend.run(network, {"input_ids": ids, "position_ids": positions})["input_embed"]

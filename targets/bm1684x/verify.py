@@ -12,9 +12,9 @@ from pathlib import Path
 
 import numpy as np
 
-from graphopt.compiler import END_TO_END_PROMPT, sample_inputs
+from graphopt.compiler import end_to_end_prompt, sample_inputs
 from graphopt.ir import TensorSpec
-from graphopt.runtime import Generation, OrtBackend, ort_session, run_prompt, runtime_for
+from graphopt.runtime import OrtBackend, ort_session, run_prompt, runtime_for
 from graphopt.targets.bm1684x.contract import MIN_COSINE, MIN_COSINE_VS_FP32, DeploySpec
 from graphopt.targets.bm1684x.simulator import SimBackend, Simulator
 
@@ -56,19 +56,13 @@ def network_similarity(sim: Simulator, bmodel: Path, spec: DeploySpec, manifest:
 def generation_check(sim: Simulator, bmodel: Path, manifest: dict, folder: Path, quantized: Path,
                      new_tokens: int = 16) -> dict:
     """Greedy tokens of the simulated bmodel against the ONNX networks in onnxruntime, same driver."""
-    seq = manifest["seq_length"]
-    vocab = int(manifest["model"]["config"]["vocab_size"])
-    prompt = [t % vocab for t in END_TO_END_PROMPT][: seq - 1]  # the source, for an encoder-decoder model
-    # A translation's target starts at position 0 (after the decoder start token), a continuation after the prompt.
-    room = seq - 1 if manifest["model"]["config"].get("is_encoder_decoder") else seq - len(prompt)
-    new_tokens = min(new_tokens, room)
-
-    def generate(backend) -> Generation:
-        return run_prompt(runtime_for(backend, manifest), prompt, new_tokens)
-
-    ours = generate(SimBackend(sim, bmodel, manifest))
-    reference = generate(OrtBackend(quantized, manifest))
-    fp32 = generate(OrtBackend(folder, manifest)).tokens
+    # (the source, for an encoder-decoder model)
+    prompt = end_to_end_prompt(manifest["model"]["config"]["vocab_size"], manifest["seq_length"])
+    runtimes = [runtime_for(backend, manifest) for backend in (
+        SimBackend(sim, bmodel, manifest), OrtBackend(quantized, manifest), OrtBackend(folder, manifest))]
+    new_tokens = min(new_tokens, runtimes[0].room(prompt))
+    ours, reference, fp32 = (run_prompt(runtime, prompt, new_tokens) for runtime in runtimes)
+    fp32 = fp32.tokens
     result = {"prompt": prompt, "tokens": ours.tokens, "reference_tokens": reference.tokens,
               **compare_greedy(reference.tokens, reference.logits, ours.tokens, ours.logits),
               "fp32_tokens": fp32, "fp32_agreement": sum(a == b for a, b in zip(fp32, ours.tokens)) / len(fp32)}
