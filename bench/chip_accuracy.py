@@ -37,16 +37,17 @@ def sqnr_db(reference: np.ndarray, got: np.ndarray) -> float:
     return float("inf") if noise == 0 else 10 * np.log10(float(np.sum(reference ** 2)) / noise)
 
 
-def interpret(result, quantize: str, work: Path, vocab: int, seq: int) -> dict[str, float]:
+def interpret(result, quantize: str, work: Path, vocab: int, seq: int, passes: tuple[str, ...]) -> dict[str, float]:
     """SQNR (dB) per output of one net: tpu.mlir in TPU-MLIR's interpreter against onnxruntime fp32."""
     from graphopt.compiler import sample_inputs
     from graphopt.runtime import ort_session
-    from graphopt.targets.bm1684x import contract, toolchain
+    from graphopt.targets.bm1684x import contract, toolchain, top_passes
 
     tools = toolchain.require()
     name, onnx = result.name, result.files[0]
     flags = contract.block_flags(quantize, 64) + (contract.DECODE_FLAGS if "cache" in name else ())
-    spec = contract.DeploySpec(name, name, tuple(s.shape for s in result.inputs), contract.QUANT_MODES[quantize][0], flags)
+    spec = contract.DeploySpec(name, name, tuple(s.shape for s in result.inputs), contract.QUANT_MODES[quantize][0], flags,
+                               passes)
     folder = work / f"{name}-{quantize}"
     folder.mkdir()
     log = folder / "log.txt"
@@ -54,6 +55,8 @@ def interpret(result, quantize: str, work: Path, vocab: int, seq: int) -> dict[s
                        ("model_deploy", spec.deploy_args(f"{name}.mlir", f"{name}.bmodel"))):
         if tools.run(tool, args, folder, log) != 0:
             raise SystemExit(f"{tool} failed for {name}:\n" + "\n".join(log.read_text().splitlines()[-15:]))
+        if tool == "model_transform" and passes:
+            top_passes.apply(tools, folder / f"{name}.mlir", passes, log)
     feeds = {s.name: v.numpy() for s, v in zip(result.inputs, sample_inputs(result.inputs, seq, vocab))}
     np.savez(folder / "inputs.npz", **feeds)
     tpu_mlir = next(folder.glob(f"{name}_bm1684x_*_final.mlir"))  # the lowered net, addressed: what the bmodel holds
@@ -77,20 +80,24 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seq-length", type=int, default=512)
     parser.add_argument("--quantize", default="bf16", choices=("bf16", "w4bf16"))
+    parser.add_argument("--no-top-passes", action="store_true", help="compile without the top passes (before/after)")
     parser.add_argument("--json", help="where to write the JSON (default bench/results/chip_accuracy.json)")
     args = parser.parse_args()
+    from graphopt.targets.bm1684x.top_passes import BLOCK_TOP_PASSES
+
+    passes = () if args.no_top_passes else BLOCK_TOP_PASSES
     with tempfile.TemporaryDirectory(prefix="graphopt-chip-accuracy-") as work:
         start = time.perf_counter()
         results = export_layer(args.seq_length, Path(work) / "onnx", None)
         vocab = configs.LLAMA_3_1_8B["vocab_size"]  # (blocks take no token ids)
-        scores = {name: interpret(results[name], args.quantize, Path(work), vocab, args.seq_length) for name in NETS}
+        scores = {name: interpret(results[name], args.quantize, Path(work), vocab, args.seq_length, passes) for name in NETS}
         seconds = round(time.perf_counter() - start, 1)
     rows = [[net, args.quantize, output, f"{db:.1f}", ("met" if db >= BAR_DB else "NOT met") if output.startswith("past_")
              else "–"] for net, outputs in scores.items() for output, db in outputs.items()]
     table = markdown_table(["net", "mode", "output", "SQNR dB (tpu.mlir interpreter vs onnxruntime fp32)",
                             f"past_k/past_v ≥ {BAR_DB:.0f} dB"], rows)
     publish("chip_accuracy", f"Accuracy, Llama-3.1-8B shape, 1 layer, seq {args.seq_length}, {args.quantize}", table,
-            {"seq_length": args.seq_length, "quantize": args.quantize, "sqnr_db": scores, "seconds": seconds}, args.json)
+            {"seq_length": args.seq_length, "quantize": args.quantize, "top_passes": list(passes), "sqnr_db": scores, "seconds": seconds}, args.json)
     return 0
 
 

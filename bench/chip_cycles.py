@@ -44,7 +44,7 @@ def export_layer(seq: int, folder: Path, plugins) -> dict:
     return export_networks(source, list(NETS), seq, folder, target=target)
 
 
-def compile_nets(results: dict, quantize: str, group_size: int) -> dict:
+def compile_nets(results: dict, quantize: str, group_size: int, passes: tuple[str, ...]) -> dict:
     from graphopt.targets.bm1684x import contract, deploy, toolchain
 
     tools = toolchain.require()
@@ -53,11 +53,12 @@ def compile_nets(results: dict, quantize: str, group_size: int) -> dict:
     for name in NETS:
         result = results[name]
         flags = contract.block_flags(quantize, group_size) + (contract.DECODE_FLAGS if "cache" in name else ())
-        spec = contract.DeploySpec(name, name, tuple(s.shape for s in result.inputs), weights, flags)
+        spec = contract.DeploySpec(name, name, tuple(s.shape for s in result.inputs), weights, flags, passes)
         start = time.perf_counter()
         net = deploy.deploy_network(tools, spec, result.files[0], result.sha256)
         rows[name] = {"total_cycle": net.total_cycle, "cached": net.cached, "seconds": round(time.perf_counter() - start, 1),
-                      "memory": net.memory, "cache_dir": str(net.directory)}
+                      "memory": net.memory, "cache_dir": str(net.directory),
+                      "top_passes": {r["pass"]: r["summary"] for r in net.top_passes}}
         print(f"  {name} {quantize}: {net.total_cycle:,} cycles ({'cached' if net.cached else 'compiled'})",
               file=sys.stderr)
     return rows
@@ -69,17 +70,20 @@ def main() -> int:
     parser.add_argument("--seq-length", type=int, default=512)
     parser.add_argument("--group-size", type=int, default=64)
     parser.add_argument("--pass-file", action="append", default=[], help="user passes to add (graphopt run's)")
+    parser.add_argument("--no-top-passes", action="store_true", help="compile without the top passes (before/after)")
     parser.add_argument("--label", default="graphopt", help="the row label (e.g. the pass set measured)")
     parser.add_argument("--json", help="where to write the JSON (default bench/results/chip_cycles.json)")
     args = parser.parse_args()
     from graphopt.plugins import PassPlugins
+    from graphopt.targets.bm1684x.top_passes import BLOCK_TOP_PASSES
 
+    passes = () if args.no_top_passes else BLOCK_TOP_PASSES
     plugins = PassPlugins(tuple(args.pass_file)) if args.pass_file else None
     with tempfile.TemporaryDirectory(prefix="graphopt-chip-cycles-") as work:
         start = time.perf_counter()
         results = export_layer(args.seq_length, Path(work), plugins)
         exported = time.perf_counter() - start
-        modes = {q: compile_nets(results, q, args.group_size) for q in (args.quantize or ["w4bf16", "bf16"])}
+        modes = {q: compile_nets(results, q, args.group_size, passes) for q in (args.quantize or ["w4bf16", "bf16"])}
     rows = []
     for quantize, nets in modes.items():
         for name, net in nets.items():
@@ -90,7 +94,7 @@ def main() -> int:
     table = markdown_table(["net", "mode", "reference flow cycles", f"{args.label} cycles", "vs reference", "goal",
                             "goal met"], rows)
     publish("chip_cycles", f"Chip cycles, Llama-3.1-8B shape, 1 layer, seq {args.seq_length} ({args.label})", table,
-            {"seq_length": args.seq_length, "label": args.label, "pass_files": args.pass_file,
+            {"seq_length": args.seq_length, "label": args.label, "pass_files": args.pass_file, "top_passes": list(passes),
              "export_seconds": round(exported, 1), "nets": modes, "reference": {f"{n} {q}": v for (n, q), v in REFERENCE.items()}},
             args.json)
     return 0

@@ -42,6 +42,22 @@ class Bm1684xResult:
         generation_ok = self.generation is None or self.generation["ok"]
         return not self.problems and all(n.get("ok", True) for n in self.nets) and generation_ok
 
+    def _top_pass_lines(self) -> list[str]:
+        """One line per top pass: on how many of the nets it ran on it changed something, and why not elsewhere."""
+        runs: dict[str, list] = {}
+        for n in self.nets:
+            for name, result in n.get("top_passes", {}).items():
+                runs.setdefault(name, []).append((n["net"], result))
+        lines = []
+        for name, results in runs.items():
+            changed = [net for net, r in results if r["changed"]]
+            line = f"  top pass {name}: changed {len(changed)} of {len(results)} nets"
+            skipped = [(net, reason) for net, r in results for reason in r["skipped"]]
+            if skipped:
+                line += f"; left {len(skipped)} candidate(s) as they were, e.g. {skipped[0][0]}: {skipped[0][1]}"
+            lines.append(line)
+        return lines
+
     def report_lines(self) -> list[str]:
         mem = self.memory
         lines = ["", f"  bm1684x: {self.bmodel} ({self.bmodel_bytes / 1e6:.1f} MB, {self.quantize}, "
@@ -66,6 +82,7 @@ class Bm1684xResult:
         lines.append(f"  estimated chip time (TPU-MLIR cycle model, 1 GHz): {encode}prefill {t['prefill_ms']:.2f} ms, decode "
                      f"{t['decode_ms_per_token']:.3f} ms per token ({1000 / max(t['decode_ms_per_token'], 1e-9):,.0f} "
                      "tokens/s)")
+        lines += self._top_pass_lines()
         if self.sim_skipped:
             lines.append(f"  simulator checks skipped: {self.sim_skipped}")
         if self.generation:
@@ -145,6 +162,7 @@ class Bm1684xBuild:
         seconds["combine"] = time.perf_counter() - start
         nets = [{"net": c.spec.name, "quantize": c.spec.quantize, "flags": list(c.spec.flags), "cached": c.cached,
                  "seconds": c.seconds, "total_cycle": c.total_cycle, "memory": c.memory,
+                 "top_passes": {r["pass"]: {k: r[k] for k in ("changed", "summary", "skipped")} for r in c.top_passes},
                  "cache_dir": str(c.directory)} for c in compiled]
         result = Bm1684xResult(bmodel.name, bmodel.stat().st_size, quantize, tools.describe(), options.get("jobs"), nets,
                                seconds, memory=header.get("memory", {}), problems=inspect_bmodel.contract_problems(infos),

@@ -11,6 +11,7 @@ import re
 from dataclasses import dataclass
 
 from graphopt.errors import GraphoptError
+from graphopt.targets.bm1684x.top_passes import BLOCK_TOP_PASSES
 
 # --quantize of the CLI -> (model_deploy mode of the blocks, half-precision mode of the rest)
 QUANT_MODES = {
@@ -50,6 +51,7 @@ class DeploySpec:
     input_shapes: tuple[tuple[int, ...], ...]
     quantize: str  # model_deploy --quantize
     flags: tuple[str, ...]  # the rest of model_deploy's flags
+    top_passes: tuple[str, ...] = ()  # rewrites of model_transform's MLIR before model_deploy (top_passes/)
 
     @property
     def precision(self) -> str:
@@ -107,9 +109,9 @@ def deploy_specs(manifest: dict, quantize: str, group_size: int) -> list[DeployS
     ]
     layers = sorted(int(n.rsplit("_", 1)[1]) for n in nets if n.startswith("block_") and "cache" not in n)
     for i in layers:
-        specs.append(DeploySpec(f"block_{i}", f"block_{i}", shapes(f"block_{i}"), weights, blocks))
+        specs.append(DeploySpec(f"block_{i}", f"block_{i}", shapes(f"block_{i}"), weights, blocks, BLOCK_TOP_PASSES))
         specs.append(DeploySpec(f"block_cache_{i}", f"block_cache_{i}", shapes(f"block_cache_{i}"), weights,
-                                blocks + DECODE_FLAGS))
+                                blocks + DECODE_FLAGS, BLOCK_TOP_PASSES))
     specs += [
         DeploySpec("lm_head", "lm_head", shapes("lm_head"), half, ("--quant_input",)),
         DeploySpec("greedy_head", "greedy_head", shapes("greedy_head"), "F32", ()),
@@ -124,16 +126,17 @@ def _encoder_decoder_specs(nets, shapes, weights: str, half: str, block_flags) -
     their outputs stay in the blocks' 16-bit float, so nothing is converted between the nets."""
     layers = sorted(int(n.rsplit("_", 1)[1]) for n in nets if re.fullmatch(r"decoder_block_\d+", n))
     specs = [
-        DeploySpec("encoder", "encoder", shapes("encoder"), weights, block_flags),
+        DeploySpec("encoder", "encoder", shapes("encoder"), weights, block_flags, BLOCK_TOP_PASSES),
         DeploySpec("cross_kv", "cross_kv", shapes("cross_kv"), weights, block_flags),
         DeploySpec("embedding", "embedding", shapes("embedding"), half, ("--quant_input", "--quant_output")),
         DeploySpec("embedding_cache", "embedding", ((1, 1), (1, 1)), half, ("--quant_input", "--quant_output")),
     ]
     for i in layers:
         specs.append(DeploySpec(f"decoder_block_{i}", f"decoder_block_{i}", shapes(f"decoder_block_{i}"), weights,
-                                block_flags))
+                                block_flags, BLOCK_TOP_PASSES))
         specs.append(DeploySpec(f"decoder_block_cache_{i}", f"decoder_block_cache_{i}",
-                                shapes(f"decoder_block_cache_{i}"), weights, block_flags + DECODE_FLAGS))
+                                shapes(f"decoder_block_cache_{i}"), weights, block_flags + DECODE_FLAGS,
+                                BLOCK_TOP_PASSES))
     return specs + [
         DeploySpec("lm_head", "lm_head", shapes("lm_head"), half, ("--quant_input",)),
         DeploySpec("greedy_head", "greedy_head", shapes("greedy_head"), "F32", ()),

@@ -15,11 +15,12 @@ import json
 import os
 import re
 import shutil
+import subprocess
 import sys
 import threading
 import time
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from tqdm import tqdm
@@ -29,6 +30,7 @@ from graphopt.machine import parallel_jobs
 from graphopt.targets.bm1684x.contract import TRANSFORM_FLAGS, DeploySpec
 from graphopt.targets.bm1684x.inspect_bmodel import read_info
 from graphopt.targets.bm1684x.toolchain import Toolchain, cache_root, log_tail
+from graphopt.targets.bm1684x import top_passes
 
 CACHE_FORMAT = 2  # bump when what a cache entry holds changes
 RESULT = "result.json"
@@ -43,6 +45,7 @@ class DeployedNet:
     total_cycle: int | None  # model_deploy's own cycle estimate (compiler_profile_0.txt)
     memory: dict[str, int] | None  # device bytes of the net alone: total, weight, instruct, runtime
     directory: Path
+    top_passes: list[dict] = field(default_factory=list)  # what each top pass changed (top_passes/run.py's reports)
 
 
 class DeployError(GraphoptError):
@@ -67,6 +70,8 @@ def nets_cache() -> Path:
 def cache_key(spec: DeploySpec, onnx_sha256: str, toolchain: Toolchain) -> str:
     identity = {"format": CACHE_FORMAT, "onnx": onnx_sha256, "net": spec.name, "shapes": spec.input_shapes,
                 "quantize": spec.quantize, "flags": spec.flags, "transform": TRANSFORM_FLAGS, "tpu_mlir": [toolchain.version, str(toolchain.root)]}
+    if spec.top_passes:
+        identity["top_passes"] = [*spec.top_passes, top_passes.digest()]
     return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:24]
 
 
@@ -85,7 +90,7 @@ def deploy_network(toolchain: Toolchain, spec: DeploySpec, onnx: Path, onnx_sha2
     if (final / RESULT).is_file():
         data = json.loads((final / RESULT).read_text())
         return DeployedNet(spec, final / f"{spec.name}.bmodel", True, data["seconds"], data["total_cycle"],
-                           data["memory"], final)
+                           data["memory"], final, data.get("top_passes", []))
     work = final.with_name(f"{key}.partial-{os.getpid()}-{threading.get_ident()}")
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
@@ -98,17 +103,26 @@ def deploy_network(toolchain: Toolchain, spec: DeploySpec, onnx: Path, onnx_sha2
 def _compile(toolchain, spec, onnx, onnx_sha256, threads, work: Path, final: Path) -> DeployedNet:
     log = work / "compile.log"
     mlir, bmodel = f"{spec.name}.mlir", f"{spec.name}.bmodel"
-    seconds = {}
+    seconds, reports = {}, []
+
+    def fail(tool: str, status: int):
+        failed = final.with_name(f"{final.name}.failed")
+        shutil.rmtree(failed, ignore_errors=True)
+        work.rename(failed)
+        raise DeployError(spec.name, tool, failed / "compile.log", status)
+
     for tool, args in (("model_transform", spec.transform_args(str(onnx.absolute()), mlir)),
                        ("model_deploy", spec.deploy_args(mlir, bmodel))):
         start = time.perf_counter()
         status = toolchain.run(tool, args, cwd=work, log=log, threads=threads)
         seconds[tool] = round(time.perf_counter() - start, 2)
         if status != 0 or (tool == "model_deploy" and not (work / bmodel).is_file()):
-            failed = final.with_name(f"{final.name}.failed")
-            shutil.rmtree(failed, ignore_errors=True)
-            work.rename(failed)
-            raise DeployError(spec.name, tool, failed / "compile.log", status)
+            fail(tool, status)
+        if tool == "model_transform" and spec.top_passes:
+            try:
+                reports = top_passes.apply(toolchain, work / mlir, spec.top_passes, log)
+            except subprocess.CalledProcessError as error:
+                fail("top passes " + ",".join(spec.top_passes), error.returncode)
     total_cycle = _total_cycle(work / "compiler_profile_0.txt")
     memory = read_info(toolchain, work / bmodel)[0].get("memory")
     # Keep the bmodel, the MLIR text (top and tpu level: what later passes are read from), the
@@ -117,11 +131,11 @@ def _compile(toolchain, spec, onnx, onnx_sha256, threads, work: Path, final: Pat
         if path.suffix in (".npz", ".onnx", ".prototxt") or path.is_dir():
             shutil.rmtree(path) if path.is_dir() else path.unlink()
     (work / RESULT).write_text(json.dumps({"net": spec.name, "onnx_sha256": onnx_sha256, "seconds": seconds,
-                                           "total_cycle": total_cycle, "memory": memory, "transform": spec.transform_args("NET.onnx", mlir),
+                                           "total_cycle": total_cycle, "memory": memory, "top_passes": reports, "transform": spec.transform_args("NET.onnx", mlir),
                                            "deploy": spec.deploy_args(mlir, bmodel)}, indent=2) + "\n")
     shutil.rmtree(final, ignore_errors=True)
     work.rename(final)
-    return DeployedNet(spec, final / bmodel, False, seconds, total_cycle, memory, final)
+    return DeployedNet(spec, final / bmodel, False, seconds, total_cycle, memory, final, reports)
 
 
 def default_jobs(onnx_bytes: int) -> int:

@@ -1,0 +1,47 @@
+"""Top passes: rewrites of TPU-MLIR's top-level MLIR, between model_transform and model_deploy.
+
+Some forms TPU-MLIR compiles best have no ONNX spelling (opset ≤ 17 has no attention op), so
+they are made at its own level, in the file model_transform wrote. One pass per file, run in
+the toolchain's Python by `run.py` (they need TPU-MLIR's `mlir` bindings, not graphopt):
+
+  fuse_flash_attention.py  MatMul/Softmax/MatMul attention -> top.FAttention
+
+Each pass prints what it changed and, for every candidate it left alone, why.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import subprocess
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+BLOCK_TOP_PASSES = ("fuse-flash-attention",)  # what the contract's attention nets get
+
+
+def digest() -> str:
+    """A hash of the passes' source: compiled nets cached under an older version are not reused."""
+    sha = hashlib.sha256()
+    for path in sorted(HERE.glob("*.py")):
+        if not path.name.endswith("_test.py"):
+            sha.update(path.name.encode() + path.read_bytes())
+    return sha.hexdigest()[:16]
+
+
+def apply(toolchain, mlir: Path, passes: tuple[str, ...], log: Path) -> list[dict]:
+    """Rewrites `mlir` in place (the original kept as NAME_unfused.mlir); returns each pass's report.
+    A failure raises CalledProcessError with the output in `log`."""
+    original = mlir.with_name(f"{mlir.stem}_unfused.mlir")
+    mlir.replace(original)
+    command = [str(toolchain.python), str(HERE / "run.py"), str(original), str(mlir), *passes]
+    with open(log, "a") as handle:
+        handle.write(f"$ top passes: {' '.join(passes)}\n")
+        handle.flush()
+        done = subprocess.run(command, cwd=mlir.parent, env=toolchain.environ(), stdout=subprocess.PIPE,
+                              stderr=handle, stdin=subprocess.DEVNULL, text=True)
+        handle.write(done.stdout)
+    if done.returncode:
+        original.replace(mlir)
+        raise subprocess.CalledProcessError(done.returncode, command)
+    return [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]

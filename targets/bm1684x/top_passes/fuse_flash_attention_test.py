@@ -1,0 +1,72 @@
+"""fuse-flash-attention on tiny-llama's block and decode block, as model_transform writes them:
+one FAttention replaces the MatMul/Softmax/MatMul, and TPU-MLIR's fp32 interpreter gives the
+same outputs as onnxruntime before and after the rewrite."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from graphopt.compiler import sample_inputs
+from graphopt.errors import GraphoptError
+from graphopt.models import open_model
+from graphopt.runtime import ort_session
+from graphopt.targets import get_target
+from graphopt.targets.bm1684x import contract, toolchain, top_passes
+from graphopt.testing import export_networks
+
+SEQ = 32
+NETS = ("block_0", "block_cache_0")
+
+
+@pytest.fixture(scope="module")
+def transformed(tmp_path_factory):
+    """{net: (folder, top mlir, export result)} after model_transform, before any top pass."""
+    try:
+        tools = toolchain.require()
+    except GraphoptError as error:
+        pytest.fail(f"this test needs TPU-MLIR: {error}")
+    root = tmp_path_factory.mktemp("fuse-flash-attention")
+    source = open_model("tiny-llama", random_weights=True)
+    results = export_networks(source, list(NETS), SEQ, root / "onnx", target=get_target("bm1684x"))
+    out = {}
+    for name in NETS:
+        result, folder = results[name], root / name
+        folder.mkdir()
+        spec = contract.DeploySpec(name, name, tuple(s.shape for s in result.inputs), "BF16", ())
+        assert tools.run("model_transform", spec.transform_args(str(result.files[0]), f"{name}.mlir"), folder,
+                         folder / "log.txt") == 0, (folder / "log.txt").read_text()[-3000:]
+        out[name] = (folder, folder / f"{name}.mlir", result)
+    return tools, out
+
+
+def _interpret(tools, folder, mlir, result, label):
+    feeds = {s.name: v.numpy() for s, v in zip(result.inputs, sample_inputs(result.inputs, SEQ, 256))}
+    np.savez(folder / "inputs.npz", **feeds)
+    assert tools.run("model_runner", ["--input", "inputs.npz", "--model", mlir.name, "--output", f"{label}.npz"],
+                     folder, folder / "log.txt") == 0, (folder / "log.txt").read_text()[-3000:]
+    got, reference = np.load(folder / f"{label}.npz"), ort_session(result.files[0]).run(None, feeds)
+    errors = {}
+    for spec, ref in zip(result.outputs, reference):
+        key = next(k for k in got.files if k == spec.name or k.startswith(spec.name + "_"))
+        errors[spec.name] = float(np.abs(got[key].reshape(ref.shape) - ref).max())
+    return errors
+
+
+@pytest.mark.parametrize("name", NETS)
+def test_attention_becomes_one_fattention_with_the_same_outputs(transformed, name):
+    tools, nets = transformed
+    folder, mlir, result = nets[name]
+    before = _interpret(tools, folder, mlir, result, "before")
+
+    (report,) = top_passes.apply(tools, mlir, top_passes.BLOCK_TOP_PASSES, folder / "log.txt")
+
+    assert report["pass"] == "fuse-flash-attention" and report["changed"] == 1, report
+    assert report["skipped"] == [], report
+    text = mlir.read_text()
+    assert text.count('"top.FAttention"') == 1
+    assert '"top.Softmax"' not in text and '"top.Tile"' not in text  # scores, probabilities and the K/V repeat are gone
+    assert (folder / f"{name}_unfused.mlir").is_file()
+    after = _interpret(tools, folder, mlir, result, "after")
+    assert max(before.values()) < 1e-4, before
+    assert max(after.values()) < 1e-4, after
