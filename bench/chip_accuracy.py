@@ -41,7 +41,8 @@ def interpret(result, quantize: str, work: Path, vocab: int, seq: int, passes: t
     """SQNR (dB) per output of one net: tpu.mlir in TPU-MLIR's interpreter against onnxruntime fp32."""
     from graphopt.compiler import sample_inputs
     from graphopt.runtime import ort_session
-    from graphopt.targets.bm1684x import contract, toolchain, top_passes
+    from graphopt.targets.bm1684x import contract, deploy, toolchain
+    from graphopt.targets.bm1684x.interpreter import run_mlir
 
     tools = toolchain.require()
     name, onnx = result.name, result.files[0]
@@ -51,28 +52,21 @@ def interpret(result, quantize: str, work: Path, vocab: int, seq: int, passes: t
     folder = work / f"{name}-{quantize}"
     folder.mkdir()
     log = folder / "log.txt"
-    for tool, args in (("model_transform", spec.transform_args(str(onnx), f"{name}.mlir")),
-                       ("model_deploy", spec.deploy_args(f"{name}.mlir", f"{name}.bmodel"))):
-        if tools.run(tool, args, folder, log) != 0:
-            raise SystemExit(f"{tool} failed for {name}:\n" + "\n".join(log.read_text().splitlines()[-15:]))
-        if tool == "model_transform" and passes:
-            top_passes.apply(tools, folder / f"{name}.mlir", passes, log)
+    try:
+        deploy.compile_in(tools, spec, onnx, folder, log)
+    except deploy.ToolFailed as failure:
+        raise SystemExit(f"{failure} for {name}:\n{toolchain.log_tail(log, 15)}") from None
     feeds = {s.name: v.numpy() for s, v in zip(result.inputs, sample_inputs(result.inputs, seq, vocab))}
-    np.savez(folder / "inputs.npz", **feeds)
     tpu_mlir = next(folder.glob(f"{name}_bm1684x_*_final.mlir"))  # the lowered net, addressed: what the bmodel holds
     weights = sorted(p.name for p in folder.glob("*.npz") if "tpu" in p.name and "weight" in p.name)
     if not weights:
         raise SystemExit(f"no tpu-level weight file for {name} in {sorted(p.name for p in folder.iterdir())}")
-    if tools.run("model_runner", ["--input", "inputs.npz", "--model", tpu_mlir.name, "--weight", weights[0],
-                                  "--output", "tpu_out.npz"], folder, log) != 0:
-        raise SystemExit(f"model_runner failed for {name}:\n" + "\n".join(log.read_text().splitlines()[-15:]))
-    got = np.load(folder / "tpu_out.npz")
+    try:
+        got = run_mlir(tools, tpu_mlir, feeds, [o.name for o in result.outputs], log, weight=weights[0])
+    except RuntimeError as error:
+        raise SystemExit(str(error)) from None
     reference = ort_session(onnx).run(None, feeds)
-    scores = {}
-    for spec_out, ref in zip(result.outputs, reference):
-        # TPU-MLIR names an output after the ONNX value and the op that made it (past_k -> past_k_Reshape).
-        key = next(k for k in got.files if k == spec_out.name or k.startswith(spec_out.name + "_"))
-        scores[spec_out.name] = round(sqnr_db(ref, got[key].reshape(ref.shape)), 1)
+    scores = {o.name: round(sqnr_db(ref, got[o.name].reshape(ref.shape)), 1) for o, ref in zip(result.outputs, reference)}
     return scores
 
 

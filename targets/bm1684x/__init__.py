@@ -7,6 +7,7 @@ that LLM-TPU's chat runtime loads.
   top_passes/        rewrites of model_transform's MLIR before model_deploy (fuse-flash-attention)
   simulator.py       nets run in TPU-MLIR's cmodel simulator (worker: sim_worker.py)
   verify.py          simulator against onnxruntime: per-net cosine, greedy generation
+  interpreter.py     a net's MLIR in TPU-MLIR's interpreter (model_runner), for checks below the bmodel
   inspect_bmodel.py  `graphopt inspect`: a bmodel's nets checked against the contract
   build.py           the target's build step, in that order
 """

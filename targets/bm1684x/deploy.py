@@ -100,29 +100,45 @@ def deploy_network(toolchain: Toolchain, spec: DeploySpec, onnx: Path, onnx_sha2
         shutil.rmtree(work, ignore_errors=True)  # gone already unless this job failed or was interrupted
 
 
-def _compile(toolchain, spec, onnx, onnx_sha256, threads, work: Path, final: Path) -> DeployedNet:
-    log = work / "compile.log"
+class ToolFailed(Exception):
+    """One step of `compile_in` failed: which (tool) and its exit status."""
+
+    def __init__(self, tool: str, status: int):
+        super().__init__(f"{tool} failed (exit status {status})")
+        self.tool, self.status = tool, status
+
+
+def compile_in(toolchain: Toolchain, spec: DeploySpec, onnx: Path, work: Path, log: Path,
+               threads: int | None = None) -> tuple[dict[str, float], list[dict]]:
+    """model_transform, the spec's top passes, model_deploy, in `work`, logging to `log`.
+    Returns (seconds per tool, the top passes' reports); raises ToolFailed naming the failed step."""
     mlir, bmodel = f"{spec.name}.mlir", f"{spec.name}.bmodel"
     seconds, reports = {}, []
-
-    def fail(tool: str, status: int):
-        failed = final.with_name(f"{final.name}.failed")
-        shutil.rmtree(failed, ignore_errors=True)
-        work.rename(failed)
-        raise DeployError(spec.name, tool, failed / "compile.log", status)
-
     for tool, args in (("model_transform", spec.transform_args(str(onnx.absolute()), mlir)),
                        ("model_deploy", spec.deploy_args(mlir, bmodel))):
         start = time.perf_counter()
         status = toolchain.run(tool, args, cwd=work, log=log, threads=threads)
         seconds[tool] = round(time.perf_counter() - start, 2)
         if status != 0 or (tool == "model_deploy" and not (work / bmodel).is_file()):
-            fail(tool, status)
+            raise ToolFailed(tool, status)
         if tool == "model_transform" and spec.top_passes:
             try:
                 reports = top_passes.apply(toolchain, work / mlir, spec.top_passes, log)
             except subprocess.CalledProcessError as error:
-                fail("top passes " + ",".join(spec.top_passes), error.returncode)
+                raise ToolFailed("top passes " + ",".join(spec.top_passes), error.returncode) from None
+    return seconds, reports
+
+
+def _compile(toolchain, spec, onnx, onnx_sha256, threads, work: Path, final: Path) -> DeployedNet:
+    log = work / "compile.log"
+    mlir, bmodel = f"{spec.name}.mlir", f"{spec.name}.bmodel"
+    try:
+        seconds, reports = compile_in(toolchain, spec, onnx, work, log, threads)
+    except ToolFailed as failure:
+        failed = final.with_name(f"{final.name}.failed")
+        shutil.rmtree(failed, ignore_errors=True)
+        work.rename(failed)
+        raise DeployError(spec.name, failure.tool, failed / "compile.log", failure.status) from None
     total_cycle = _total_cycle(work / "compiler_profile_0.txt")
     memory = read_info(toolchain, work / bmodel)[0].get("memory")
     # Keep the bmodel, the MLIR text (top and tpu level: what later passes are read from), the

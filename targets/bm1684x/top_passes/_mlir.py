@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from mlir.ir import (ArrayAttr, Attribute, InsertionPoint, IntegerAttr, Location, Operation, RankedTensorType,
-                     Value)
+from mlir.ir import (ArrayAttr, Attribute, FloatAttr, InsertionPoint, IntegerAttr, Location, Operation,
+                     RankedTensorType, Value)
 
 
 class NoMatch(Exception):
@@ -39,6 +39,10 @@ def ints(operation: Operation, name: str) -> list[int]:
 
 def int_attr(operation: Operation, name: str) -> int:
     return IntegerAttr(operation.attributes[name]).value
+
+
+def float_attr(operation: Operation, name: str) -> float:
+    return FloatAttr(operation.attributes[name]).value
 
 
 def bool_attr(operation: Operation, name: str) -> bool:

@@ -21,8 +21,8 @@ otherwise a Permute is inserted. An attention that differs is left as it is, wit
 
 from __future__ import annotations
 
-from _mlir import (NoMatch, bool_attr, create, int_attr, ints, is_op, name_of, producer, shape, tensor_type,
-                   users)
+from _mlir import (NoMatch, bool_attr, create, float_attr, int_attr, ints, is_op, name_of, producer, shape,
+                   tensor_type, users)
 
 NAME = "fuse-flash-attention"
 REPEAT_OPS = ("top.Reshape", "top.Tile", "top.Unsqueeze")  # how a K/V repeat to the query heads is spelled
@@ -57,15 +57,15 @@ def _fuse(softmax, none) -> str:
     key, key_is_bshd = _key(qk)
     _, heads, steps, head_dim = _rank4(query, "query")
 
-    (pv,) = users(softmax.results[0]) if len(users(softmax.results[0])) == 1 else (None,)
+    readers = users(softmax.results[0])
+    pv = readers[0] if len(readers) == 1 else None
     if pv is None or pv.name != "top.MatMul" or pv.operands[0] != softmax.results[0]:
         raise NoMatch("the probabilities are not read by one MatMul with V")
     value = _through(pv.operands[1], REPEAT_OPS)
-    if key_is_bshd:
-        _, keys, kv_heads, _ = _rank4(key, "key")
-    else:
+    if not key_is_bshd:
         key = _through(key, REPEAT_OPS)
-        _, kv_heads, keys, _ = _rank4(key, "key")
+    _, second, third, _ = _rank4(key, "key")
+    keys, kv_heads = (second, third) if key_is_bshd else (third, second)
     if shape(value) != [1, kv_heads, keys, head_dim] or heads % kv_heads:
         raise NoMatch(f"K ({kv_heads} heads, {keys} keys) and V {shape(value)} do not fit {heads} query heads")
     if shape(mask) != [1, 1, steps, keys]:
@@ -98,8 +98,7 @@ def _query(value):
     for _ in range(2):
         made = producer(value)
         if made is not None and made.name == "top.MulConst" and scale == 1.0:
-            from mlir.ir import FloatAttr
-            scale, value = FloatAttr(made.attributes["const_val"]).value, made.operands[0]
+            scale, value = float_attr(made, "const_val"), made.operands[0]
         elif made is not None and made.name == "top.Reshape" and reshaped is None:
             reshaped, value = made, made.operands[0]
     if reshaped is not None and shape(value)[2] != 1:
