@@ -75,7 +75,7 @@ def cache_key(spec: DeploySpec, onnx_sha256: str, toolchain: Toolchain) -> str:
     return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:24]
 
 
-def _total_cycle(profile: Path) -> int | None:
+def read_total_cycle(profile: Path) -> int | None:
     if not profile.is_file():
         return None
     # The last line reads `API_END total_cycle:N` (some versions append `|b:..|g:..`).
@@ -139,7 +139,7 @@ def _compile(toolchain, spec, onnx, onnx_sha256, threads, work: Path, final: Pat
         shutil.rmtree(failed, ignore_errors=True)
         work.rename(failed)
         raise DeployError(spec.name, failure.tool, failed / "compile.log", failure.status) from None
-    total_cycle = _total_cycle(work / "compiler_profile_0.txt")
+    total_cycle = read_total_cycle(work / "compiler_profile_0.txt")
     memory = read_info(toolchain, work / bmodel)[0].get("memory")
     # Keep the bmodel, the MLIR text (top and tpu level: what later passes are read from), the
     # profile and the log; drop the weight copies, which are as big as the ONNX.

@@ -140,7 +140,9 @@ def _output(pv, steps: int, width: int):
 
 
 def _bshd(value, loc_name: str, before):
-    """`value` [1,H,S,D] as [1,S,H,D]: the tensor it was permuted from, if it was, else a new Permute."""
+    """`value` [1,H,S,D] as [1,S,H,D]: the tensor it was permuted from, if it was, else the same
+    permute of it that the network already makes (decode's new K, for the past_k output), else a
+    new Permute."""
     made = producer(value)
     if made is not None and made.name == "top.Permute" and ints(made, "order") == [0, 2, 1, 3]:
         return made.operands[0]
@@ -151,6 +153,21 @@ def _bshd(value, loc_name: str, before):
         return create("top.Concat", tensor_type(value, [1, s, h, d]), parts,
                       {"axis": "1 : si32", "do_relu": "false", "only_merge": "false", "relu_limit": "-1.0 : f64",
                        "round_mode": '"HalfAwayFromZero"'}, loc_name, before).results[0]
+    existing = _same_permute(value)
+    if existing is not None:
+        return existing.results[0]
     _, h, s, d = shape(value)
     return create("top.Permute", tensor_type(value, [1, s, h, d]), [value], {"order": "[0, 2, 1, 3]"},
                   loc_name, before).results[0]
+
+
+def _same_permute(value):
+    """A Permute [0,2,1,3] of `value` already in the network, moved up to right after `value` is made
+    so that it comes before the FAttention. A second permute of the same tensor would cost cycles, and
+    TPU-MLIR merges the two, which loses the network output's name in its interpreter."""
+    made = producer(value)
+    for reader in users(value):
+        if made is not None and reader.name == "top.Permute" and ints(reader, "order") == [0, 2, 1, 3]:
+            reader.move_after(made)
+            return reader
+    return None
