@@ -56,9 +56,11 @@ def count(net: NetworkGraph, *targets) -> int:
     return sum(1 for _ in net.calls(*targets))
 
 
-def export_networks(source: ModelSource, names: list[str], seq_length: int, folder, target=None, layers=(0,)) -> dict:
-    """Export (and check) only the named networks of `source`, e.g. one block of a full-size model,
-    through `target`'s pipelines (default: the onnx target). Returns {name: NetworkResult}."""
+def export_networks(source: ModelSource, names: list[str] | None, seq_length: int, folder, target=None,
+                    layers=(0,)) -> dict:
+    """Export (and check) only the named networks of `source` (None: all of `layers`'), e.g. one
+    block of a full-size model, through `target`'s pipelines (default: the onnx target).
+    Returns {name: NetworkResult}."""
     from pathlib import Path
 
     from graphopt.compiler import ExportJob, export_network
@@ -71,7 +73,7 @@ def export_networks(source: ModelSource, names: list[str], seq_length: int, fold
                     list(layers), check=True, dump_dir=None)
     shared, results = SharedData(Path(folder)), {}
     for plan in job.plans():
-        if plan.name in names:
+        if names is None or plan.name in names:
             results[plan.name], _ = export_network(job, plan, shared)
     source.release()
     return results

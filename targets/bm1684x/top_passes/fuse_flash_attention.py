@@ -16,7 +16,9 @@ Matched, from each Softmax over the last axis (the form `attention-lower` emits)
 
 q, k and v are handed over in [1,·,heads,D]: where they were permuted from that layout (or
 concatenated along the sequence from such tensors, the decode cache) the originals are used,
-otherwise a Permute is inserted. An attention that differs is left as it is, with the reason.
+otherwise a Permute is inserted. An attention that differs is left as it is, with the reason; so
+is a multi-head prefill attention small enough that TPU-MLIR runs it faster unfused (see
+LOCAL_MEMORY_ELEMENTS).
 """
 
 from __future__ import annotations
@@ -26,6 +28,12 @@ from _mlir import (NoMatch, bool_attr, create, float_attr, int_attr, ints, is_op
 
 NAME = "fuse-flash-attention"
 REPEAT_OPS = ("top.Reshape", "top.Tile", "top.Unsqueeze")  # how a K/V repeat to the query heads is spelled
+# BM1684X's local memory (64 lanes of 256 KiB) in 16-bit elements. A multi-head prefill attention
+# whose scores fit in it runs faster unfused: layer groups keep its scores on chip, and FAttention
+# costs more (bench/chip_top_passes.py, bf16: opus-mt decoder_block_0, 8 heads, +32% fused at seq
+# 256 and +16% at 512, scores 1 and 4 MiB; Llama-2-7B block_0, 32 heads at 512, 16 MiB: -2.7%).
+# Decode attentions, and prefill ones that repeat K/V to the query heads, gain at every size measured.
+LOCAL_MEMORY_ELEMENTS = 64 * 256 * 1024 // 2
 
 
 def run(block, none) -> dict:
@@ -62,6 +70,7 @@ def _fuse(softmax, none) -> str:
     if pv is None or pv.name != "top.MatMul" or pv.operands[0] != softmax.results[0]:
         raise NoMatch("the probabilities are not read by one MatMul with V")
     value = _through(pv.operands[1], REPEAT_OPS)
+    repeated = _passes_tile(pv.operands[1], value)
     if not key_is_bshd:
         key = _through(key, REPEAT_OPS)
     _, second, third, _ = _rank4(key, "key")
@@ -70,6 +79,9 @@ def _fuse(softmax, none) -> str:
         raise NoMatch(f"K ({kv_heads} heads, {keys} keys) and V {shape(value)} do not fit {heads} query heads")
     if shape(mask) != [1, 1, steps, keys]:
         raise NoMatch(f"mask {shape(mask)}: FAttention takes [1, 1, {steps}, {keys}] (one row per query position)")
+    if steps > 1 and not repeated and heads * steps * keys < LOCAL_MEMORY_ELEMENTS:
+        raise NoMatch(f"multi-head prefill attention whose {heads} x {steps} x {keys} scores fit in local memory: "
+                      "TPU-MLIR runs it faster unfused")
     out = _output(pv, steps, heads * head_dim)
 
     name = name_of(out)
@@ -127,6 +139,16 @@ def _through(value, kinds):
     while (made := producer(value)) is not None and made.name in kinds:
         value = made.operands[0]
     return value
+
+
+def _passes_tile(value, source) -> bool:
+    """Whether `value` is `source` repeated by a Tile (K/V heads repeated to the query heads)."""
+    while value != source:
+        made = producer(value)
+        if made.name == "top.Tile":
+            return True
+        value = made.operands[0]
+    return False
 
 
 def _output(pv, steps: int, width: int):

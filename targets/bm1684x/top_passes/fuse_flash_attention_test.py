@@ -22,25 +22,32 @@ SEQ = 32
 NETS = ("block_0", "block_cache_0")
 
 
-@pytest.fixture(scope="module")
-def transformed(tmp_path_factory):
+def _transform(tools, root, model: str, names) -> dict:
     """{net: (folder, top mlir, export result)} after model_transform, before any top pass."""
-    try:
-        tools = toolchain.require()
-    except GraphoptError as error:
-        pytest.fail(f"this test needs TPU-MLIR: {error}")
-    root = tmp_path_factory.mktemp("fuse-flash-attention")
-    source = open_model("tiny-llama", random_weights=True)
-    results = export_networks(source, list(NETS), SEQ, root / "onnx", target=get_target("bm1684x"))
+    results = export_networks(open_model(model, random_weights=True), list(names), SEQ, root / "onnx",
+                              target=get_target("bm1684x"))
     out = {}
-    for name in NETS:
+    for name in names:
         result, folder = results[name], root / name
         folder.mkdir()
         spec = contract.DeploySpec(name, name, tuple(s.shape for s in result.inputs), "BF16", ())
         assert tools.run("model_transform", spec.transform_args(str(result.files[0]), f"{name}.mlir"), folder,
                          folder / "log.txt") == 0, (folder / "log.txt").read_text()[-3000:]
         out[name] = (folder, folder / f"{name}.mlir", result)
-    return tools, out
+    return out
+
+
+@pytest.fixture(scope="module")
+def tools():
+    try:
+        return toolchain.require()
+    except GraphoptError as error:
+        pytest.fail(f"this test needs TPU-MLIR: {error}")
+
+
+@pytest.fixture(scope="module")
+def transformed(tools, tmp_path_factory):
+    return tools, _transform(tools, tmp_path_factory.mktemp("fuse-flash-attention"), "tiny-llama", NETS)
 
 
 def _interpret(tools, folder, mlir, result):
@@ -72,3 +79,21 @@ def test_attention_becomes_one_fattention_with_the_same_outputs(transformed, nam
     after = _interpret(tools, folder, mlir, result)
     assert max(before.values()) < 1e-4, before
     assert max(after.values()) < 1e-4, after
+
+
+def test_small_multi_head_prefill_attention_stays_unfused_and_decode_is_fused(tools, tmp_path_factory):
+    """tiny-marian's decoder: 4 heads, no K/V repeat. Its prefill self- and cross-attention scores fit in
+    local memory, where TPU-MLIR runs them faster unfused; its decode ones are fused."""
+    nets = _transform(tools, tmp_path_factory.mktemp("fuse-flash-attention-mha"), "tiny-marian",
+                      ("decoder_block_0", "decoder_block_cache_0"))
+    reports = {}
+    for name, (folder, mlir, _) in nets.items():
+        (reports[name],) = top_passes.apply(tools, mlir, top_passes.BLOCK_TOP_PASSES, folder / "log.txt")
+
+    prefill, decode = reports["decoder_block_0"], reports["decoder_block_cache_0"]
+    assert prefill["changed"] == 0 and len(prefill["skipped"]) == 2, prefill
+    assert all("fit in local memory" in reason for reason in prefill["skipped"]), prefill
+    assert decode["changed"] == 2 and decode["skipped"] == [], decode
+    folder, mlir, result = nets["decoder_block_cache_0"]
+    assert mlir.read_text().count('"top.FAttention"') == 2
+    assert max(_interpret(tools, folder, mlir, result).values()) < 1e-4
