@@ -31,14 +31,6 @@ def graphopt(*args, env=None, check=True):
 
 
 @pytest.fixture(scope="session")
-def tools():
-    try:
-        return toolchain.require()
-    except GraphoptError as error:
-        pytest.fail(f"the bm1684x tests need TPU-MLIR: {error}")
-
-
-@pytest.fixture(scope="session")
 def net_cache(tmp_path_factory, tools):
     return {"GRAPHOPT_NET_CACHE": str(tmp_path_factory.mktemp("net-cache"))}
 

@@ -10,11 +10,10 @@ import numpy as np
 import pytest
 
 from graphopt.compiler import sample_inputs
-from graphopt.errors import GraphoptError
 from graphopt.models import open_model
 from graphopt.runtime import ort_session
 from graphopt.targets import get_target
-from graphopt.targets.bm1684x import contract, toolchain, top_passes
+from graphopt.targets.bm1684x import contract, top_passes
 from graphopt.targets.bm1684x.interpreter import run_mlir
 from graphopt.testing import export_networks
 
@@ -35,14 +34,6 @@ def _transform(tools, root, model: str, names) -> dict:
                          folder / "log.txt") == 0, (folder / "log.txt").read_text()[-3000:]
         out[name] = (folder, folder / f"{name}.mlir", result)
     return out
-
-
-@pytest.fixture(scope="module")
-def tools():
-    try:
-        return toolchain.require()
-    except GraphoptError as error:
-        pytest.fail(f"this test needs TPU-MLIR: {error}")
 
 
 @pytest.fixture(scope="module")
