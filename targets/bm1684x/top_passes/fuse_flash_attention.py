@@ -32,7 +32,8 @@ REPEAT_OPS = ("top.Reshape", "top.Tile", "top.Unsqueeze")  # how a K/V repeat to
 # whose scores fit in it runs faster unfused: layer groups keep its scores on chip, and FAttention
 # costs more (bench/chip_top_passes.py, bf16: opus-mt decoder_block_0, 8 heads, +32% fused at seq
 # 256 and +16% at 512, scores 1 and 4 MiB; Llama-2-7B block_0, 32 heads at 512, 16 MiB: -2.7%).
-# Decode attentions, and prefill ones that repeat K/V to the query heads, gain at every size measured.
+# Decode attentions, and prefill ones that repeat K/V to the query heads, gain at every published
+# shape measured.
 LOCAL_MEMORY_ELEMENTS = 64 * 256 * 1024 // 2
 
 
