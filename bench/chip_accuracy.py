@@ -28,11 +28,10 @@ import numpy as np
 from graphopt.models import configs
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from chip_cycles import NETS, export_layer  # noqa: E402
+from chip_cycles import NETS, export_layer, layer_spec  # noqa: E402
 from harness import markdown_table, publish  # noqa: E402
 
 BAR_DB = 45.0
-GROUP_SIZE = 64  # the contract's default --group-size
 
 
 def sqnr_db(reference: np.ndarray, got: np.ndarray) -> float:
@@ -47,15 +46,14 @@ def interpret(result, quantize: str, work: Path, vocab: int, seq: int,
     {"fp32": ..} and, for W4/W8 modes, {"quantized": ..} against the fake-quantized ONNX."""
     from graphopt.compiler import sample_inputs
     from graphopt.runtime import ort_session
-    from graphopt.targets.bm1684x import contract, deploy, fake_quant, toolchain
+    from graphopt.targets.bm1684x import deploy, fake_quant, toolchain
+    from graphopt.targets.bm1684x.contract import DEFAULT_GROUP_SIZE
     from graphopt.targets.bm1684x.interpreter import run_mlir
 
     tools = toolchain.require()
     name, onnx = result.name, result.files[0]
     # --debug keeps the lowered tpu.mlir's weight file, which model_deploy otherwise deletes.
-    flags = contract.block_flags(quantize, GROUP_SIZE) + (contract.DECODE_FLAGS if "cache" in name else ()) + ("--debug",)
-    spec = contract.DeploySpec(name, name, tuple(s.shape for s in result.inputs), contract.QUANT_MODES[quantize][0], flags,
-                               passes)
+    spec = layer_spec(result, quantize, DEFAULT_GROUP_SIZE, passes, ("--debug",))
     folder = work / f"{name}-{quantize}"
     folder.mkdir()
     log = folder / "log.txt"
@@ -78,7 +76,7 @@ def interpret(result, quantize: str, work: Path, vocab: int, seq: int,
     references = {"fp32": onnx}
     if spec.weight_bits:
         references["quantized"] = folder / f"{name}_fake_quantized.onnx"
-        fake_quant.write_quantized_copy(onnx, references["quantized"], spec.weight_bits, GROUP_SIZE)
+        fake_quant.write_quantized_copy(onnx, references["quantized"], spec.weight_bits, DEFAULT_GROUP_SIZE)
     scores = {}
     for label, model in references.items():
         outputs = ort_session(model).run(None, feeds)
@@ -94,6 +92,7 @@ def main() -> int:
     parser.add_argument("--no-top-passes", action="store_true", help="compile without the top passes (before/after)")
     parser.add_argument("--json", help="where to write the JSON (default bench/results/chip_accuracy.json)")
     args = parser.parse_args()
+    from graphopt.targets.bm1684x.contract import DEFAULT_GROUP_SIZE
     from graphopt.targets.bm1684x.top_passes import BLOCK_TOP_PASSES
 
     passes = () if args.no_top_passes else BLOCK_TOP_PASSES
@@ -113,7 +112,7 @@ def main() -> int:
     table = markdown_table(["net", "mode", "output", "SQNR dB vs onnxruntime fp32", "vs fake-quantized weights",
                             f"past_k/past_v ≥ {BAR_DB:.0f} dB (compiler's own error)"], rows)
     publish("chip_accuracy", f"Accuracy, Llama-3.1-8B shape, 1 layer, seq {args.seq_length}, {args.quantize}", table,
-            {"seq_length": args.seq_length, "quantize": args.quantize, "group_size": GROUP_SIZE,
+            {"seq_length": args.seq_length, "quantize": args.quantize, "group_size": DEFAULT_GROUP_SIZE,
              "top_passes": list(passes), "sqnr_db": own, "sqnr_db_vs_fp32": {n: by["fp32"] for n, by in scores.items()},
              "seconds": seconds}, args.json)
     return 0

@@ -44,16 +44,23 @@ def export_layer(seq: int, folder: Path, plugins) -> dict:
     return export_networks(source, list(NETS), seq, folder, target=target)
 
 
+def layer_spec(result, quantize: str, group_size: int, passes: tuple[str, ...], extra_flags=()):
+    """The contract's DeploySpec for an exported block or decode block (`result`), plus `extra_flags`."""
+    from graphopt.targets.bm1684x import contract
+
+    flags = contract.block_flags(quantize, group_size) + (contract.DECODE_FLAGS if "cache" in result.name else ())
+    return contract.DeploySpec(result.name, result.name, tuple(s.shape for s in result.inputs),
+                               contract.QUANT_MODES[quantize][0], flags + tuple(extra_flags), passes)
+
+
 def compile_nets(results: dict, quantize: str, group_size: int, passes: tuple[str, ...]) -> dict:
-    from graphopt.targets.bm1684x import contract, deploy, toolchain
+    from graphopt.targets.bm1684x import deploy, toolchain
 
     tools = toolchain.require()
-    weights = contract.QUANT_MODES[quantize][0]
     rows = {}
     for name in NETS:
         result = results[name]
-        flags = contract.block_flags(quantize, group_size) + (contract.DECODE_FLAGS if "cache" in name else ())
-        spec = contract.DeploySpec(name, name, tuple(s.shape for s in result.inputs), weights, flags, passes)
+        spec = layer_spec(result, quantize, group_size, passes)
         start = time.perf_counter()
         net = deploy.deploy_network(tools, spec, result.files[0], result.sha256)
         rows[name] = {"total_cycle": net.total_cycle, "cached": net.cached, "seconds": round(time.perf_counter() - start, 1),
@@ -65,10 +72,12 @@ def compile_nets(results: dict, quantize: str, group_size: int, passes: tuple[st
 
 
 def main() -> int:
+    from graphopt.targets.bm1684x import contract
+
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quantize", action="append", choices=("w4bf16", "bf16"), help="default: both")
     parser.add_argument("--seq-length", type=int, default=512)
-    parser.add_argument("--group-size", type=int, default=64)
+    parser.add_argument("--group-size", type=int, default=contract.DEFAULT_GROUP_SIZE)
     parser.add_argument("--pass-file", action="append", default=[], help="user passes to add (graphopt run's)")
     parser.add_argument("--no-top-passes", action="store_true", help="compile without the top passes (before/after)")
     parser.add_argument("--label", default="graphopt", help="the row label (e.g. the pass set measured)")

@@ -91,7 +91,7 @@ def measure(quantize: str, k: int, n: int, spelling: str, work: Path) -> dict:
     folder.mkdir()
     linear_onnx(folder / "linear.onnx", k, n, spelling)
     spec = contract.DeploySpec("linear", "linear", ((1, SEQ, k),), contract.QUANT_MODES[quantize][0],
-                               contract.block_flags(quantize, 64))
+                               contract.block_flags(quantize, contract.DEFAULT_GROUP_SIZE))
     try:
         deploy.compile_in(tools, spec, folder / "linear.onnx", folder, folder / "log.txt")
     except deploy.ToolFailed as failure:

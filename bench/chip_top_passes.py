@@ -72,21 +72,19 @@ def main() -> int:
         manifest = {"networks": [{"name": r.name, "inputs": [{"shape": list(s.shape)} for s in r.inputs]}
                                  for r in results.values()]}
         for quantize in args.quantize or ["bf16", "w4bf16"]:
-            for spec in contract.deploy_specs(manifest, quantize, 64):
+            for spec in contract.deploy_specs(manifest, quantize, contract.DEFAULT_GROUP_SIZE):
                 if not spec.top_passes:
                     continue
                 result = results[spec.onnx_network]
-                cycles, nets = {}, {}
-                for label, passes in (("without", ()), ("with", spec.top_passes)):
-                    nets[label] = deploy.deploy_network(tools, dataclasses.replace(spec, top_passes=passes),
+                unfused, fused = (deploy.deploy_network(tools, dataclasses.replace(spec, top_passes=passes),
                                                         result.files[0], result.sha256)
-                    cycles[label] = nets[label].total_cycle
-                summary = "; ".join(r["summary"] for r in nets["with"].top_passes)
-                print(f"  {spec.name} {quantize}: {cycles['without']:,} -> {cycles['with']:,}", file=sys.stderr)
-                change = cycles["with"] / cycles["without"] - 1
-                rows.append([spec.name, quantize, cycles["without"], cycles["with"], f"{change:+.1%}", summary])
-                data.append({"net": spec.name, "quantize": quantize, "without": cycles["without"],
-                             "with": cycles["with"], "top_passes": list(spec.top_passes), "summary": summary})
+                                  for passes in ((), spec.top_passes))
+                summary = "; ".join(r["summary"] for r in fused.top_passes)
+                without, with_ = unfused.total_cycle, fused.total_cycle
+                print(f"  {spec.name} {quantize}: {without:,} -> {with_:,}", file=sys.stderr)
+                rows.append([spec.name, quantize, without, with_, f"{with_ / without - 1:+.1%}", summary])
+                data.append({"net": spec.name, "quantize": quantize, "without": without, "with": with_,
+                             "top_passes": list(spec.top_passes), "summary": summary})
         seconds = round(time.perf_counter() - start, 1)
     table = markdown_table(["net", "mode", "total_cycle without top passes", "with", "change", "what they did"], rows)
     publish("chip_top_passes", f"Top passes on {args.model}, 1 layer, seq {args.seq_length}", table,

@@ -75,6 +75,9 @@ def is_encoder_decoder(manifest: dict) -> bool:
     return any(n["name"] == "encoder" for n in manifest["networks"])
 
 
+DEFAULT_GROUP_SIZE = 64  # weights per quantization scale/zero point: what LLM-TPU uses (graphopt run --group-size)
+
+
 def block_flags(quantize: str, group_size: int) -> tuple[str, ...]:
     """model_deploy flags of a decoder-only block (the decode form adds `DECODE_FLAGS`)."""
     flags = ("--quant_input", "--quant_output")
@@ -149,7 +152,7 @@ def check_quantizable(config, quantize: str, group_size: int) -> None:
     if quantize not in QUANT_MODES:
         raise GraphoptError(f"--quantize {quantize} is not a BM1684X mode; choose one of {', '.join(QUANT_MODES)}.")
     if group_size < 1 or group_size & (group_size - 1):
-        raise GraphoptError(f"--group-size {group_size} must be a power of two (64 is what LLM-TPU uses).")
+        raise GraphoptError(f"--group-size {group_size} must be a power of two ({DEFAULT_GROUP_SIZE} is what LLM-TPU uses).")
     if not QUANT_MODES[quantize][0].startswith("W"):
         return
     hidden = int(config.hidden_size)

@@ -12,7 +12,7 @@ from graphopt.targets.bm1684x.toolchain import Toolchain, log_tail
 def run_mlir(toolchain: Toolchain, mlir: Path, feeds: dict[str, np.ndarray], outputs: list[str], log: Path,
              weight: str | None = None) -> dict[str, np.ndarray]:
     """The named outputs of `mlir` on `feeds`. Its inputs and outputs are written beside it; `weight`
-    names the weight file of a final (addressed) tpu.mlir, which model_runner does not find alone."""
+    names the weight file when it is not the one the MLIR itself names (a final, addressed tpu.mlir)."""
     folder, label = mlir.parent, mlir.stem
     np.savez(folder / f"{label}.inputs.npz", **feeds)
     args = ["--input", f"{label}.inputs.npz", "--model", mlir.name, "--output", f"{label}.outputs.npz"]

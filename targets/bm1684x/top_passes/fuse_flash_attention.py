@@ -167,7 +167,7 @@ def _bshd(value, loc_name: str, before):
     permute of it that the network already makes (decode's new K, for the past_k output), else a
     new Permute."""
     made = producer(value)
-    if made is not None and made.name == "top.Permute" and ints(made, "order") == [0, 2, 1, 3]:
+    if _is_head_swap(made):
         return made.operands[0]
     if made is not None and made.name == "top.Concat" and int_attr(made, "axis") == 2:
         # the decode cache: [history ; new] along the sequence, concatenated in [1,S,H,D] instead
@@ -176,7 +176,7 @@ def _bshd(value, loc_name: str, before):
         return create("top.Concat", tensor_type(value, [1, s, h, d]), parts,
                       {"axis": "1 : si32", "do_relu": "false", "only_merge": "false", "relu_limit": "-1.0 : f64",
                        "round_mode": '"HalfAwayFromZero"'}, loc_name, before).results[0]
-    existing = _same_permute(value)
+    existing = _same_permute(value, made)
     if existing is not None:
         return existing.results[0]
     _, h, s, d = shape(value)
@@ -184,13 +184,18 @@ def _bshd(value, loc_name: str, before):
                   loc_name, before).results[0]
 
 
-def _same_permute(value):
-    """A Permute [0,2,1,3] of `value` already in the network, moved up to right after `value` is made
-    so that it comes before the FAttention. A second permute of the same tensor would cost cycles, and
-    TPU-MLIR merges the two, which loses the network output's name in its interpreter."""
-    made = producer(value)
-    for reader in users(value):
-        if made is not None and reader.name == "top.Permute" and ints(reader, "order") == [0, 2, 1, 3]:
-            reader.move_after(made)
-            return reader
-    return None
+def _same_permute(value, made):
+    """A Permute [0,2,1,3] of `value` (made by `made`) already in the network, moved up to right after
+    `made` so that it comes before the FAttention. A second permute of the same tensor would cost
+    cycles, and TPU-MLIR merges the two, which loses the network output's name in its interpreter."""
+    if made is None:  # a block argument: nothing to move the permute after
+        return None
+    reader = next((r for r in users(value) if _is_head_swap(r)), None)
+    if reader is not None:
+        reader.move_after(made)
+    return reader
+
+
+def _is_head_swap(operation) -> bool:
+    """A Permute [0,2,1,3]: [1,S,H,D] <-> [1,H,S,D]."""
+    return operation is not None and operation.name == "top.Permute" and ints(operation, "order") == [0, 2, 1, 3]
