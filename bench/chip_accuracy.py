@@ -44,7 +44,7 @@ def interpret(result, quantize: str, work: Path, vocab: int, seq: int,
               passes: tuple[str, ...]) -> dict[str, dict[str, float]]:
     """SQNR (dB) per output of one net, tpu.mlir in TPU-MLIR's interpreter against onnxruntime:
     {"fp32": ..} and, for W4/W8 modes, {"quantized": ..} against the fake-quantized ONNX."""
-    from graphopt.compiler import sample_inputs
+    from graphopt.checks import sample_inputs
     from graphopt.runtime import ort_session
     from graphopt.targets.bm1684x import deploy, fake_quant, toolchain
     from graphopt.targets.bm1684x.contract import DEFAULT_GROUP_SIZE

@@ -175,13 +175,22 @@ def cmd_golden(args) -> int:
 
 
 def cmd_inspect(args) -> int:
+    from graphopt.output import MANIFEST
     from graphopt.targets.bm1684x import inspect_bmodel, toolchain
+    from graphopt.targets.bm1684x.build import simulator_log
+    from graphopt.targets.bm1684x.simulator import Simulator
 
     path = Path(args.file)
     if not path.is_file():
         raise GraphoptError(f"{path} does not exist or is not a file; give the path of a .bmodel.")
-    header, nets = inspect_bmodel.read_info(toolchain.require(), path)
+    tools = toolchain.require()
+    header, nets = inspect_bmodel.read_info(tools, path)
     problems = inspect_bmodel.contract_problems(nets)
+    if not problems:  # names and shapes are right: then where the runtime's copies land, and its mask bits
+        manifest_path = path.parent / MANIFEST
+        manifest = json.loads(manifest_path.read_text()) if manifest_path.is_file() else None
+        with Simulator(tools, simulator_log()) as sim:
+            problems = inspect_bmodel.runtime_problems(sim.layout(path), nets, manifest)
     print(inspect_bmodel.render(path, header, nets, problems))
     return 1 if problems else 0
 

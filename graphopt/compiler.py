@@ -23,17 +23,19 @@ import numpy as np
 import torch
 
 import graphopt
+from graphopt.checks import Check, check_inputs, compare, decode_check, end_to_end_prompt
 from graphopt.errors import GraphoptError
 from graphopt.ir import NetworkGraph, TensorSpec
 from graphopt.machine import parallel_jobs
 from graphopt.models.decoder import sliding_window
 from graphopt.models.source import ModelSource
-from graphopt.networks import MASK_VALUE, causal_mask, decode_mask, plan_networks, trace_plan
+from graphopt.networks import plan_networks, trace_plan
 from graphopt.onnx_ir import SharedData, export_onnx, save_onnx
 from graphopt.output import MANIFEST, StagedDirectory
-from graphopt.pass_manager import BLOCKS, DECODE_BLOCKS, PassManager, PassRecord
+from graphopt.pass_manager import BLOCKS, DECODE_BLOCKS, PREFILL_BLOCKS, PassManager, PassRecord
 from graphopt.plugins import PassPlugins, reload_in_worker, with_plugins
 from graphopt.progress import Progress
+from graphopt.runtime import ort_session
 
 if TYPE_CHECKING:  # the targets package imports the compiler's checks
     from graphopt.targets.onnx_target import Target
@@ -41,25 +43,6 @@ if TYPE_CHECKING:  # the targets package imports the compiler's checks
 INPUTS_REWRITTEN = DECODE_BLOCKS | {"decoder_block"}
 # Models up to this many parameters are also checked end to end against transformers.
 END_TO_END_CHECK_MAX_PARAMS = 200_000_000
-END_TO_END_PROMPT = [1, 17, 300, 42, 5, 900, 64, 7]
-
-
-@dataclass
-class Check:
-    """Largest error of one stage against the one before, on the same inputs."""
-
-    stage: str
-    max_abs_err: float  # over floating-point outputs
-    scale: float  # largest magnitude in the reference's floating-point outputs
-    integers_equal: bool = True  # integer outputs (token ids) must match exactly
-
-    @property
-    def ok(self) -> bool:
-        return self.integers_equal and self.max_abs_err <= 1e-4 * max(1.0, self.scale)
-
-    def to_json(self) -> dict:
-        return {"stage": self.stage, "max_abs_err": self.max_abs_err, "scale": self.scale,
-                "integers_equal": self.integers_equal, "ok": self.ok}
 
 
 @dataclass
@@ -74,6 +57,15 @@ class NetworkResult:
     seconds: dict[str, float]
     checks: list[Check] = field(default_factory=list)
     sha256: str = ""  # over the file's and its external data's sha256s (SharedData.digest), taken where written
+    prefill_run: PrefillRun | None = field(default=None, repr=False)  # a prefill block's, until its decode twin is checked
+
+
+@dataclass
+class PrefillRun:
+    """A prefill block's check inputs and onnxruntime outputs, by name: what its decode twin is held to."""
+
+    feeds: dict[str, np.ndarray]
+    outputs: dict[str, np.ndarray]
 
 
 @dataclass
@@ -91,64 +83,6 @@ class CompileResult:
     def ok(self) -> bool:
         return (all(c.ok for n in self.networks for c in n.checks) and (self.end_to_end or {}).get("ok", True)
                 and (self.target is None or self.target.ok))
-
-
-def check_inputs(net: NetworkGraph, vocab: int, seed: int = 0) -> tuple[torch.Tensor, ...]:
-    return sample_inputs(net.inputs, net.seq_length, vocab, seed)
-
-
-def sample_inputs(inputs: list[TensorSpec], seq_length: int, vocab: int, seed: int = 0) -> tuple[torch.Tensor, ...]:
-    """Seeded inputs a runtime could really send: token ids in the vocabulary, causal masks, ..."""
-    g = torch.Generator().manual_seed(seed)
-    seq = seq_length
-    values = []
-    for spec in inputs:
-        if spec.name == "input_ids":
-            values.append(torch.randint(0, vocab, spec.shape, generator=g))
-        elif spec.name == "position_ids":
-            steps = spec.shape[1]
-            values.append((torch.arange(steps) if steps > 1 else torch.tensor([seq // 2])).view(spec.shape))
-        elif spec.name == "attention_mask" and len(spec.shape) == 2:  # an encoder's: 1 = token, 0 = padding
-            mask = torch.ones(spec.shape, dtype=spec.dtype)
-            mask[:, spec.shape[1] * 3 // 4:] = 0
-            values.append(mask)
-        elif spec.name == "encoder_attention_mask":  # additive, the source's last quarter padding
-            mask = torch.zeros(spec.shape)
-            mask[..., spec.shape[-1] * 3 // 4:] = MASK_VALUE
-            values.append(mask)
-        elif spec.name == "attention_mask":
-            steps, keys = spec.shape[2], spec.shape[3]
-            if steps == keys:
-                values.append(causal_mask(steps, keys, steps))
-            else:  # decode, for a new token halfway into the cache
-                values.append(decode_mask(seq, seq // 2))
-        elif spec.name in ("top_p", "temperature", "penalty"):
-            values.append(torch.full(spec.shape, {"top_p": 0.8, "temperature": 0.7, "penalty": 1.1}[spec.name]))
-        else:
-            values.append(torch.randn(spec.shape, generator=g, dtype=spec.dtype))
-    return tuple(values)
-
-
-def _compare(stage: str, reference, candidate) -> Check:
-    check = Check(stage, 0.0, 0.0)
-    for ref, got in zip(reference, candidate):
-        ref, got = np.asarray(ref), np.asarray(got)
-        if ref.shape != got.shape:
-            return Check(stage, float("inf"), 0.0, False)
-        if not np.issubdtype(ref.dtype, np.floating):
-            check.integers_equal &= bool(np.array_equal(ref, got))
-            continue
-        check.max_abs_err = max(check.max_abs_err, float(np.max(np.abs(ref.astype(np.float64) - got))))
-        check.scale = max(check.scale, float(np.max(np.abs(ref))))
-    return check
-
-
-def _onnx_outputs(path: Path, net: NetworkGraph, args) -> list[np.ndarray]:
-    from graphopt.runtime import ort_session
-
-    session = ort_session(path)
-    feeds = {spec.name: a.numpy() for spec, a in zip(net.inputs, args)}
-    return session.run(list(net.output_names), feeds)
 
 
 def validate_seq_length(source: ModelSource, seq_length: int) -> None:
@@ -250,11 +184,11 @@ def _compile(job: ExportJob, target: Target, keep_fx: bool, show_progress: bool,
 
 
 def _export_serially(job: ExportJob, plans, keep_fx: bool, progress: Progress):
-    results, kept, shared = [], {}, {}
+    results, kept, shared, prefills = [], {}, {}, {}
     for plan in plans:
         progress.start(plan.name)
         group = shared.setdefault(_weight_group(plan), SharedData(job.folder))
-        result, net = export_network(job, plan, group, progress.stage)
+        result, net = export_in_group(job, plan, group, prefills, progress.stage)
         results.append(result)
         if keep_fx:
             kept[plan.name] = net
@@ -267,8 +201,21 @@ def _export_serially(job: ExportJob, plans, keep_fx: bool, progress: Progress):
     return results, kept
 
 
-def export_network(job: ExportJob, plan, shared: SharedData, on_stage=lambda stage: None):
-    """trace → FX passes → ONNX → ONNX passes → save, each stage checked against the one before."""
+def export_in_group(job: ExportJob, plan, shared: SharedData, prefills: dict, on_stage=lambda stage: None):
+    """export_network, handing a layer's prefill run (kept in `prefills` by weight group) to its decode twin,
+    which comes after it in the same group."""
+    prefill = prefills.pop(_weight_group(plan), None) if plan.kind in DECODE_BLOCKS else None
+    result, net = export_network(job, plan, shared, on_stage, prefill)
+    if result.prefill_run is not None:
+        prefills[_weight_group(plan)], result.prefill_run = result.prefill_run, None
+    return result, net
+
+
+def export_network(job: ExportJob, plan, shared: SharedData, on_stage=lambda stage: None,
+                   prefill: PrefillRun | None = None):
+    """trace → FX passes → ONNX → ONNX passes → save, each stage checked against the one before. A prefill
+    block's result keeps its onnxruntime run (`prefill_run`); given to its decode twin as `prefill`, the
+    decode block is checked against it (checks.decode_check)."""
     seconds: dict[str, float] = {}
 
     def timed(stage, fn, *args):
@@ -291,7 +238,7 @@ def export_network(job: ExportJob, plan, shared: SharedData, on_stage=lambda sta
         args = check_inputs(net, vocab)  # decode networks gained inputs
         rewritten_out = net.run(*args)
         if traced_out is not None:
-            checks.append(_compare("fx-rewritten vs traced", traced_out, rewritten_out))
+            checks.append(compare("fx-rewritten vs traced", traced_out, rewritten_out))
     # The embedding serves prefill ([1,SEQ]) and decode ([1,1]): its seq axis stays dynamic.
     dynamic_axes = ({name: {1: "seq"} for name in ("input_ids", "position_ids", "input_embed")
                      if name in net.output_names or net.input(name) is not None} if plan.kind == "embedding" else {})
@@ -300,12 +247,21 @@ def export_network(job: ExportJob, plan, shared: SharedData, on_stage=lambda sta
                                                 dump_after=job.dump_after).run, onnx_net)
     files = timed("save", save_onnx, onnx_net.model, job.folder / f"{plan.name}.onnx", onnx_net.weights, shared)
     del onnx_net
+    prefill_run = None
     if job.check:
-        onnx_out = timed("check", _onnx_outputs, files[0], net, args)
-        checks.append(_compare("onnxruntime vs fx-rewritten", rewritten_out, onnx_out))
+        session = timed("check", ort_session, files[0])
+        feeds = {spec.name: a.numpy() for spec, a in zip(net.inputs, args)}
+        onnx_out = timed("check", session.run, list(net.output_names), feeds)
+        checks.append(compare("onnxruntime vs fx-rewritten", rewritten_out, onnx_out))
+        if plan.kind in PREFILL_BLOCKS:
+            prefill_run = PrefillRun(feeds, dict(zip(net.output_names, onnx_out)))
+        elif plan.kind in DECODE_BLOCKS and prefill is not None:
+            checks.append(timed("decode check", decode_check, lambda f: session.run(list(net.output_names), f),
+                                net.inputs, net.output_names, prefill.feeds, prefill.outputs, job.seq_length))
+        del session
     digest = timed("hash", shared.digest, files)
     result = NetworkResult(plan.name, plan.kind, files, net.inputs, net.outputs, dynamic_axes, records, seconds,
-                           checks, digest)
+                           checks, digest, prefill_run)
     return result, net
 
 
@@ -343,9 +299,9 @@ def _worker_start(job: ExportJob, threads: int) -> None:
 
 def _worker_export(group: list[str]) -> list[NetworkResult]:
     job, plans = _WORKER["job"], _WORKER["plans"]
-    shared, results = SharedData(job.folder), []
+    shared, results, prefills = SharedData(job.folder), [], {}
     for name in group:
-        result, net = export_network(job, plans[name], shared)
+        result, net = export_in_group(job, plans[name], shared, prefills)
         results.append(result)
         del net
         gc.collect()
@@ -388,11 +344,6 @@ def _weight_group(plan) -> str:
 
 def _parameter_count(source: ModelSource) -> int:
     return sum(p.numel() for p in source.skeleton.parameters())
-
-
-def end_to_end_prompt(vocab: int, seq_length: int) -> list[int]:
-    """The fixed prompt (or source) the end-to-end checks generate from, fitted to the vocabulary and SEQ."""
-    return [t % int(vocab) for t in END_TO_END_PROMPT][: seq_length - 1]
 
 
 def end_to_end_check(source: ModelSource, folder: Path, manifest: dict, new_tokens: int = 8) -> dict:

@@ -28,6 +28,13 @@ def render(result: CompileResult, wall_seconds: float) -> str:
                      "(the per-network and per-stage seconds are each process's own, summed)")
     lines.append("  stages: " + ", ".join(f"{stage} {s:.1f}s" for stage, s in result.seconds.items())
                  + f"; total {wall_seconds:.1f}s")
+    decode = [(net.name, c) for net in result.networks for c in net.checks if c.stage.startswith("decode vs prefill")]
+    if decode:
+        worst_name, worst = max(decode, key=lambda nc: (not nc[1].ok, nc[1].max_abs_err))
+        failed = [name for name, c in decode if not c.ok]
+        lines.append(f"  decode blocks vs their prefill blocks, same weights, {worst.stage[len('decode vs prefill ('):-1]}: "
+                     f"{len(decode) - len(failed)} of {len(decode)} ok, max abs err {worst.max_abs_err:.1e} ({worst_name})"
+                     + (f"; FAIL: {', '.join(failed)}" if failed else ""))
     if result.end_to_end:
         e2e = result.end_to_end
         lines.append(f"  end to end vs the reference (transformers generate, or your model's forward): {len(e2e['tokens'])} greedy tokens "

@@ -1,11 +1,11 @@
-"""A reference runtime that drives the emitted networks exactly as the chip runtime does.
+"""The runtime that drives the emitted networks as the chip runtime does, down to its device memory.
 
-It follows LLM-TPU's chat demo step for step: pad the prompt to SEQ, prefill through
-`block_i` with a [1,1,SEQ,SEQ] mask of 0 / −10000, keep a [1,SEQ,KV,D] cache per layer,
-decode through `block_cache_i` with a [1,1,1,SEQ+1] mask and write each new token's K/V at
-row len-1. Backends run single networks by the contract's names: onnxruntime on the emitted
-files, the rewritten FX graphs in torch (to check each compiler stage with the same driver),
-or a target's simulator (targets/bm1684x/simulator.py).
+`ChipStyleRuntime` is LLM-TPU's Llama3_1 chat demo: each prefill and decode step is the Program
+(graphopt/device_program.py) of writes, copies, launches and reads that the demo's chat.cpp makes,
+with the bits it writes (int32 ids and positions, fp16 mask bits). A device executes it: the
+cmodel simulator on the bmodel's real memory (targets/bm1684x/simulator.py), or `HostDevice`
+over onnxruntime sessions or the rewritten FX graphs (each compiler stage checked with the same
+driver). `Seq2SeqRuntime` drives encoder-decoder networks as docs/encoder-decoder-networks.md says.
 """
 
 from __future__ import annotations
@@ -17,10 +17,13 @@ from typing import Protocol
 
 import numpy as np
 
+from graphopt.device_program import Buffer, Copy, HostDevice, IoSpec, Launch, Program, Read, Same, Tensor, Write
 from graphopt.errors import GraphoptError
 from graphopt.networks import MASK_VALUE, NETWORK_ALIASES, causal_mask, decode_mask
-
 from graphopt.output import MANIFEST
+
+# What the Llama3_1 demo writes for "masked", whatever the nets' dtype: fp16 −10000, bits 0xF0E2.
+ATTENTION_MASK = np.float16(MASK_VALUE)
 
 
 class Backend(Protocol):
@@ -93,28 +96,66 @@ class Shapes:
                    hidden=nets["lm_head"]["inputs"][0]["shape"][-1], kv_heads=past_k[2], head_dim=past_k[3])
 
 
+def network_io(manifest: dict) -> dict[str, dict[str, list[tuple[str, IoSpec]]]]:
+    """Each network's inputs and outputs by position, the runtime's aliases included (embedding_cache:
+    the embedding with its dynamic sequence axis at one token)."""
+    def specs(net: dict, io: str, one_token: bool) -> list[tuple[str, IoSpec]]:
+        out = []
+        for t in net[io]:
+            dynamic = {int(axis) for axis in net.get("dynamic_axes", {}).get(t["name"], {})}
+            shape = tuple(1 if one_token and axis in dynamic else d for axis, d in enumerate(t["shape"]))
+            out.append((t["name"], IoSpec(shape, np.dtype(t["dtype"]))))
+        return out
+
+    nets = {n["name"]: n for n in manifest["networks"]}
+    io = {name: {"in": specs(n, "inputs", False), "out": specs(n, "outputs", False)} for name, n in nets.items()}
+    for alias, source in NETWORK_ALIASES.items():
+        io[alias] = {"in": specs(nets[source], "inputs", True), "out": specs(nets[source], "outputs", True)}
+    return io
+
+
+def _in(net: str, index: int) -> Tensor:
+    return Tensor(net, "in", index)
+
+
+def _out(net: str, index: int) -> Tensor:
+    return Tensor(net, "out", index)
+
+
 class ChipStyleRuntime:
-    def __init__(self, backend: Backend, shapes: Shapes):
-        self.backend, self.shapes = backend, shapes
-        self.length = 0
-        cache = (1, shapes.seq_length, shapes.kv_heads, shapes.head_dim)
-        self.cache_k = [np.zeros(cache, np.float32) for _ in range(shapes.num_layers)]
-        self.cache_v = [np.zeros(cache, np.float32) for _ in range(shapes.num_layers)]
+    """LLM-TPU's Llama3_1 chat demo (`models/Llama3_1/python_demo/chat.cpp` at ea05961), step for step.
 
-    def _head(self, hidden: np.ndarray) -> tuple[int, np.ndarray]:
-        logits = self.backend.run("lm_head", {"hidden_states": hidden})["m_logits"]
-        token = self.backend.run("greedy_head", {"m_logits": logits})["token"]
-        return int(token.reshape(-1)[0]), logits[0]
+    Prefill: the prompt's int32 ids padded to SEQ (zeros on a first turn) into `embedding`; its
+    output copied into `block_0`'s input, then each block's output into the next block's input.
+    Positions and the [SEQ,SEQ] mask are written into block_0's inputs only: every later block
+    reads its own, which the demo takes to be the same memory. Each block's past_k/past_v is
+    copied whole into the layer's cache; row len-1 of the last hidden states into `lm_head`;
+    `greedy_head` reads lm_head's output in place. Decode: the token into `embedding_cache`, its
+    output through every `block_cache_i`, whose new K/V row goes into the cache at row len-1.
+    The masks hold `ATTENTION_MASK` as fp16 bits (0xF0E2), whatever dtype the nets have. Where the
+    decode nets are io_alone, the cache *is* their history input memory; otherwise the demo
+    allocates it and copies it in every step."""
 
-    # What differs between model families: the network names and the inputs besides the
-    # hidden states, mask and cache (Seq2SeqRuntime overrides these).
     block, block_cache = "block_", "block_cache_"
+    history = (3, 4)  # history_k, history_v: the decode blocks' inputs that hold the cache
 
-    def _embed(self, network: str, ids: np.ndarray, positions: np.ndarray) -> np.ndarray:
-        return self.backend.run(network, {"input_ids": ids})["input_embed"]
+    def __init__(self, device, shapes: Shapes):
+        self.device, self.shapes = device, shapes
+        self.length = 0
+        self.io_alone = device.io_alone(f"{self.block_cache}0")
+        self.cache = [tuple(_in(f"{self.block_cache}{i}", h) if self.io_alone else
+                            Buffer(f"past_{'kv'[j]}_{i}", _in(f"{self.block_cache}{i}", h))
+                            for j, h in enumerate(self.history)) for i in range(shapes.num_layers)]
 
-    def _layer_inputs(self, layer: int, positions: np.ndarray) -> dict[str, np.ndarray]:
-        return {"position_ids": positions}
+    def _head(self) -> list:
+        # The logits are read for the checks, before greedy_head runs: a head whose memory is shared
+        # with greedy_head's may be overwritten by it (the demo itself only reads the token).
+        return [Launch("lm_head"), Read(_out("lm_head", 0), "logits"),
+                Launch("greedy_head", bind=((0, _out("lm_head", 0)),)), Read(_out("greedy_head", 0), "token")]
+
+    def _run(self, program: Program) -> tuple[int, np.ndarray]:
+        out = self.device.execute(program)
+        return int(out["token"].reshape(-1)[0]), out["logits"].reshape(-1).astype(np.float32)
 
     def room(self, prompt: list[int]) -> int:
         """How many tokens can follow `prompt` before its SEQ positions are used up."""
@@ -122,36 +163,54 @@ class ChipStyleRuntime:
 
     def prefill(self, prompt: list[int]) -> tuple[int, np.ndarray]:
         seq, n = self.shapes.seq_length, len(prompt)
-        ids = np.zeros((1, seq), np.int64)
-        ids[0, :n] = prompt
-        positions = np.zeros((1, seq), np.int64)
-        positions[0, :n] = np.arange(n)
-        mask = causal_mask(seq, seq, n).numpy()
-        hidden = self._embed("embedding", ids, positions)
+        ids, positions = np.zeros(seq, np.int32), np.zeros(seq, np.int32)
+        ids[:n], positions[:n] = prompt, np.arange(n)
+        mask = causal_mask(seq, seq, n).numpy().astype(ATTENTION_MASK.dtype)
+        program = Program([Write(_in("embedding", 0), ids, what="the prompt's ids"), Launch("embedding")])
+        hidden, first = _out("embedding", 0), f"{self.block}0"
         for layer in range(self.shapes.num_layers):
-            out = self.backend.run(f"{self.block}{layer}", {"input_states": hidden, "attention_mask": mask,
-                                                            **self._layer_inputs(layer, positions)})
-            hidden = out["hidden_states"]
-            self.cache_k[layer][...] = out["past_k"]
-            self.cache_v[layer][...] = out["past_v"]
+            block = f"{self.block}{layer}"
+            program += Copy(_in(block, 0), hidden)
+            if layer == 0:
+                program += [Write(_in(block, 1), positions, what="the positions"),
+                            Write(_in(block, 2), mask, what="the prefill mask")]
+            else:
+                program += [Same(_in(block, 1), _in(first, 1)), Same(_in(block, 2), _in(first, 2))]
+            program += Launch(block)
+            hidden = _out(block, 0)
+            program += [Copy(self.cache[layer][0], _out(block, 1)), Copy(self.cache[layer][1], _out(block, 2))]
+        program += Copy(_in("lm_head", 0), hidden, src_row=n - 1, rows=1)
+        program += self._head()
         self.length = n
-        return self._head(hidden[:, n - 1])
+        return self._run(program)
 
     def decode(self, token: int) -> tuple[int, np.ndarray]:
         seq = self.shapes.seq_length
         self.length += 1
         row = self.length - 1  # the new token's position and its cache row
-        mask = decode_mask(seq, row).numpy()
-        positions = np.array([[row]], np.int64)
-        hidden = self._embed("embedding_cache", np.array([[token]], np.int64), positions)
+        mask = decode_mask(seq, row).numpy().astype(ATTENTION_MASK.dtype)
+        program = Program([Write(_in("embedding_cache", 0), np.array([token], np.int32), what="the token"),
+                           Launch("embedding_cache")])
+        hidden, first = _out("embedding_cache", 0), f"{self.block_cache}0"
         for layer in range(self.shapes.num_layers):
-            out = self.backend.run(f"{self.block_cache}{layer}", {
-                "input_states": hidden, "attention_mask": mask, **self._layer_inputs(layer, positions),
-                "history_k": self.cache_k[layer], "history_v": self.cache_v[layer]})
-            hidden = out["hidden_states"]
-            self.cache_k[layer][:, row] = out["past_k"][:, 0]
-            self.cache_v[layer][:, row] = out["past_v"][:, 0]
-        return self._head(hidden[:, 0])
+            block = f"{self.block_cache}{layer}"
+            program += Copy(_in(block, 0), hidden)
+            if layer == 0:
+                program += [Write(_in(block, 1), np.array([row], np.int32), what="the position"),
+                            Write(_in(block, 2), mask, what="the decode mask")]
+            elif self.io_alone:
+                program += [Copy(_in(block, 1), _in(first, 1)), Copy(_in(block, 2), _in(first, 2))]
+            else:
+                program += [Same(_in(block, 1), _in(first, 1)), Same(_in(block, 2), _in(first, 2))]
+            if not self.io_alone:
+                program += [Copy(_in(block, h), cache) for h, cache in zip(self.history, self.cache[layer])]
+            program += Launch(block)
+            hidden = _out(block, 0)
+            program += [Copy(self.cache[layer][0], _out(block, 1), dst_row=row),
+                        Copy(self.cache[layer][1], _out(block, 2), dst_row=row)]
+        program += Copy(_in("lm_head", 0), hidden)
+        program += self._head()
+        return self._run(program)
 
     def generate(self, prompt: list[int], max_new_tokens: int, stop_tokens: frozenset[int] = frozenset()) -> Generation:
         if not 0 < len(prompt) <= self.shapes.seq_length:
@@ -176,19 +235,23 @@ class ChipStyleRuntime:
 
 
 class Seq2SeqRuntime(ChipStyleRuntime):
-    """An encoder-decoder model's networks, driven as a chip runtime would.
+    """An encoder-decoder model's networks, driven as docs/encoder-decoder-networks.md says.
 
     The source is padded to SRC (= SEQ) and encoded once; `cross_kv` turns the encoder output into
-    every layer's cross-attention K/V once. The target then runs like a decoder-only model: the
-    decoder start token is the prompt, prefilled through `decoder_block_i`, and each next token is
-    decoded through `decoder_block_cache_i`, all reading the same cross K/V and source mask."""
+    every layer's cross-attention K/V, which the runtime keeps in buffers of its own and copies into
+    each decoder block. The target then runs like a decoder-only model: the decoder start token is
+    the prompt, prefilled through `decoder_block_i`, and each next token is decoded through
+    `decoder_block_cache_i`. This contract is graphopt's own: masks are written as values in the
+    nets' dtype, and every block gets its inputs written or copied before it runs."""
 
     block, block_cache = "decoder_block_", "decoder_block_cache_"
+    history = (5, 6)
 
-    def __init__(self, backend: Backend, shapes: Shapes, decoder_start: int):
-        super().__init__(backend, shapes)
+    def __init__(self, device, shapes: Shapes, decoder_start: int):
+        super().__init__(device, shapes)
         self.decoder_start = decoder_start
-        self.cross: dict[str, np.ndarray] = {}
+        self.cross = [tuple(Buffer(f"cross_{'kv'[j]}_{i}", _out("cross_kv", 2 * i + j)) for j in range(2))
+                      for i in range(shapes.num_layers)]
         self.source_mask = np.zeros((1, 1, 1, shapes.seq_length), np.float32)
 
     def encode(self, source: list[int]) -> None:
@@ -196,10 +259,14 @@ class Seq2SeqRuntime(ChipStyleRuntime):
         if not 0 < n <= seq:
             raise GraphoptError(f"the source has {n} tokens but the networks were compiled for --seq-length {seq}: "
                                 f"give 1 to {seq} tokens, or compile with a larger --seq-length.")
-        ids, valid = np.zeros((1, seq), np.int64), np.zeros((1, seq), np.int64)
-        ids[0, :n], valid[0, :n] = source, 1
-        states = self.backend.run("encoder", {"input_ids": ids, "attention_mask": valid})["encoder_hidden_states"]
-        self.cross = self.backend.run("cross_kv", {"encoder_hidden_states": states})
+        ids, valid = np.zeros(seq, np.int32), np.zeros(seq, np.int32)
+        ids[:n], valid[:n] = source, 1
+        program = Program([Write(_in("encoder", 0), ids, what="the source ids"),
+                           Write(_in("encoder", 1), valid, what="the source's valid positions"), Launch("encoder"),
+                           Copy(_in("cross_kv", 0), _out("encoder", 0)), Launch("cross_kv")])
+        for layer, (k, v) in enumerate(self.cross):
+            program += [Copy(k, _out("cross_kv", 2 * layer)), Copy(v, _out("cross_kv", 2 * layer + 1))]
+        self.device.execute(program)
         self.source_mask[...] = 0.0
         self.source_mask[..., n:] = MASK_VALUE
 
@@ -207,13 +274,45 @@ class Seq2SeqRuntime(ChipStyleRuntime):
         """A translation's target has its own SEQ positions, the first taken by the decoder start token."""
         return self.shapes.seq_length - 1
 
-    def _embed(self, network: str, ids: np.ndarray, positions: np.ndarray) -> np.ndarray:
-        return self.backend.run(network, {"input_ids": ids, "position_ids": positions})["input_embed"]
+    def _steps(self, embedding: str, ids: np.ndarray, positions: np.ndarray, mask: np.ndarray,
+               row: int | None) -> Program:
+        """Embed `ids` at `positions`, then every layer's block (prefill when `row` is None, else decode)."""
+        steps = positions.size
+        program = Program([Write(_in(embedding, 0), ids, what="the ids"),
+                           Write(_in(embedding, 1), positions, what="the positions"), Launch(embedding)])
+        hidden = _out(embedding, 0)
+        source_mask = np.repeat(self.source_mask, steps, axis=2)
+        for layer in range(self.shapes.num_layers):
+            block = f"{self.block if row is None else self.block_cache}{layer}"
+            program += [Copy(_in(block, 0), hidden),
+                        Write(_in(block, 1), mask, raw=False, what="the mask"),
+                        Write(_in(block, 2), source_mask, raw=False, what="the source mask"),
+                        Copy(_in(block, 3), self.cross[layer][0]), Copy(_in(block, 4), self.cross[layer][1])]
+            if row is not None and not self.io_alone:
+                program += [Copy(_in(block, h), cache) for h, cache in zip(self.history, self.cache[layer])]
+            program += Launch(block)
+            hidden = _out(block, 0)
+            program += [Copy(self.cache[layer][j], _out(block, 1 + j), dst_row=row or 0) for j in range(2)]
+        return program
 
-    def _layer_inputs(self, layer: int, positions: np.ndarray) -> dict[str, np.ndarray]:
-        steps = positions.shape[1]  # the source mask, one row per decoder position
-        return {"encoder_attention_mask": np.repeat(self.source_mask, steps, axis=2),
-                "cross_k": self.cross[f"cross_k_{layer}"], "cross_v": self.cross[f"cross_v_{layer}"]}
+    def prefill(self, prompt: list[int]) -> tuple[int, np.ndarray]:
+        seq, n = self.shapes.seq_length, len(prompt)
+        ids, positions = np.zeros(seq, np.int32), np.zeros(seq, np.int32)
+        ids[:n], positions[:n] = prompt, np.arange(n)
+        program = self._steps("embedding", ids, positions, causal_mask(seq, seq, n).numpy(), None)
+        program += Copy(_in("lm_head", 0), _out(f"{self.block}{self.shapes.num_layers - 1}", 0), src_row=n - 1, rows=1)
+        program += self._head()
+        self.length = n
+        return self._run(program)
+
+    def decode(self, token: int) -> tuple[int, np.ndarray]:
+        self.length += 1
+        row = self.length - 1
+        program = self._steps("embedding_cache", np.array([token], np.int32), np.array([row], np.int32),
+                              decode_mask(self.shapes.seq_length, row).numpy(), row)
+        program += Copy(_in("lm_head", 0), _out(f"{self.block_cache}{self.shapes.num_layers - 1}", 0))
+        program += self._head()
+        return self._run(program)
 
     def translate(self, source: list[int], max_new_tokens: int, stop_tokens: frozenset[int] = frozenset()) -> Generation:
         """Greedy target tokens for `source` (the decoder start token is not among them)."""
@@ -223,13 +322,16 @@ class Seq2SeqRuntime(ChipStyleRuntime):
         return result
 
 
-def runtime_for(backend: Backend, manifest: dict) -> ChipStyleRuntime:
-    """The runtime that drives this manifest's networks: decoder-only or encoder-decoder."""
+def runtime_for(backend, manifest: dict) -> ChipStyleRuntime:
+    """The runtime that drives this manifest's networks (decoder-only or encoder-decoder) on `backend`:
+    a device that executes programs itself (the simulator), or one that runs single networks
+    (onnxruntime, FX), wrapped in a HostDevice."""
+    device = backend if hasattr(backend, "execute") else HostDevice(backend, network_io(manifest))
     shapes = Shapes.from_manifest(manifest)
     config = manifest["model"]["config"]
     if config.get("is_encoder_decoder"):
-        return Seq2SeqRuntime(backend, shapes, int(config["decoder_start_token_id"]))
-    return ChipStyleRuntime(backend, shapes)
+        return Seq2SeqRuntime(device, shapes, int(config["decoder_start_token_id"]))
+    return ChipStyleRuntime(device, shapes)
 
 
 def run_prompt(runtime: ChipStyleRuntime, prompt: list[int], max_new_tokens: int,

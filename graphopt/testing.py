@@ -63,7 +63,7 @@ def export_networks(source: ModelSource, names: list[str] | None, seq_length: in
     Returns {name: NetworkResult}."""
     from pathlib import Path
 
-    from graphopt.compiler import ExportJob, export_network
+    from graphopt.compiler import ExportJob, export_in_group
     from graphopt.onnx_ir import SharedData
     from graphopt.targets.onnx_target import ONNX_TARGET
 
@@ -71,9 +71,9 @@ def export_networks(source: ModelSource, names: list[str] | None, seq_length: in
     Path(folder).mkdir(parents=True, exist_ok=True)
     job = ExportJob(source, list(target.fx_pipeline), list(target.onnx_pipeline), seq_length, Path(folder),
                     list(layers), check=True, dump_dir=None)
-    shared, results = SharedData(Path(folder)), {}
+    shared, results, prefills = SharedData(Path(folder)), {}, {}
     for plan in job.plans():
         if names is None or plan.name in names:
-            results[plan.name], _ = export_network(job, plan, shared)
+            results[plan.name], _ = export_in_group(job, plan, shared, prefills)
     source.release()
     return results

@@ -3,6 +3,7 @@
 from graphopt.passes import (  # noqa: F401
     attention_canonical,
     attention_lower,
+    clamp_mask,
     concat_cache,
     cross_kv_inputs,
     encoder_padding_mask,

@@ -48,6 +48,7 @@ FX_PIPELINE = (
     "fixed-mask",
     "encoder-padding-mask", # the encoder's counterpart of fixed-mask: both give attention-lower
                             # additive masks
+    "clamp-mask",           # after both: the mask inputs are final; a runtime's fp16 mask bits stay finite in bf16
     "kv-layout",            # before concat-cache: exposes the new token's K/V, not the concatenation
     "concat-cache",         # block_cache only; widens the mask input fixed-mask wired up
     "attention-lower",      # last rewrite: ONNX ≤ 17 has no attention op

@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from graphopt.compiler import check_inputs
+from graphopt.checks import check_inputs
 from graphopt.pass_manager import PassManager
 from graphopt.passes._attention import attention_nodes, sdpa_arg
 from graphopt.plugins import PassPlugins, load_passes

@@ -85,15 +85,15 @@ class Bm1684xResult:
         lines += self._top_pass_lines()
         if self.sim_skipped:
             lines.append(f"  simulator checks skipped: {self.sim_skipped}")
-        if self.generation:
-            g = self.generation
-            verdict = "identical" if g["tokens_identical"] else \
-                (f"identical up to a near-tie at token {g['first_difference']} (reference top-2 margin "
-                 f"{g['margin_at_difference']:.3f} < 2x logit error {g['max_abs_logit_err']:.3f})" if g["ok"] else
-                 f"DIFFER from token {g['first_difference']} (margin {g['margin_at_difference']:.3f})")
-            lines.append(f"  simulated greedy generation vs onnxruntime: {len(g['tokens'])} tokens {verdict}, "
-                         f"min logit cosine {g['min_logit_cosine']:.5f}{'' if g['ok'] else '  FAIL'}"
-                         + (f"; vs fp32 {g['fp32_agreement']:.0%} of tokens equal" if self.quantize.startswith("w")
+        for run in (self.generation or {}).get("runs", []):
+            verdict = "identical" if run["tokens_identical"] else \
+                (f"identical up to a near-tie at token {run['first_difference']} (reference top-2 margin "
+                 f"{run['margin_at_difference']:.3f} < 2x logit error {run['max_abs_logit_err']:.3f})" if run["ok"] else
+                 f"DIFFER from token {run['first_difference']} (margin {run['margin_at_difference']:.3f})")
+            lines.append(f"  simulated greedy generation vs onnxruntime, {run['prompt_length']}-token prompt: "
+                         f"{len(run['tokens'])} tokens {verdict}, min logit cosine {run['min_logit_cosine']:.5f}"
+                         f"{'' if run['ok'] else '  FAIL'}"
+                         + (f"; vs fp32 {run['fp32_agreement']:.0%} of tokens equal" if self.quantize.startswith("w")
                             else ""))
         if self.problems:
             lines.append(f"  contract ({self.contract}): NOT MET: " + "; ".join(self.problems))
@@ -169,21 +169,27 @@ class Bm1684xBuild:
                                contract=inspect_bmodel.contract_of(infos))
 
         params = sum(p.numel() for p in source.skeleton.parameters())
-        if not check:
-            result.sim_skipped = "--no-check"
-        elif params > SIM_CHECK_MAX_PARAMS:
-            result.sim_skipped = (f"{params / 1e9:.1f}B parameters is too large for the cmodel simulator; verify "
-                                  "small shapes of the same architecture instead")
-        else:
-            self._simulate(tools, bmodel, specs, manifest, folder, result, options["group_size"], show_progress)
+        with Simulator(tools, simulator_log()) as sim:
+            # Whatever the model's size: where the runtime's copies land in the combined file's memory,
+            # and what its mask bits mean to the nets (inspect_bmodel.runtime_problems).
+            if not result.problems:
+                start = time.perf_counter()
+                result.problems = inspect_bmodel.runtime_problems(sim.layout(bmodel), infos, manifest)
+                seconds["memory check"] = time.perf_counter() - start
+            if not check:
+                result.sim_skipped = "--no-check"
+            elif params > SIM_CHECK_MAX_PARAMS:
+                result.sim_skipped = (f"{params / 1e9:.1f}B parameters is too large for the cmodel simulator; verify "
+                                      "small shapes of the same architecture instead")
+            else:
+                self._simulate(sim, bmodel, specs, manifest, folder, result, options["group_size"], show_progress)
         (folder / REPORT).write_text(json.dumps(result.to_json(), indent=2) + "\n")
         return result
 
     @staticmethod
-    def _simulate(tools, bmodel, specs, manifest, folder, result, group_size, show_progress) -> None:
+    def _simulate(sim, bmodel, specs, manifest, folder, result, group_size, show_progress) -> None:
         start = time.perf_counter()
-        with tempfile.TemporaryDirectory(prefix="graphopt-quantized-reference-") as quantized, \
-                Simulator(tools, simulator_log()) as sim:
+        with tempfile.TemporaryDirectory(prefix="graphopt-quantized-reference-") as quantized:
             quantized = fake_quant.quantized_reference(folder, manifest, specs, group_size, Path(quantized))
             by_name = {n["net"]: n for n in result.nets}
             for spec in specs:

@@ -4,7 +4,9 @@ For a decoder-only model the contract is what LLM-TPU's Llama3_1 chat demo reads
 the nets by name, NUM_LAYERS = (nets - 5) / 2, int32 ids and positions, 16-bit activations, a
 [1,SEQ,KV,D] cache in and a [1,1,KV,D] row out for the decode nets, the masks' shapes. For an
 encoder-decoder model it is docs/encoder-decoder-networks.md, with the bmodel's int32 ids and
-16-bit floats.
+16-bit floats. `runtime_problems` adds what names and shapes cannot show: whether the runtime's
+copies between nets are sound on the file's memory layout (memory_check.py), and whether the
+mask bits the demo writes mean "masked" to nets of the file's mask dtype.
 """
 
 from __future__ import annotations
@@ -13,6 +15,8 @@ import re
 import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
+
+import numpy as np
 
 from graphopt.errors import GraphoptError
 from graphopt.targets.bm1684x.toolchain import Toolchain
@@ -200,6 +204,46 @@ def encoder_decoder_problems(nets: list[NetInfo]) -> list[str]:
     expect("greedy_head", "inputs", 0, shape=(1, logits.shape[1] if logits else 0))
     expect("greedy_head", "outputs", 0, dtypes=INT)
     return problems
+
+
+MASK_CLAMP_PASS = "clamp-mask"
+
+
+def mask_problems(nets: list[NetInfo], manifest: dict | None) -> list[str]:
+    """The Llama3_1 demo writes fp16 mask bits (0xF0E2, fp16 −10000) whatever the nets' dtype. A bf16
+    net reads them as −5.6e29, which TPU-MLIR's bf16 attention turns into NaN on a row masked
+    everywhere (the prompt's padding rows): the demo then generates token 0. graphopt's blocks clamp
+    the mask (the clamp-mask pass); that is known from the manifest the bmodel was built from."""
+    from graphopt.runtime import ATTENTION_MASK
+
+    if contract_of(nets) != LLM_TPU:
+        return []
+    bf16 = [n.name for n in nets if re.fullmatch(r"block_(cache_)?\d+", n.name) and len(n.inputs) > 2
+            and n.inputs[2].dtype == "bfloat16"]
+    if not bf16:
+        return []
+    clamped = {n["name"] for n in (manifest or {}).get("networks", [])
+               if any(p["pass"] == MASK_CLAMP_PASS and "attention_mask" in p["note"] for p in n["passes"])}
+    unclamped = [name for name in bf16 if name not in clamped]
+    if not unclamped:
+        return []
+    bits = int(np.float16(ATTENTION_MASK).view(np.uint16))
+    as_bf16 = float((np.array([bits], np.uint32) << 16).view(np.float32)[0])
+    evidence = ("No manifest.json beside this bmodel says" if manifest is None else
+                "The manifest.json beside it does not say")
+    return [f"{', '.join(unclamped[:4])}{' ...' if len(unclamped) > 4 else ''}: attention_mask is bfloat16, and the "
+            f"Llama3_1 demo writes 0x{bits:04X} into it (fp16 {float(ATTENTION_MASK):g}), which bf16 reads as "
+            f"{as_bf16:.2g}; a block that does not clamp its mask answers NaN on the prompt's padding rows and the "
+            f"demo generates token 0. {evidence} that these blocks clamp the mask (graphopt's {MASK_CLAMP_PASS} "
+            "pass): compile the model with graphopt, or in an f16 mode (w4f16, w8f16, f16)"]
+
+
+def runtime_problems(layout: dict, nets: list[NetInfo], manifest: dict | None) -> list[str]:
+    """What the runtime would trip over that names and shapes do not show: its device copies on this
+    memory layout (`Simulator.layout`), and its mask bits in the nets' mask dtype."""
+    from graphopt.targets.bm1684x import memory_check
+
+    return memory_check.check(layout) + mask_problems(nets, manifest)
 
 
 def render(path: Path, header: dict, nets: list[NetInfo], problems: list[str]) -> str:

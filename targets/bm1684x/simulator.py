@@ -1,20 +1,23 @@
-"""bmodel networks run in TPU-MLIR's cmodel simulator, as a runtime backend.
+"""A bmodel run in TPU-MLIR's cmodel simulator, as a device for the chip-style runtime.
 
 One long-lived worker process (sim_worker.py under the toolchain's Python) keeps the bmodel
-loaded, so a whole generation costs one simulator start, not one per network call.
-`SimBackend` has the same `run(network, inputs)` as the onnxruntime backend, so the chip-style
+loaded through the runtime's C API with shared memory, as LLM-TPU's demos load it, so a whole
+generation costs one simulator start and its copies between nets run on the real memory layout.
+`SimBackend.execute(program)` is what `HostDevice.execute` is for onnxruntime: the chip-style
 runtime drives either.
 """
 
 from __future__ import annotations
 
 import io
+import json
 import struct
 import subprocess
 from pathlib import Path
 
 import numpy as np
 
+from graphopt.device_program import Launch, Program, Read, Tensor, Write
 from graphopt.errors import GraphoptError
 from graphopt.targets.bm1684x.toolchain import Toolchain
 
@@ -29,7 +32,7 @@ def _pack(arrays: dict[str, np.ndarray]) -> bytes:
 
 
 class Simulator:
-    """A cmodel worker; `run` sends one net's inputs and returns its outputs in order.
+    """A cmodel worker that runs programs on bmodels (graphopt/device_program.py) and reports their layout.
 
     The simulator's own output goes to `log`, which is removed when the worker ends cleanly
     and kept (and named in the error) when it does not."""
@@ -41,9 +44,10 @@ class Simulator:
         self.process = subprocess.Popen([str(toolchain.python), str(WORKER)], stdin=subprocess.PIPE,
                                         stdout=subprocess.PIPE, stderr=self._log_handle, env=toolchain.environ(),
                                         cwd=log.parent)
+        self._layouts: dict[Path, dict] = {}
 
-    def run(self, bmodel: Path, net: str, inputs: dict[str, np.ndarray]) -> list[np.ndarray]:
-        request = {"__model__": np.array(str(bmodel.absolute())), "__net__": np.array(net), **inputs}
+    def _request(self, bmodel: Path, what: str, arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        request = {"__model__": np.array(str(bmodel.absolute())), **arrays}
         try:
             self.process.stdin.write(_pack(request))
             self.process.stdin.flush()
@@ -53,11 +57,32 @@ class Simulator:
             (size,) = struct.unpack("<Q", header)
             reply = dict(np.load(io.BytesIO(self.process.stdout.read(size)), allow_pickle=False))
         except (BrokenPipeError, OSError):
-            raise GraphoptError(f"TPU-MLIR's simulator stopped while running net '{net}' of {bmodel}. Its log is "
+            raise GraphoptError(f"TPU-MLIR's simulator stopped while {what} of {bmodel}. Its log is "
                                 f"{self.log}; check that the toolchain works with `graphopt toolchain status`.") from None
         if "__error__" in reply:
-            raise GraphoptError(f"TPU-MLIR's simulator could not run net '{net}' of {bmodel}:\n{reply['__error__']}")
-        return [reply[f"out{i}"] for i in range(len(reply) - 1)]
+            raise GraphoptError(f"TPU-MLIR's simulator failed while {what} of {bmodel}:\n{reply['__error__']}")
+        return reply
+
+    def layout(self, bmodel: Path) -> dict:
+        """Each net's address mode and the device address and size of its inputs and outputs, as
+        the runtime placed them when it loaded the bmodel with shared memory."""
+        if bmodel not in self._layouts:
+            reply = self._request(bmodel, "reading the memory layout", {"__layout__": np.array(1)})
+            self._layouts[bmodel] = json.loads(str(reply["__layout__"]))
+        return self._layouts[bmodel]
+
+    def execute(self, bmodel: Path, program: Program, what: str = "running a program") -> dict[str, np.ndarray]:
+        steps, data = program.to_json()
+        return self._request(bmodel, what, {"__program__": np.array(json.dumps(steps)), **data})
+
+    def run(self, bmodel: Path, net: str, inputs: dict[str, np.ndarray]) -> list[np.ndarray]:
+        """One net on its own: each input converted to the net's dtype, written, the net run, its outputs read."""
+        layout = self.layout(bmodel)[net]
+        program = Program([Write(Tensor(net, "in", i), inputs[t["name"]], raw=False) for i, t in enumerate(layout["in"])])
+        program += Launch(net)
+        program += [Read(Tensor(net, "out", i), f"out{i}") for i in range(len(layout["out"]))]
+        reply = self.execute(bmodel, program, f"running net '{net}'")
+        return [reply[f"out{i}"].reshape(t["shape"]) for i, t in enumerate(layout["out"])]
 
     def close(self) -> None:
         if self.process.poll() is None:
@@ -78,12 +103,13 @@ class Simulator:
 
 
 class SimBackend:
-    """The runtime backend over one combined bmodel: outputs named as in the ONNX manifest."""
+    """A device for the chip-style runtime: programs run on the combined bmodel's real device memory."""
 
-    def __init__(self, simulator: Simulator, bmodel: Path, manifest: dict):
+    def __init__(self, simulator: Simulator, bmodel: Path, manifest: dict | None = None):
         self.simulator, self.bmodel = simulator, bmodel
-        self.output_names = {n["name"]: [o["name"] for o in n["outputs"]] for n in manifest["networks"]}
-        self.output_names["embedding_cache"] = self.output_names["embedding"]
 
-    def run(self, network: str, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        return dict(zip(self.output_names[network], self.simulator.run(self.bmodel, network, inputs)))
+    def io_alone(self, net: str) -> bool:
+        return self.simulator.layout(self.bmodel)[net]["addr_mode"] == 1
+
+    def execute(self, program: Program) -> dict[str, np.ndarray]:
+        return self.simulator.execute(self.bmodel, program)

@@ -9,7 +9,7 @@ import re
 import numpy as np
 import pytest
 
-from graphopt.compiler import sample_inputs
+from graphopt.checks import sample_inputs
 from graphopt.models import open_model
 from graphopt.runtime import ort_session
 from graphopt.targets import get_target

@@ -1,0 +1,208 @@
+"""What a chip runtime does to device memory, as data, and a host-side executor for it.
+
+A chip runtime (LLM-TPU's chat demos) never hands arrays to a network: it writes host data into
+a net's input memory, copies bytes from one net's output memory into another net's input memory
+(whole tensors, or rows at an offset), launches nets on the memory they were compiled for (or on
+another net's output, bound in place), and reads a few bytes back. Two networks of one bmodel
+share device memory, so *where* each tensor lives decides whether those copies mean what the
+runtime means. A `Program` holds those steps in the runtime's order:
+
+  Write(dst, value, raw)      host -> device. raw: the value's own bytes, as the runtime's host
+                              code stores them (int32 ids, fp16 mask bits), whatever the net's
+                              dtype; not raw: the value converted to the net's dtype first.
+  Copy(dst, src, rows...)     device -> device, `bm_memcpy_d2d_byte`: rows along axis 1
+                              (a row of [1,SEQ,H] is H values), or the whole source.
+  Launch(net, bind)           run `net` on its own input memory, except the inputs in `bind`,
+                              which read another tensor's memory in place.
+  Read(src, name, rows...)    device -> host, returned under `name`.
+  Same(a, b)                  what the runtime assumes without doing anything: that tensor `a`
+                              is the same memory as `b` (the demo writes positions into block_0's
+                              input only, and every block_i reads its own).
+
+Three things execute a program: `HostDevice` below (every tensor its own array, networks run by
+onnxruntime or as FX graphs: what the runtime means), the cmodel simulator with the bmodel's real
+device memory (targets/bm1684x/sim_worker.py: what the chip does), and a static check over the
+bmodel's memory layout (targets/bm1684x/memory_check.py: where the two can differ).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class Tensor:
+    """A net's input or output memory (stage 0): `io` is "in" or "out", `index` its position."""
+
+    net: str
+    io: str
+    index: int
+
+    def to_json(self) -> list:
+        return [self.net, self.io, self.index]
+
+    def __str__(self) -> str:
+        return f"{self.net} {'input' if self.io == 'in' else 'output'} {self.index}"
+
+
+@dataclass(frozen=True)
+class Buffer:
+    """Device memory the runtime allocates itself, as large as `like` (bm_malloc_device_byte)."""
+
+    name: str
+    like: Tensor
+
+    def to_json(self) -> list:
+        return ["buffer", self.name, self.like.to_json()]
+
+    def __str__(self) -> str:
+        return f"the runtime's buffer {self.name}"
+
+
+Ref = Tensor | Buffer
+
+
+@dataclass(frozen=True)
+class Write:
+    dst: Ref
+    value: np.ndarray
+    raw: bool = True
+    what: str = ""  # for messages: "the positions", "the prefill mask"
+
+
+@dataclass(frozen=True)
+class Copy:
+    dst: Ref
+    src: Ref
+    dst_row: int = 0
+    src_row: int = 0
+    rows: int | None = None  # None: the whole source tensor
+
+
+@dataclass(frozen=True)
+class Launch:
+    net: str
+    bind: tuple[tuple[int, Ref], ...] = ()  # (input index, memory it reads instead of its own)
+
+
+@dataclass(frozen=True)
+class Read:
+    src: Ref
+    name: str
+    row: int = 0
+    rows: int | None = None
+
+
+@dataclass(frozen=True)
+class Same:
+    a: Tensor
+    b: Tensor
+
+
+Step = Write | Copy | Launch | Read | Same
+
+
+@dataclass
+class Program:
+    """A runtime's steps for one call (a prefill, a decode step, a single net)."""
+
+    steps: list[Step] = field(default_factory=list)
+
+    def __iadd__(self, steps) -> "Program":
+        self.steps.extend(steps if isinstance(steps, (list, tuple)) else [steps])
+        return self
+
+    def to_json(self) -> tuple[list[dict], dict[str, np.ndarray]]:
+        """The steps as JSON for the simulator worker, with the written values as named arrays."""
+        steps, data = [], {}
+        for step in self.steps:
+            if isinstance(step, Write):
+                key = f"d{len(data)}"
+                data[key] = np.ascontiguousarray(step.value)
+                steps.append({"op": "write", "dst": step.dst.to_json(), "data": key, "raw": step.raw})
+            elif isinstance(step, Copy):
+                steps.append({"op": "copy", "dst": step.dst.to_json(), "src": step.src.to_json(),
+                              "dst_row": step.dst_row, "src_row": step.src_row, "rows": step.rows})
+            elif isinstance(step, Launch):
+                steps.append({"op": "launch", "net": step.net, "bind": [[i, r.to_json()] for i, r in step.bind]})
+            elif isinstance(step, Read):
+                steps.append({"op": "read", "src": step.src.to_json(), "name": step.name, "row": step.row,
+                              "rows": step.rows})
+        return steps, data
+
+
+def rows_of(shape: tuple[int, ...]) -> int:
+    """Rows along axis 1 (a runtime's sequence axis); a tensor of rank < 2 is one row."""
+    return shape[1] if len(shape) >= 2 else 1
+
+
+@dataclass(frozen=True)
+class IoSpec:
+    shape: tuple[int, ...]
+    dtype: np.dtype  # the host backend's dtype (float32, int64)
+
+
+class HostDevice:
+    """Runs programs for a backend that runs one network on arrays (`run(net, inputs) -> outputs`).
+
+    Every tensor is its own array, so nothing overlaps: this is what the runtime means. `Same`
+    makes two tensors one array. Values keep the backend's dtypes (float32, int64): a raw fp16
+    mask value arrives as the float it encodes, int32 ids as int64. Memory outlives a program,
+    as device memory does, so a decode step reads the cache the prefill wrote."""
+
+    def __init__(self, backend, io: dict[str, dict[str, list[tuple[str, IoSpec]]]]):
+        self.backend, self.io = backend, io
+        self.memory: dict[Ref, np.ndarray] = {}
+        self.aliases: dict[Tensor, Tensor] = {}
+
+    def io_alone(self, net: str) -> bool:
+        """Whether `net`'s inputs and outputs have memory of their own: on the host, every tensor does."""
+        return True
+
+    def _spec(self, ref: Ref) -> IoSpec:
+        tensor = ref.like if isinstance(ref, Buffer) else ref
+        return self.io[tensor.net][tensor.io][tensor.index][1]
+
+    def _flat(self, ref: Ref) -> np.ndarray:
+        ref = self.aliases.get(ref, ref)
+        if ref not in self.memory:
+            spec = self._spec(ref)
+            self.memory[ref] = np.zeros(math.prod(spec.shape), spec.dtype)
+        return self.memory[ref]
+
+    def _row(self, ref: Ref) -> int:
+        shape = self._spec(ref).shape
+        return math.prod(shape) // rows_of(shape)
+
+    def execute(self, program: Program) -> dict[str, np.ndarray]:
+        results = {}
+        for step in program.steps:
+            if isinstance(step, Same):
+                self.aliases[step.a] = self.aliases.get(step.b, step.b)
+            elif isinstance(step, Write):
+                memory = self._flat(step.dst)
+                value = np.asarray(step.value).reshape(-1)
+                if value.size != memory.size:
+                    raise ValueError(f"writing {value.size} values into {step.dst}, which holds {memory.size}")
+                memory[:] = value.astype(memory.dtype)
+            elif isinstance(step, Copy):
+                src, dst = self._flat(step.src), self._flat(step.dst)
+                count = src.size if step.rows is None else step.rows * self._row(step.src)
+                start, offset = step.src_row * self._row(step.src), step.dst_row * self._row(step.dst)
+                dst[offset:offset + count] = src[start:start + count]
+            elif isinstance(step, Launch):
+                bound = dict(step.bind)
+                inputs = {name: self._flat(bound.get(i, Tensor(step.net, "in", i))).reshape(spec.shape)
+                          for i, (name, spec) in enumerate(self.io[step.net]["in"])}
+                outputs = self.backend.run(step.net, inputs)
+                for i, (name, spec) in enumerate(self.io[step.net]["out"]):
+                    self._flat(Tensor(step.net, "out", i))[:] = np.asarray(outputs[name]).reshape(-1)
+            elif isinstance(step, Read):
+                memory = self._flat(step.src)
+                row = self._row(step.src)
+                count = memory.size - step.row * row if step.rows is None else step.rows * row
+                results[step.name] = memory[step.row * row:step.row * row + count].copy()
+        return results

@@ -1,0 +1,241 @@
+"""A bmodel on the cmodel simulator's device memory, driven through the runtime's own C API.
+
+This runs under the toolchain's Python (started by sim_worker.py) and imports nothing from
+graphopt. It loads TPU-MLIR's cmodel builds of libbmlib and libbmrt with ctypes and makes the
+calls LLM-TPU's chat demos make: `bm_dev_request`, `bmrt_create`, `bmrt_set_flags(SHARE_MEM)`,
+`bmrt_load_bmodel`, then `bm_memcpy_s2d` / `bm_memcpy_d2d_byte` / `bm_memcpy_d2s` on each net's
+stage-0 input and output memory and `bmrt_launch_tensor_ex` on that memory. So nets share device
+memory exactly as on the chip, and a copy whose destination overlaps its source runs as the
+simulator's copy engine runs it. The structures below are the runtime's ABI (bmdef.h,
+bmlib_runtime.h of libsophon), declared field for field.
+
+`execute` runs a program given as JSON steps (graphopt/device_program.py writes them).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+from ctypes import POINTER, Structure, Union, c_bool, c_char_p, c_float, c_int, c_int32, c_size_t, c_uint, c_ulong, c_void_p
+
+import numpy as np
+
+SHARE_MEM = 1  # BM_RUNTIME_SHARE_MEM: every net's neuron memory at one address, as the demos set it
+# bm_data_type_t -> (name as the layout reports it, numpy dtype of its bits)
+DTYPES = {0: ("f32", np.float32), 1: ("f16", np.float16), 2: ("i8", np.int8), 3: ("u8", np.uint8),
+          4: ("i16", np.int16), 5: ("u16", np.uint16), 6: ("i32", np.int32), 7: ("u32", np.uint32),
+          8: ("bf16", np.uint16)}
+
+
+class _DeviceAddress(Structure):
+    _fields_ = [("device_addr", c_ulong), ("reserved", c_uint), ("dmabuf_fd", c_int)]
+
+
+class _SystemAddress(Structure):
+    _fields_ = [("system_addr", c_void_p), ("reserved0", c_uint), ("reserved1", c_int)]
+
+
+class _Address(Union):
+    _fields_ = [("device", _DeviceAddress), ("system", _SystemAddress)]
+
+
+class DeviceMem(Structure):  # bm_device_mem_t
+    _fields_ = [("u", _Address), ("flags", c_uint), ("size", c_uint)]
+
+    @property
+    def addr(self) -> int:
+        return int(self.u.device.device_addr)
+
+
+class Shape(Structure):  # bm_shape_t
+    _fields_ = [("num_dims", c_int), ("dims", c_int * 8)]
+
+    def to_tuple(self) -> tuple[int, ...]:
+        return tuple(self.dims[i] for i in range(self.num_dims))
+
+
+class TensorDesc(Structure):  # bm_tensor_t
+    _fields_ = [("dtype", c_int), ("shape", Shape), ("device_mem", DeviceMem), ("st_mode", c_int)]
+
+
+class StageInfo(Structure):  # bm_stage_info_t
+    _fields_ = [("input_shapes", POINTER(Shape)), ("output_shapes", POINTER(Shape)),
+                ("input_mems", POINTER(DeviceMem)), ("output_mems", POINTER(DeviceMem))]
+
+
+class NetInfo(Structure):  # bm_net_info_t
+    _fields_ = [("name", c_char_p), ("is_dynamic", c_bool), ("input_num", c_int), ("input_names", POINTER(c_char_p)),
+                ("input_dtypes", POINTER(c_int)), ("input_scales", POINTER(c_float)), ("output_num", c_int),
+                ("output_names", POINTER(c_char_p)), ("output_dtypes", POINTER(c_int)),
+                ("output_scales", POINTER(c_float)), ("stage_num", c_int), ("stages", POINTER(StageInfo)),
+                ("max_input_bytes", POINTER(c_size_t)), ("max_output_bytes", POINTER(c_size_t)),
+                ("input_zero_point", POINTER(c_int)), ("output_zero_point", POINTER(c_int)),
+                ("input_loc_devices", POINTER(c_int)), ("output_loc_devices", POINTER(c_int)), ("core_num", c_int),
+                ("addr_mode", c_int32)]
+
+
+def _libraries(bmodel: str):
+    """libbmlib and libbmrt over the bmodel's chip's cmodel, linked the way TPU-MLIR's model_runner does."""
+    from filelock import FileLock
+    from tools import model_runner as mr
+
+    chip = mr.get_chip_from_model(bmodel)
+    rvti = mr.get_kernel_mode_from_model(bmodel) == "1"
+    with FileLock("/tmp/cmodel_so.lock"):
+        mr.link_cmodel_so(chip, rvti)
+        mr.link_custom_so(chip)
+        mr.link_bmlib_so(chip)
+        mr.bind_cmodel_so(chip, rvti)
+        lib = os.path.join(os.environ["TPUC_ROOT"], "lib")
+        bmlib = ctypes.CDLL(os.path.join(lib, "libbmlib.so.0"), mode=ctypes.RTLD_GLOBAL)
+        bmrt = ctypes.CDLL(os.path.join(lib, "libbmrt.so.1.0"), mode=ctypes.RTLD_GLOBAL)
+    handle = c_void_p
+    bmlib.bm_dev_request.argtypes = [POINTER(c_void_p), c_int]
+    bmlib.bm_memcpy_s2d_partial_offset.argtypes = [handle, DeviceMem, c_void_p, c_uint, c_uint]
+    bmlib.bm_memcpy_d2s_partial_offset.argtypes = [handle, c_void_p, DeviceMem, c_uint, c_uint]
+    bmlib.bm_memcpy_d2d_byte.argtypes = [handle, DeviceMem, c_size_t, DeviceMem, c_size_t, c_size_t]
+    bmlib.bm_malloc_device_byte.argtypes = [handle, POINTER(DeviceMem), c_uint]
+    bmlib.bm_thread_sync.argtypes = [handle]
+    bmrt.bmrt_create.argtypes, bmrt.bmrt_create.restype = [handle], c_void_p
+    bmrt.bmrt_set_flags.argtypes = [c_void_p, c_uint]
+    bmrt.bmrt_load_bmodel.argtypes, bmrt.bmrt_load_bmodel.restype = [c_void_p, c_char_p], c_bool
+    bmrt.bmrt_get_network_number.argtypes = [c_void_p]
+    bmrt.bmrt_get_network_names.argtypes = [c_void_p, POINTER(POINTER(c_char_p))]
+    bmrt.bmrt_get_network_info.argtypes, bmrt.bmrt_get_network_info.restype = [c_void_p, c_char_p], POINTER(NetInfo)
+    bmrt.bmrt_launch_tensor_ex.argtypes = [c_void_p, c_char_p, POINTER(TensorDesc), c_int, POINTER(TensorDesc), c_int,
+                                           c_bool, c_bool]
+    bmrt.bmrt_launch_tensor_ex.restype = c_bool
+    return bmlib, bmrt
+
+
+class Device:
+    """One bmodel loaded as the demos load it, on device 0 of the cmodel."""
+
+    def __init__(self, bmodel: str):
+        self.bmlib, self.bmrt = _libraries(bmodel)
+        self.handle = c_void_p()
+        if self.bmlib.bm_dev_request(ctypes.byref(self.handle), 0) != 0:
+            raise RuntimeError("bm_dev_request failed on the cmodel")
+        self.runtime = self.bmrt.bmrt_create(self.handle)
+        self.bmrt.bmrt_set_flags(self.runtime, SHARE_MEM)
+        if not self.bmrt.bmrt_load_bmodel(self.runtime, bmodel.encode()):
+            raise RuntimeError(f"bmrt_load_bmodel could not load {bmodel}")
+        names = POINTER(c_char_p)()
+        self.bmrt.bmrt_get_network_names(self.runtime, ctypes.byref(names))
+        self.nets = {}
+        for i in range(self.bmrt.bmrt_get_network_number(self.runtime)):
+            info = self.bmrt.bmrt_get_network_info(self.runtime, names[i]).contents
+            self.nets[info.name.decode()] = info
+        self.buffers: dict[str, DeviceMem] = {}
+
+    # ---- memory, by the stage-0 tensors of a net -----------------------------------------
+    def tensor(self, net: str, io: str, index: int) -> tuple[DeviceMem, int, tuple[int, ...]]:
+        """(memory, bm dtype, shape) of a net's input or output."""
+        if net not in self.nets:
+            raise KeyError(f"the bmodel has no net '{net}' (it has {', '.join(self.nets)})")
+        info = self.nets[net]
+        count = info.input_num if io == "in" else info.output_num
+        if not 0 <= index < count:
+            raise KeyError(f"net '{net}' has {count} {'inputs' if io == 'in' else 'outputs'}, not {index + 1}")
+        stage = info.stages[0]
+        if io == "in":
+            return stage.input_mems[index], info.input_dtypes[index], stage.input_shapes[index].to_tuple()
+        return stage.output_mems[index], info.output_dtypes[index], stage.output_shapes[index].to_tuple()
+
+    def resolve(self, ref: list) -> tuple[DeviceMem, int, tuple[int, ...]]:
+        """A program's reference: [net, io, index], or ["buffer", name, like] for the runtime's own memory."""
+        if ref[0] == "buffer":
+            like_mem, dtype, shape = self.resolve(ref[2])
+            if ref[1] not in self.buffers:
+                mem = DeviceMem()
+                if self.bmlib.bm_malloc_device_byte(self.handle, ctypes.byref(mem), like_mem.size) != 0:
+                    raise RuntimeError(f"bm_malloc_device_byte of {like_mem.size} bytes failed")
+                self.buffers[ref[1]] = mem
+            return self.buffers[ref[1]], dtype, shape
+        return self.tensor(*ref)
+
+    def layout(self) -> dict:
+        """Every net's address mode and where its inputs and outputs are: the memory map a runtime sees."""
+        out = {}
+        for name, info in self.nets.items():
+            entry = {"addr_mode": int(info.addr_mode), "stages": int(info.stage_num), "in": [], "out": []}
+            for io, count, names in (("in", info.input_num, info.input_names), ("out", info.output_num, info.output_names)):
+                for i in range(count):
+                    mem, dtype, shape = self.tensor(name, io, i)
+                    entry[io].append({"name": names[i].decode(), "dtype": DTYPES[dtype][0], "shape": list(shape),
+                                      "addr": mem.addr, "size": int(mem.size)})
+            out[name] = entry
+        return out
+
+    def launch(self, net: str, bind: dict[int, DeviceMem]) -> None:
+        info = self.nets[net]
+        stage = info.stages[0]
+        inputs, outputs = (TensorDesc * info.input_num)(), (TensorDesc * info.output_num)()
+        for i in range(info.input_num):
+            inputs[i].dtype, inputs[i].shape = info.input_dtypes[i], stage.input_shapes[i]
+            inputs[i].device_mem, inputs[i].st_mode = bind.get(i, stage.input_mems[i]), 0
+        for i in range(info.output_num):
+            outputs[i].dtype, outputs[i].shape = info.output_dtypes[i], stage.output_shapes[i]
+            outputs[i].device_mem, outputs[i].st_mode = stage.output_mems[i], 0
+        if not self.bmrt.bmrt_launch_tensor_ex(self.runtime, info.name, inputs, info.input_num, outputs,
+                                               info.output_num, True, False):
+            raise RuntimeError(f"bmrt_launch_tensor_ex failed for net '{net}'")
+        self.bmlib.bm_thread_sync(self.handle)
+
+    # ---- programs ------------------------------------------------------------------------
+    def execute(self, steps: list[dict], data: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        results = {}
+        for step in steps:
+            op = step["op"]
+            if op == "write":
+                mem, dtype, _ = self.resolve(step["dst"])
+                value = data[step["data"]]
+                blob = np.ascontiguousarray(value if step["raw"] else to_device(value, dtype)).tobytes()
+                if len(blob) != mem.size:
+                    raise ValueError(f"the runtime writes {len(blob)} bytes into {step['dst']}, which has {mem.size}")
+                buffer = ctypes.create_string_buffer(blob, len(blob))
+                self._check(self.bmlib.bm_memcpy_s2d_partial_offset(self.handle, mem, buffer, len(blob), 0), "s2d")
+            elif op == "copy":
+                (dst, _, dst_shape), (src, _, src_shape) = self.resolve(step["dst"]), self.resolve(step["src"])
+                src_row, dst_row = src.size // _rows(src_shape), dst.size // _rows(dst_shape)
+                size = src.size if step["rows"] is None else step["rows"] * src_row
+                self._check(self.bmlib.bm_memcpy_d2d_byte(self.handle, dst, step["dst_row"] * dst_row, src,
+                                                          step["src_row"] * src_row, size), "d2d")
+            elif op == "launch":
+                self.launch(step["net"], {int(i): self.resolve(ref)[0] for i, ref in step["bind"]})
+            elif op == "read":
+                mem, dtype, shape = self.resolve(step["src"])
+                row = mem.size // _rows(shape)
+                size = mem.size - step["row"] * row if step["rows"] is None else step["rows"] * row
+                raw = ctypes.create_string_buffer(size)
+                self._check(self.bmlib.bm_memcpy_d2s_partial_offset(self.handle, raw, mem, size, step["row"] * row), "d2s")
+                results[step["name"]] = from_device(np.frombuffer(raw.raw, DTYPES[dtype][1]), dtype)
+        return results
+
+    @staticmethod
+    def _check(status: int, what: str) -> None:
+        if status != 0:
+            raise RuntimeError(f"bm_memcpy ({what}) failed with status {status}")
+
+
+def _rows(shape: tuple[int, ...]) -> int:
+    return shape[1] if len(shape) >= 2 else 1  # rows along axis 1, as graphopt/device_program.py counts them
+
+
+def to_device(value: np.ndarray, dtype: int) -> np.ndarray:
+    """A value converted to a net's dtype (bf16: round to nearest even, kept as its uint16 bits)."""
+    if DTYPES[dtype][0] == "bf16":
+        bits = np.ascontiguousarray(value, dtype=np.float32).view(np.uint32)
+        return ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16).astype(np.uint16)
+    return np.asarray(value).astype(DTYPES[dtype][1])
+
+
+def from_device(bits: np.ndarray, dtype: int) -> np.ndarray:
+    """Device bits as float32 (float dtypes) or int32 (integer dtypes)."""
+    name = DTYPES[dtype][0]
+    if name == "bf16":
+        return (bits.astype(np.uint32) << 16).view(np.float32)
+    if name in ("f16", "f32"):
+        return bits.astype(np.float32)
+    return bits.astype(np.int32)
+

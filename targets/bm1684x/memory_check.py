@@ -1,0 +1,213 @@
+"""Whether the runtime's copies between nets mean, on this bmodel's memory layout, what they mean.
+
+The chip-style runtime's programs (graphopt/runtime.py, graphopt/device_program.py) are run
+twice, without running any net: once on memory where every tensor is its own (what the runtime
+means: HostDevice's picture) and once on the bmodel's device addresses, as libbmrt placed them
+with shared memory (`Simulator.layout`). Each byte remembers which step produced it (a write
+from the host, a net's output) and at which offset; copies carry that along. Where a net reads
+an input whose bytes came from elsewhere on the device than in the intended picture, the runtime
+would feed it something else than it means: a hazard. So is every copy whose destination
+overlaps its source: TPU-MLIR's cmodel copies forward and overwrites the source as it goes (a
+first-turn copy from `embedding` into `block_0` did this, and a 48-token prompt answered other
+tokens), and whether the chip's copy engine does is not documented.
+
+Scenarios: a session of turns with prompts of 1 token, 3/4 SEQ and SEQ-1 tokens, each followed
+by two decode steps, on one memory (as a chat keeps it between turns). What a net does with memory
+it does not output (its scratch) is not in the layout; the simulated generation covers it for
+models small enough to simulate.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from graphopt.device_program import Buffer, Copy, Launch, Program, Read, Same, Tensor, Write
+from graphopt.runtime import ChipStyleRuntime, Seq2SeqRuntime, Shapes
+
+
+class _Memory:
+    """Byte intervals of one address space, each labelled (origin, offset within what the origin produced)."""
+
+    def __init__(self):
+        self.spans: list[tuple[int, int, object, int]] = []  # (start, end, origin, origin offset), sorted, disjoint
+
+    def get(self, start: int, end: int) -> list[tuple[int, int, object, int]]:
+        """What [start, end) holds, relative to `start`; unwritten bytes have origin None."""
+        out, at = [], start
+        for a, b, origin, offset in self.spans:
+            if b <= start or a >= end:
+                continue
+            lo, hi = max(a, start), min(b, end)
+            if lo > at:
+                out.append((at - start, lo - start, None, 0))
+            out.append((lo - start, hi - start, origin, offset + lo - a))
+            at = hi
+        if at < end:
+            out.append((at - start, end - start, None, 0))
+        return _merge(out)
+
+    def set(self, start: int, pieces: list[tuple[int, int, object, int]]) -> None:
+        end = start + (pieces[-1][1] if pieces else 0)
+        kept = []
+        for a, b, origin, offset in self.spans:
+            if b <= start or a >= end:
+                kept.append((a, b, origin, offset))
+                continue
+            if a < start:
+                kept.append((a, start, origin, offset))
+            if b > end:
+                kept.append((end, b, origin, offset + end - a))
+        kept += [(start + a, start + b, origin, offset) for a, b, origin, offset in pieces if origin is not None]
+        self.spans = sorted(kept)
+
+
+def _merge(pieces):
+    """Adjacent pieces of one origin at consecutive offsets become one (so equal contents compare equal)."""
+    out = []
+    for piece in pieces:
+        if out and out[-1][2] == piece[2] and out[-1][1] == piece[0] and (
+                piece[2] is None or out[-1][3] + out[-1][1] - out[-1][0] == piece[3]):
+            out[-1] = (out[-1][0], piece[1], piece[2], out[-1][3])
+        else:
+            out.append(piece)
+    return out
+
+
+class _Recorder:
+    """A device that keeps the programs a runtime would run and answers token 0."""
+
+    def __init__(self, layout: dict):
+        self.layout, self.programs = layout, []
+
+    def io_alone(self, net: str) -> bool:
+        return self.layout[net]["addr_mode"] == 1
+
+    def execute(self, program: Program) -> dict[str, np.ndarray]:
+        self.programs.append(program)
+        return {"token": np.zeros(1, np.int32), "logits": np.zeros(1, np.float32)}
+
+
+def session_programs(layout: dict) -> list[Program]:
+    """The programs of a chat session (or, for an encoder-decoder model, of three translations),
+    with the shapes read off the bmodel's own nets, so a bmodel from anywhere can be checked."""
+    recorder = _Recorder(layout)
+    seq2seq = "encoder" in layout
+    block = "decoder_block_" if seq2seq else "block_"
+    history = layout[f"{block}cache_0"]["in"][(Seq2SeqRuntime if seq2seq else ChipStyleRuntime).history[0]]["shape"]
+    shapes = Shapes(seq_length=history[1], num_layers=sum(1 for n in layout if n.startswith(f"{block}cache_")),
+                    hidden=layout["lm_head"]["in"][0]["shape"][-1], kv_heads=history[2], head_dim=history[3])
+    runtime = Seq2SeqRuntime(recorder, shapes, 0) if seq2seq else ChipStyleRuntime(recorder, shapes)
+    seq = shapes.seq_length
+    for length in sorted({1, seq * 3 // 4, seq - 1}):
+        prompt = [1] * max(1, length)
+        if isinstance(runtime, Seq2SeqRuntime):
+            runtime.encode(prompt)
+            prompt = [runtime.decoder_start]
+        runtime.prefill(prompt)
+        for _ in range(min(2, runtime.room(prompt))):
+            runtime.decode(0)
+    return recorder.programs
+
+
+def _describe_origin(origin, layout: dict) -> str:
+    if origin is None:
+        return "nothing the runtime wrote"
+    if origin[0] == "write":
+        return f"{origin[1] or 'a host write'} (written into {origin[2]})"
+    net, index = origin[1], origin[2]
+    return f"{net} output {index} ({layout[net]['out'][index]['name']})"
+
+
+def _tensor_name(ref, layout: dict) -> str:
+    if isinstance(ref, Buffer):
+        return str(ref)
+    entry = layout[ref.net][ref.io][ref.index]
+    return f"{ref} ({entry['name']}, {entry['size']} bytes at {entry['addr']:#x})"
+
+
+def hazards(layout: dict, programs: list[Program]) -> list[str]:
+    """Every way the programs' copies and reads would mean something else on this layout than intended."""
+    device, intended = _Memory(), _Memory()
+    buffers: dict[str, int] = {}
+    top = max((t["addr"] + t["size"] for n in layout.values() for io in ("in", "out") for t in n[io]), default=0)
+    aliases: dict[Tensor, Tensor] = {}
+    spaces: dict[object, int] = {}
+    found: list[str] = []
+
+    def size(ref) -> int:
+        tensor = ref.like if isinstance(ref, Buffer) else ref
+        return layout[tensor.net][tensor.io][tensor.index]["size"]
+
+    def rows(ref) -> int:
+        tensor = ref.like if isinstance(ref, Buffer) else ref
+        shape = layout[tensor.net][tensor.io][tensor.index]["shape"]
+        return shape[1] if len(shape) >= 2 else 1
+
+    def at_device(ref) -> int:
+        nonlocal top
+        if isinstance(ref, Buffer):
+            if ref.name not in buffers:
+                top = (top + 4095) // 4096 * 4096
+                buffers[ref.name], top = top, top + size(ref)
+            return buffers[ref.name]
+        return layout[ref.net][ref.io][ref.index]["addr"]
+
+    def at_intended(ref) -> int:
+        ref = aliases.get(ref, ref)
+        return spaces.setdefault(ref, (len(spaces) + 1) << 40)
+
+    def note(message: str) -> None:
+        if message not in found:
+            found.append(message)
+
+    for p, program in enumerate(programs):
+        for s, step in enumerate(program.steps):
+            if isinstance(step, Same):
+                aliases[step.a] = aliases.get(step.b, step.b)
+            elif isinstance(step, Write):
+                label = [(0, size(step.dst), ("write", step.what, str(step.dst), p, s), 0)]
+                device.set(at_device(step.dst), label)
+                intended.set(at_intended(step.dst), label)
+            elif isinstance(step, Copy):
+                row_src, row_dst = size(step.src) // rows(step.src), size(step.dst) // rows(step.dst)
+                count = size(step.src) if step.rows is None else step.rows * row_src
+                src, dst = at_device(step.src) + step.src_row * row_src, at_device(step.dst) + step.dst_row * row_dst
+                whole_src, whole_dst = (at_device(step.src), size(step.src)), (at_device(step.dst), size(step.dst))
+                if whole_src != whole_dst and _overlap(whole_src, whole_dst):
+                    note(f"the runtime copies {_tensor_name(step.src, layout)} into {_tensor_name(step.dst, layout)}, "
+                         "and the destination overlaps the source, so the copy overwrites bytes it has yet to read")
+                if count > size(step.dst) - step.dst_row * row_dst:
+                    note(f"the runtime copies {count} bytes of {step.src} into {_tensor_name(step.dst, layout)}, "
+                         "past its end")
+                device.set(dst, device.get(src, src + count))
+                src_i = at_intended(step.src) + step.src_row * row_src
+                intended.set(at_intended(step.dst) + step.dst_row * row_dst, intended.get(src_i, src_i + count))
+            elif isinstance(step, Launch):
+                bound = dict(step.bind)
+                for i, entry in enumerate(layout[step.net]["in"]):
+                    ref = bound.get(i, Tensor(step.net, "in", i))
+                    want = intended.get(at_intended(ref), at_intended(ref) + entry["size"])
+                    got = device.get(at_device(ref), at_device(ref) + entry["size"])
+                    if want != got:
+                        wrong = next((g for g in got if g not in want), got[0])
+                        meant = ", ".join(dict.fromkeys(_describe_origin(w[2], layout) for w in want))
+                        note(f"{step.net} input {i} ({entry['name']}, at {at_device(ref):#x}): the runtime means it to "
+                             f"hold {meant}, but on this bmodel bytes {wrong[0]}..{wrong[1]} of it hold "
+                             f"{_describe_origin(wrong[2], layout)}")
+                for i, entry in enumerate(layout[step.net]["out"]):
+                    label = [(0, entry["size"], ("out", step.net, i, p, s), 0)]
+                    device.set(entry["addr"], label)
+                    intended.set(at_intended(Tensor(step.net, "out", i)), label)
+            elif isinstance(step, Read):
+                pass  # the host reading bytes changes nothing
+    return found
+
+
+def _overlap(a: tuple[int, int], b: tuple[int, int]) -> bool:
+    return a[0] < b[0] + b[1] and b[0] < a[0] + a[1]
+
+
+def check(layout: dict) -> list[str]:
+    """Hazards of a chat session's programs on `layout` (see the module's docstring)."""
+    return hazards(layout, session_programs(layout))
+
