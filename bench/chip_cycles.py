@@ -9,6 +9,7 @@ and the issue's goals (about 15% under the reference).
 
     python bench/chip_cycles.py                     # w4bf16 and bf16
     python bench/chip_cycles.py --quantize w4bf16 --pass-file examples/passes/fold_attention_scale.py
+    python bench/chip_cycles.py --without clamp-mask --label "without clamp-mask" --json /tmp/before.json
 
 Compiled nets are cached by their ONNX hash and flags (~/.cache/graphopt/bm1684x/nets): a second
 run with the same passes only re-reads the cycles.
@@ -33,13 +34,16 @@ GOALS = {("block_0", "w4bf16"): 16_000_000, ("block_cache_0", "w4bf16"): 2_000_0
 NETS = ("block_0", "block_cache_0")
 
 
-def export_layer(seq: int, folder: Path, plugins) -> dict:
+def export_layer(seq: int, folder: Path, plugins, without: tuple[str, ...] = ()) -> dict:
+    import dataclasses
+
     from graphopt.models import open_model
     from graphopt.plugins import with_plugins
     from graphopt.targets import get_target
     from graphopt.testing import export_networks
 
     target = with_plugins(get_target("bm1684x"), plugins) if plugins else get_target("bm1684x")
+    target = dataclasses.replace(target, fx_pipeline=tuple(p for p in target.fx_pipeline if p not in without))
     source = open_model("llama3.1-8b", random_weights=True, num_layers=1)
     return export_networks(source, list(NETS), seq, folder, target=target)
 
@@ -80,6 +84,7 @@ def main() -> int:
     parser.add_argument("--group-size", type=int, default=contract.DEFAULT_GROUP_SIZE)
     parser.add_argument("--pass-file", action="append", default=[], help="user passes to add (graphopt run's)")
     parser.add_argument("--no-top-passes", action="store_true", help="compile without the top passes (before/after)")
+    parser.add_argument("--without", action="append", default=[], help="leave this FX pass out (a pass's before/after)")
     parser.add_argument("--label", default="graphopt", help="the row label (e.g. the pass set measured)")
     parser.add_argument("--json", help="where to write the JSON (default bench/results/chip_cycles.json)")
     args = parser.parse_args()
@@ -90,7 +95,7 @@ def main() -> int:
     plugins = PassPlugins(tuple(args.pass_file)) if args.pass_file else None
     with tempfile.TemporaryDirectory(prefix="graphopt-chip-cycles-") as work:
         start = time.perf_counter()
-        results = export_layer(args.seq_length, Path(work), plugins)
+        results = export_layer(args.seq_length, Path(work), plugins, tuple(args.without))
         exported = time.perf_counter() - start
         modes = {q: compile_nets(results, q, args.group_size, passes) for q in (args.quantize or ["w4bf16", "bf16"])}
     rows = []
@@ -104,6 +109,7 @@ def main() -> int:
                             "goal met"], rows)
     publish("chip_cycles", f"Chip cycles, Llama-3.1-8B shape, 1 layer, seq {args.seq_length} ({args.label})", table,
             {"seq_length": args.seq_length, "label": args.label, "pass_files": args.pass_file, "top_passes": list(passes),
+             "without": args.without,
              "export_seconds": round(exported, 1), "nets": modes, "reference": {f"{n} {q}": v for (n, q), v in REFERENCE.items()}},
             args.json)
     return 0

@@ -142,6 +142,9 @@ class ChipStyleRuntime:
     def __init__(self, device, shapes: Shapes):
         self.device, self.shapes = device, shapes
         self.length = 0
+        # The demo's visited_tokens: the prompt is copied in front, each new token appended; rows past
+        # the prompt keep an earlier turn's tokens, which a prefill sends as its padding ids.
+        self.visited = np.zeros(shapes.seq_length, np.int32)
         self.io_alone = device.io_alone(f"{self.block_cache}0")
         self.cache = [tuple(_in(f"{self.block_cache}{i}", h) if self.io_alone else
                             Buffer(f"past_{'kv'[j]}_{i}", _in(f"{self.block_cache}{i}", h))
@@ -163,10 +166,10 @@ class ChipStyleRuntime:
 
     def prefill(self, prompt: list[int]) -> tuple[int, np.ndarray]:
         seq, n = self.shapes.seq_length, len(prompt)
-        ids, positions = np.zeros(seq, np.int32), np.zeros(seq, np.int32)
-        ids[:n], positions[:n] = prompt, np.arange(n)
+        positions = np.zeros(seq, np.int32)
+        self.visited[:n], positions[:n] = prompt, np.arange(n)
         mask = causal_mask(seq, seq, n).numpy().astype(ATTENTION_MASK.dtype)
-        program = Program([Write(_in("embedding", 0), ids, what="the prompt's ids"), Launch("embedding")])
+        program = Program([Write(_in("embedding", 0), self.visited.copy(), what="the prompt's ids"), Launch("embedding")])
         hidden, first = _out("embedding", 0), f"{self.block}0"
         for layer in range(self.shapes.num_layers):
             block = f"{self.block}{layer}"
@@ -182,7 +185,12 @@ class ChipStyleRuntime:
         program += Copy(_in("lm_head", 0), hidden, src_row=n - 1, rows=1)
         program += self._head()
         self.length = n
-        return self._run(program)
+        return self._visit(self._run(program))
+
+    def _visit(self, answer: tuple[int, np.ndarray]) -> tuple[int, np.ndarray]:
+        if self.length < self.shapes.seq_length:
+            self.visited[self.length] = answer[0]
+        return answer
 
     def decode(self, token: int) -> tuple[int, np.ndarray]:
         seq = self.shapes.seq_length
@@ -210,7 +218,7 @@ class ChipStyleRuntime:
                         Copy(self.cache[layer][1], _out(block, 2), dst_row=row)]
         program += Copy(_in("lm_head", 0), hidden)
         program += self._head()
-        return self._run(program)
+        return self._visit(self._run(program))
 
     def generate(self, prompt: list[int], max_new_tokens: int, stop_tokens: frozenset[int] = frozenset()) -> Generation:
         if not 0 < len(prompt) <= self.shapes.seq_length:

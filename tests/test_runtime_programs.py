@@ -56,6 +56,15 @@ def test_the_demo_writes_fp16_mask_bits_and_int32_ids_whatever_the_nets_dtype():
     assert bits[:5].tolist() == [0] * 5 and set(bits[5:SEQ].tolist()) == {0xF0E2} and bits[SEQ] == 0
 
 
+def test_a_second_turn_pads_with_the_tokens_of_the_first_as_the_demo_does():
+    recorder = Recorder()  # answers token 7 every time
+    runtime = _runtime(recorder)
+    runtime.generate([5, 6, 7, 8, 9], 3)
+    runtime.prefill([1, 2])
+    ids = recorder.programs[-1].steps[0]
+    assert ids.dst == _t("embedding", "in", 0) and ids.value[:9].tolist() == [1, 2, 7, 8, 9, 7, 7, 7, 0]
+
+
 def test_the_demo_copies_between_nets_as_chat_cpp_does():
     recorder = Recorder()
     runtime = _runtime(recorder)
@@ -70,8 +79,9 @@ def test_the_demo_copies_between_nets_as_chat_cpp_does():
     assert Same(_t("block_1", "in", 1), _t("block_0", "in", 1)) in prefill
     assert Copy(_t("block_1", "in", 0), _t("block_0", "out", 0)) in prefill
     assert Copy(_t("lm_head", "in", 0), _t("block_1", "out", 0), src_row=4, rows=1) in prefill
-    assert prefill[-4:-2] == [Launch("lm_head"), Launch("greedy_head", ((0, _t("lm_head", "out", 0)),))]
-    assert Read(_t("greedy_head", "out", 0), "token") in prefill
+    # lm_head, then greedy_head on lm_head's output in place; the logits are read (for the checks) before it runs.
+    assert prefill[-4:] == [Launch("lm_head"), Read(_t("lm_head", "out", 0), "logits"),
+                            Launch("greedy_head", ((0, _t("lm_head", "out", 0)),)), Read(_t("greedy_head", "out", 0), "token")]
     # Decode: layer 1 copies position and mask from block_cache_0's inputs; new K/V rows go to row len-1.
     assert Copy(_t("block_cache_1", "in", 1), _t("block_cache_0", "in", 1)) in decode
     assert Copy(cache_k0, _t("block_cache_0", "out", 1), dst_row=5) in decode
