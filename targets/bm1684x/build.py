@@ -36,6 +36,7 @@ class Bm1684xResult:
     memory: dict[str, int] = field(default_factory=dict)  # the combined file's device bytes
     problems: list[str] = field(default_factory=list)  # contract problems of the combined file
     contract: str = inspect_bmodel.LLM_TPU  # the runtime contract the file is held to
+    memory_checked: bool = False  # the runtime's copies were checked on the file's memory layout
 
     @property
     def ok(self) -> bool:
@@ -98,14 +99,17 @@ class Bm1684xResult:
         if self.problems:
             lines.append(f"  contract ({self.contract}): NOT MET: " + "; ".join(self.problems))
         else:
-            lines.append(f"  contract ({self.contract}): met")
+            lines.append(f"  contract ({self.contract}): met" + (
+                "; the runtime's copies between nets and its mask bits checked on this file's memory layout"
+                if self.memory_checked else ""))
         return lines
 
     def to_json(self) -> dict:
         return {"bmodel": self.bmodel, "bmodel_bytes": self.bmodel_bytes, "quantize": self.quantize, "toolchain": self.toolchain, "jobs": self.jobs,
                 "ok": self.ok, "seconds": self.seconds, "memory": self.memory, "estimate": time_estimate(self.nets),
                 "nets": self.nets, "generation": self.generation,
-                "sim_skipped": self.sim_skipped, "contract": self.contract, "contract_problems": self.problems}
+                "sim_skipped": self.sim_skipped, "contract": self.contract, "contract_problems": self.problems,
+                "memory_checked": self.memory_checked}
 
 
 # TPU-MLIR's profile converts cycles to time at 1 GHz (`total_cycle` 12,784 -> `runtime: 0.012784ms`).
@@ -175,6 +179,7 @@ class Bm1684xBuild:
             if not result.problems:
                 start = time.perf_counter()
                 result.problems = inspect_bmodel.runtime_problems(sim.layout(bmodel), infos, manifest)
+                result.memory_checked = True
                 seconds["memory check"] = time.perf_counter() - start
             if not check:
                 result.sim_skipped = "--no-check"

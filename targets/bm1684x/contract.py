@@ -34,8 +34,9 @@ MIN_COSINE = 0.999
 # is reported, not held to a bar.
 MIN_COSINE_VS_FP32 = {"W8": 0.99}
 # A simulated generation may pick the other of two near-tied tokens only where its logits agree
-# with the reference's: measured on tiny-llama and tiny-qwen2.5, bf16 and w4bf16, 0.998 or better per step.
-MIN_LOGIT_COSINE = 0.995
+# with the reference's. Measured per step: 0.991 or better in every mode (w8bf16, 384-token prompt,
+# SEQ 512: bench/runtime_modes.py); 0.17 for a bmodel fed the wrong rows by an overlapping copy.
+MIN_LOGIT_COSINE = 0.98
 
 # model_transform flags for every net. graphopt's ONNX passes have already folded and simplified
 # each network; TPU-MLIR would do it all again (ConstantFolding, onnxsim, ConstantFolding), which
