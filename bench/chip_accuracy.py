@@ -93,9 +93,9 @@ def main() -> int:
     parser.add_argument("--json", help="where to write the JSON (default bench/results/chip_accuracy.json)")
     args = parser.parse_args()
     from graphopt.targets.bm1684x.contract import DEFAULT_GROUP_SIZE
-    from graphopt.targets.bm1684x.top_passes import BLOCK_TOP_PASSES
+    from graphopt.targets.bm1684x.top_passes import TOP_PIPELINE
 
-    passes = () if args.no_top_passes else BLOCK_TOP_PASSES
+    passes = () if args.no_top_passes else TOP_PIPELINE
     with tempfile.TemporaryDirectory(prefix="graphopt-chip-accuracy-") as work:
         start = time.perf_counter()
         results = export_layer(args.seq_length, Path(work) / "onnx", None)

@@ -40,7 +40,7 @@ def export_layer(seq: int, folder: Path, plugins, without: tuple[str, ...] = ())
     from graphopt.models import open_model
     from graphopt.plugins import with_plugins
     from graphopt.targets import get_target
-    from graphopt.testing import export_networks
+    from graphopt.export import export_networks
 
     target = with_plugins(get_target("bm1684x"), plugins) if plugins else get_target("bm1684x")
     target = dataclasses.replace(target, fx_pipeline=tuple(p for p in target.fx_pipeline if p not in without))
@@ -89,9 +89,9 @@ def main() -> int:
     parser.add_argument("--json", help="where to write the JSON (default bench/results/chip_cycles.json)")
     args = parser.parse_args()
     from graphopt.plugins import PassPlugins
-    from graphopt.targets.bm1684x.top_passes import BLOCK_TOP_PASSES
+    from graphopt.targets.bm1684x.top_passes import TOP_PIPELINE
 
-    passes = () if args.no_top_passes else BLOCK_TOP_PASSES
+    passes = () if args.no_top_passes else TOP_PIPELINE
     plugins = PassPlugins(tuple(args.pass_file)) if args.pass_file else None
     with tempfile.TemporaryDirectory(prefix="graphopt-chip-cycles-") as work:
         start = time.perf_counter()

@@ -61,7 +61,7 @@ def main() -> int:
     args = parser.parse_args()
     from graphopt.targets import get_target
     from graphopt.targets.bm1684x import contract, deploy, toolchain
-    from graphopt.testing import export_networks
+    from graphopt.export import export_networks
 
     tools = toolchain.require()
     rows, data = [], []

@@ -16,8 +16,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from graphopt import contract as c
 from graphopt.ir import NetworkGraph, TensorSpec
-from graphopt.networks import MASK_VALUE, causal_mask, decode_mask
 
 
 @dataclass
@@ -38,8 +38,6 @@ class Check:
                 "integers_equal": self.integers_equal, "ok": self.ok}
 
 
-
-
 def check_inputs(net: NetworkGraph, vocab: int, seed: int = 0) -> tuple[torch.Tensor, ...]:
     return sample_inputs(net.inputs, net.seq_length, vocab, seed)
 
@@ -48,29 +46,27 @@ def sample_inputs(inputs: list[TensorSpec], seq_length: int, vocab: int, seed: i
     """Seeded inputs a runtime could really send: token ids in the vocabulary, causal masks, ..."""
     g = torch.Generator().manual_seed(seed)
     seq = seq_length
+    sampling = {c.TOP_P: 0.8, c.TEMPERATURE: 0.7, c.PENALTY: 1.1}
     values = []
     for spec in inputs:
-        if spec.name == "input_ids":
+        if spec.name == c.INPUT_IDS:
             values.append(torch.randint(0, vocab, spec.shape, generator=g))
-        elif spec.name == "position_ids":
+        elif spec.name == c.POSITION_IDS:
             steps = spec.shape[1]
             values.append((torch.arange(steps) if steps > 1 else torch.tensor([seq // 2])).view(spec.shape))
-        elif spec.name == "attention_mask" and len(spec.shape) == 2:  # an encoder's: 1 = token, 0 = padding
+        elif spec.name == c.SOURCE_VALID and len(spec.shape) == 2:  # an encoder's: 1 = token, 0 = padding
             mask = torch.ones(spec.shape, dtype=spec.dtype)
             mask[:, spec.shape[1] * 3 // 4:] = 0
             values.append(mask)
-        elif spec.name == "encoder_attention_mask":  # additive, the source's last quarter padding
-            mask = torch.zeros(spec.shape)
-            mask[..., spec.shape[-1] * 3 // 4:] = MASK_VALUE
-            values.append(mask)
-        elif spec.name == "attention_mask":
+        elif spec.name == c.ENCODER_ATTENTION_MASK:  # additive, the source's last quarter padding
+            values.append(torch.from_numpy(c.source_mask(spec.shape[-1], spec.shape[-1] * 3 // 4, spec.shape[2])))
+        elif spec.name == c.ATTENTION_MASK:
             steps, keys = spec.shape[2], spec.shape[3]
-            if steps == keys:
-                values.append(causal_mask(steps, keys, steps))
-            else:  # decode, for a new token halfway into the cache
-                values.append(decode_mask(seq, seq // 2))
-        elif spec.name in ("top_p", "temperature", "penalty"):
-            values.append(torch.full(spec.shape, {"top_p": 0.8, "temperature": 0.7, "penalty": 1.1}[spec.name]))
+            # prefill: every row a prompt row; decode: a new token halfway into the cache
+            values.append(torch.from_numpy(c.causal_mask(steps, keys, steps) if steps == keys else
+                                           c.decode_mask(seq, seq // 2)))
+        elif spec.name in sampling:
+            values.append(torch.full(spec.shape, sampling[spec.name]))
         else:
             values.append(torch.randn(spec.shape, generator=g, dtype=spec.dtype))
     return tuple(values)
@@ -116,16 +112,16 @@ def decode_feeds(decode_inputs: list[TensorSpec], prefill_feeds: dict[str, np.nd
     feeds = {}
     for spec in decode_inputs:
         name = spec.name
-        if name == "input_states":
+        if name == c.INPUT_STATES:
             feeds[name] = prefill_feeds[name][:, row:row + 1]
-        elif name == "position_ids":
+        elif name == c.POSITION_IDS:
             feeds[name] = np.array([[row]], dtype=prefill_feeds[name].dtype)
-        elif name == "attention_mask":
-            feeds[name] = decode_mask(seq_length, row).numpy()
-        elif name == "encoder_attention_mask":  # one row of the prefill's source mask
+        elif name == c.ATTENTION_MASK:
+            feeds[name] = c.decode_mask(seq_length, row)
+        elif name == c.ENCODER_ATTENTION_MASK:  # one row of the prefill's source mask
             feeds[name] = prefill_feeds[name][:, :, row:row + 1]
-        elif name in ("history_k", "history_v"):
-            cache = prefill_outputs["past_" + name[-1]].copy()
+        elif name in c.HISTORY_INPUTS:
+            cache = prefill_outputs[c.KV_OUTPUTS[c.HISTORY_INPUTS.index(name)]].copy()
             stale = cache[:, row:]
             cache[:, row:] = rng.standard_normal(stale.shape).astype(cache.dtype) * float(np.std(cache) or 1.0)
             feeds[name] = cache
@@ -148,3 +144,19 @@ def decode_check(run_decode, decode_inputs: list[TensorSpec], decode_outputs: li
             reference.append(prefill_outputs[name][:, row:row + 1])
             candidate.append(got)
     return compare(f"decode vs prefill (rows {', '.join(map(str, rows))})", reference, candidate)
+
+
+def end_to_end_check(source, folder, manifest: dict, new_tokens: int = 8) -> dict:
+    """Greedy tokens of the ONNX networks (driven like the chip) against the model's own generation
+    (graphopt/models/reference.py)."""
+    from graphopt.runtime import OrtBackend, run_prompt, runtime_for
+
+    prompt = end_to_end_prompt(source.config.vocab_size, manifest["seq_length"])
+    runtime = runtime_for(OrtBackend(folder, manifest), manifest)
+    new_tokens = min(new_tokens, runtime.room(prompt))
+    reference = source.greedy(prompt, new_tokens)
+    ours = run_prompt(runtime, prompt, new_tokens)
+    err = max(float(np.max(np.abs(a - b))) for a, b in zip(reference["logits"], ours.logits))
+    same = reference["tokens"] == ours.tokens
+    return {"prompt": prompt, "tokens": ours.tokens, "reference_tokens": reference["tokens"],
+            "tokens_identical": same, "max_abs_logit_err": err, "ok": same and err <= 1e-3}

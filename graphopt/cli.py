@@ -11,6 +11,7 @@ from pathlib import Path
 
 from graphopt.errors import GraphoptError
 from graphopt.models.registry import REGISTRY
+from graphopt.targets.bm1684x.contract import DEFAULT_GROUP_SIZE
 
 DEFAULT_SEQ_LENGTH = 512
 
@@ -28,31 +29,20 @@ def _parse_ids(text: str) -> list[int]:
 
 
 def cmd_run(args) -> int:
-    from graphopt.compiler import check_dump_after, compile_model, validate_seq_length
-    from graphopt.plugins import with_plugins
+    from graphopt.compiler import compile_model
     from graphopt.models import open_model
-    from graphopt.output import check_output_dir
     from graphopt.report import render, write_json
     from graphopt.targets import get_target
 
     start = time.perf_counter()
     plugins, dump_after = _plugins(args), _dump_after(args)
     target = get_target(args.target)
-    check_dump_after(with_plugins(target, plugins), dump_after)  # user passes load (and fail) before any work
-    source = open_model(args.model, args.model_path, args.random_weights, args.num_layers)
-    out = Path(args.out or f"graphopt-out/{source.name}-{target.name}-seq{args.seq_length}")
-    # Everything the user can get wrong is checked before any work starts.
-    source.check_structure()
-    validate_seq_length(source, args.seq_length)
-    check_output_dir(out)
-    options = {"quantize": args.quantize, "group_size": args.group_size, "jobs": args.jobs}
     if args.jobs is not None and args.jobs < 1:
         raise GraphoptError(f"--jobs {args.jobs} must be at least 1 (or left out: as many as cores and memory allow).")
-    if target.build:
-        target.build.validate(source, options)
-    detail = f", {args.quantize}" if target.build else ""
-    print(f"graphopt: {source.name} ({source.weights.describe()}) -> target {target.name}{detail}, "
-          f"seq {args.seq_length}", file=sys.stderr)
+    source = open_model(args.model, args.model_path, args.random_weights, args.num_layers)
+    out = Path(args.out or f"graphopt-out/{source.name}-{target.name}-seq{args.seq_length}")
+    options = {"quantize": args.quantize, "group_size": args.group_size, "jobs": args.jobs}
+    # compile_model checks everything the user can get wrong before any work starts.
     dump_dir = Path(args.dump_dir) if args.dump_dir else None
     if dump_after is not None and dump_dir is None:
         dump_dir = Path(f"{out}.dump")
@@ -129,23 +119,29 @@ def _dump_after(args) -> frozenset[str] | None:
     return None if not names or "all" in names else frozenset(names)
 
 
+STAGE_TITLES = {"fx": "FX passes (on the traced graph)", "onnx": "ONNX passes (on the exported model)",
+                "top": "top passes (on the target's own IR, between its import and its compile)"}
+
+
 def cmd_passes(args) -> int:
-    from graphopt.pass_manager import get_pass
+    from graphopt.pass_manager import STAGES, get_pass
     from graphopt.plugins import with_plugins
     from graphopt.targets import get_target
 
     builtin = get_target(args.target)
     target = with_plugins(builtin, _plugins(args))
     print(f"target {target.name}: {target.description}")
-    for phase, names in (("FX passes (on the traced graph)", target.fx_pipeline),
-                         ("ONNX passes (on the exported model)", target.onnx_pipeline)):
-        print(f"\n{phase}:")
+    for stage in STAGES:
+        names = target.pipeline(stage)
+        if not names:
+            continue
+        print(f"\n{STAGE_TITLES[stage]}:")
         for index, name in enumerate(names, start=1):
             cls = get_pass(name)
             kinds = "all networks" if len(cls.applies_to) > 5 else ", ".join(sorted(cls.applies_to))
             print(f"  {index:2d}. {name:<22} {cls.doc()}")
             detail = [f"on: {kinds}"]
-            if name not in (*builtin.fx_pipeline, *builtin.onnx_pipeline):
+            if name not in builtin.pipeline(stage):
                 detail.insert(0, f"user pass from {sys.modules[cls.__module__].__file__}")
             if cls.requires:
                 detail.append(f"needs: {', '.join(cls.requires)}")
@@ -249,7 +245,8 @@ def build_parser() -> argparse.ArgumentParser:
     bm = run.add_argument_group("bm1684x target")
     bm.add_argument("--quantize", default="w4bf16", help="w4bf16 (default), w8bf16, w4f16, w8f16, bf16 or f16: "
                     "the blocks' weights; embedding and lm_head use the matching 16-bit float")
-    bm.add_argument("--group-size", type=int, default=64, help="weight quantization group size (default 64)")
+    bm.add_argument("--group-size", type=int, default=DEFAULT_GROUP_SIZE,
+                    help=f"weight quantization group size (default {DEFAULT_GROUP_SIZE})")
     run.set_defaults(func=cmd_run)
 
     gen = sub.add_parser("generate", help="greedy generation with the emitted networks, driven like the chip runtime")

@@ -11,17 +11,12 @@ class GraphoptError(Exception):
 
 
 class PassMatchError(GraphoptError):
-    """A pass could not find what it rewrites in a network."""
+    """A pass could not find what it rewrites in a network. `hint`: what to check, from the pass."""
 
-    def __init__(self, pass_name: str, network: str, missing: str):
-        self.pass_name, self.network, self.missing = pass_name, network, missing
-        super().__init__(
-            f"pass '{pass_name}' cannot rewrite network '{network}': {missing}. "
-            "graphopt did not write a possibly wrong ONNX for it. If this model is a new "
-            "architecture, check that its blocks use attention with separate q/k/v operands "
-            "and rotary embeddings computed from position_ids, or run with a pipeline "
-            "without this pass."
-        )
+    def __init__(self, pass_name: str, network: str, missing: str, hint: str = ""):
+        self.pass_name, self.network, self.missing, self.hint = pass_name, network, missing, hint
+        super().__init__(f"pass '{pass_name}' cannot rewrite network '{network}': {missing}. graphopt did not write "
+                         f"a possibly wrong ONNX for it.{' ' + hint if hint else ''}")
 
     def __reduce__(self):  # raised in an export worker process, re-raised in the parent
-        return type(self), (self.pass_name, self.network, self.missing)
+        return type(self), (self.pass_name, self.network, self.missing, self.hint)

@@ -37,7 +37,7 @@ class NetworkGraph:
     """One network (embedding, block_3, block_cache_3, lm_head, ...) between passes."""
 
     name: str
-    kind: str  # "embedding" | "block" | "block_cache" | "lm_head" | "greedy_head" | "penalty_sample_head"
+    kind: str  # one of graphopt.contract's network kinds (ALL_KINDS)
     gm: fx.GraphModule
     output_names: list[str]
     seq_length: int
@@ -142,6 +142,10 @@ class NetworkGraph:
 
     def readable(self) -> str:
         """The graph as Python code, for --dump-after and debugging."""
+        return self.gm.code
+
+    def fingerprint(self) -> str:
+        """What the network computes, as its generated code: a pass that changes nothing leaves it equal."""
         return self.gm.code
 
 

@@ -2,14 +2,16 @@
 
 The TorchScript exporter (`dynamo=False`) is used because it writes opset 15 / IR 8, which
 TPU-MLIR's ONNX importer (onnx 1.14) accepts; the dynamo exporter writes opset 18, whose
-ReduceMean TPU-MLIR 1.30 rejects (see design.md). It accepts a plain GraphModule over
+ReduceMean TPU-MLIR 1.30 rejects (measured). It accepts a plain GraphModule over
 ATen ops, which is what the FX passes leave behind.
 
 Weights travel out of band. For the export and the ONNX passes every weight (a floating-point
 constant of `WEIGHT_MIN_ELEMENTS` or more) is a graph input, so the model the passes see is a
 few kilobytes whatever the network's size: onnxsim and graphsurgeon copy models several times,
 which at 8B (a 2.1 GB embedding) cost minutes and gigabytes. A weight that is an input is also
-never folded by the exporter, so Linear weights keep their [out, in] layout and their names.
+never folded by the exporter, so Linear weights keep their [out, in] layout and their names
+(`linear_layout_problems` checks it: TPU-MLIR quantizes [out, in] + Transpose well, a folded
+[in, out] constant badly, W8 cosine 0.99998 against 0.71 measured).
 `save_onnx` binds them back as initializers, streamed tensor by tensor into the file (or its
 external data), so no ONNX copy of the weights is ever built in memory.
 """
@@ -20,6 +22,7 @@ import functools
 import hashlib
 import tempfile
 import warnings
+from collections import Counter
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -49,27 +52,65 @@ class OnnxNetwork:
     name: str
     kind: str
     model: onnx.ModelProto
-    # sha1 of each 2-D weight's bytes in [out, in] layout -> its name in the traced model,
-    # so passes can give folded constants their original names back.
-    weight_names: dict[str, str] = field(default_factory=dict)
     properties: set[str] = field(default_factory=set)
     # Weights kept out of band: graph inputs of `model` until save_onnx binds them.
     weights: dict[str, torch.Tensor] = field(default_factory=dict)
 
-    def finalize(self) -> None:
-        pass
-
     def readable(self) -> str:
         return onnx.helper.printable_graph(self.model.graph)
 
+    def fingerprint(self) -> Counter:
+        """What the model computes, as a multiset of nodes (op, inputs, outputs, attributes): two models
+        with the same fingerprint differ at most in node order and metadata."""
+        return node_signatures(self.model)
 
-def weight_digest(array: np.ndarray) -> str:
-    return hashlib.sha1(np.ascontiguousarray(array, dtype=np.float32).tobytes()).hexdigest()
+
+def node_signatures(model: onnx.ModelProto) -> Counter:
+    """Each node as (op, inputs, outputs, attribute values), and the graph's inputs and outputs."""
+    return Counter((n.op_type, tuple(n.input), tuple(n.output), tuple(_attribute(a) for a in n.attribute))
+                   for n in model.graph.node) + Counter(("graph input", i.name) for i in model.graph.input) + \
+        Counter(("graph output", o.name) for o in model.graph.output)
+
+
+def _attribute(attribute: onnx.AttributeProto):
+    """An attribute by its value (two serializations of one tensor compare equal)."""
+    value = onnx.helper.get_attribute_value(attribute)
+    if isinstance(value, onnx.TensorProto):
+        array = numpy_helper.to_array(value)
+        value = (str(array.dtype), array.shape, array.tobytes())
+    elif isinstance(value, list):
+        value = tuple(v if isinstance(v, (int, float, bytes, str)) else str(v) for v in value)
+    elif not isinstance(value, (int, float, bytes, str)):
+        value = str(value)
+    return attribute.name, value
+
+
+def changed_nodes(before: Counter, after: Counter) -> int:
+    """How many nodes (and graph inputs/outputs) one model's signatures have that the other's have not."""
+    return sum(((before - after) + (after - before)).values())
+
+
+def linear_layout_problems(model: onnx.ModelProto, weights: set[str]) -> list[str]:
+    """Every 2-D weight a MatMul multiplies by must be Linear's [out, in], transposed in the graph: what
+    TPU-MLIR's W4/W8 quantization (and graphopt's fake-quantized reference, fake_quant.py) assume."""
+    transposed = {n.output[0]: n for n in model.graph.node if n.op_type == "Transpose"}
+    problems = []
+    for node in model.graph.node:
+        if node.op_type != "MatMul" or len(node.input) < 2:
+            continue
+        operand = node.input[1]
+        if operand in weights:
+            problems.append(f"MatMul '{node.name}' multiplies by weight '{operand}' as it is, not by its transpose")
+        elif operand in transposed and transposed[operand].input[0] in weights:
+            perm = [list(a.ints) for a in transposed[operand].attribute if a.name == "perm"]
+            if perm and perm[0] != [1, 0]:
+                problems.append(f"weight '{transposed[operand].input[0]}' reaches MatMul '{node.name}' through "
+                                f"Transpose{perm[0]}, not [1, 0]")
+    return problems
 
 
 def export_onnx(net: NetworkGraph, dynamic_axes: dict | None = None, weights_out_of_band: bool = True) -> OnnxNetwork:
     gm, weights = _weights_as_inputs(net.gm) if weights_out_of_band else (net.gm, {})
-    weight_names = {weight_digest(t.numpy()): name for name, t in gm.named_buffers() if t.dim() == 2}
     with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
         warnings.simplefilter("ignore")
         path = Path(tmp) / f"{net.name}.onnx"
@@ -82,11 +123,11 @@ def export_onnx(net: NetworkGraph, dynamic_axes: dict | None = None, weights_out
         except torch.onnx.errors.UnsupportedOperatorError as error:
             raise GraphoptError(
                 f"network '{net.name}' uses an op the ONNX exporter cannot write at opset {OPSET}: "
-                f"{str(error).splitlines()[0].rstrip('.')}. Add a rule for it to the onnx-legalize pass "
-                "(passes/onnx_legalize.py), or a pass of your own that rewrites it before export."
+                f"{str(error).splitlines()[0].rstrip('.')}. Add a rule for it to the export-legalize pass "
+                "(passes/export_legalize.py), or a pass of your own that rewrites it before export."
             ) from error
         model = onnx.load(str(path))
-    return OnnxNetwork(net.name, net.kind, model, weight_names, set(net.properties), weights)
+    return OnnxNetwork(net.name, net.kind, model, set(net.properties), weights)
 
 
 def _is_weight(tensor: torch.Tensor) -> bool:

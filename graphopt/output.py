@@ -11,8 +11,7 @@ import shutil
 from pathlib import Path
 
 from graphopt.errors import GraphoptError
-
-MANIFEST = "manifest.json"
+from graphopt.manifest import MANIFEST
 
 
 def check_output_dir(target: Path) -> Path:

@@ -15,7 +15,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from graphopt.errors import GraphoptError
-from graphopt.pass_manager import Pass, registered_passes
+from graphopt.pass_manager import Pass, check_order, registered_passes
 from graphopt.user_files import import_user_file
 
 ENTRY_POINT_GROUP = "graphopt.passes"
@@ -84,38 +84,26 @@ def place_passes(fx_pipeline: tuple[str, ...], onnx_pipeline: tuple[str, ...], p
             raise GraphoptError(f"pass '{cls.name}' does not say where it goes: give it `insert_after = \"NAME\"` or "
                                 "`insert_before = \"NAME\"` (one of them), or run with --insert-after NAME / "
                                 "--insert-before NAME. `graphopt passes --target T` lists the names.")
-        pipeline = pipelines.get(cls.level)
+        pipeline = pipelines.get(cls.stage)
         if pipeline is None:
-            raise GraphoptError(f"pass '{cls.name}' has level '{cls.level}'; a pass runs at level 'fx' (on the traced "
-                                "graph) or 'onnx' (on the exported model).")
+            raise GraphoptError(f"pass '{cls.name}' is a {cls.stage} pass; a user pass runs at stage 'fx' (on the traced "
+                                "graph: subclass Pass) or 'onnx' (on the exported model: subclass OnnxPass).")
         anchor = after or before
         if anchor not in pipeline:
             raise GraphoptError(f"pass '{cls.name}' goes {'after' if after else 'before'} '{anchor}', which is not in "
-                                f"this target's {cls.level} pipeline ({', '.join(pipeline)}); name one of those.")
+                                f"this target's {cls.stage} pipeline ({', '.join(pipeline)}); name one of those.")
         index = pipeline.index(anchor) + (1 if after else 0)
         # Passes placed at the same anchor keep their load order.
         while after and index < len(pipeline) and pipeline[index] in {p.name for p in passes}:
             index += 1
         pipeline.insert(index, cls.name)
-    for level, pipeline in pipelines.items():
-        check_order(pipeline, level)
+    for stage, pipeline in pipelines.items():
+        check_order(pipeline, stage)
     return tuple(pipelines["fx"]), tuple(pipelines["onnx"])
 
 
 def _from_file(cls: type[Pass]) -> bool:
     return cls.__module__.startswith(USER_PASS_MODULES)
-
-
-def check_order(pipeline: list[str], level: str) -> None:
-    """Every pass's `requires` must be ensured by a pass before it, as the pass manager will demand."""
-    passes = registered_passes()
-    ensured: set[str] = set()
-    for name in pipeline:
-        missing = [r for r in passes[name].requires if r not in ensured]
-        if missing:
-            raise GraphoptError(f"pass '{name}' needs {', '.join(missing)}, which no pass before it in the {level} "
-                                f"pipeline ensures ({', '.join(pipeline)}). Place it after the pass that ensures it.")
-        ensured.update(passes[name].ensures)
 
 
 def with_plugins(target, plugins: PassPlugins):

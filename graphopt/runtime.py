@@ -10,20 +10,19 @@ driver). `Seq2SeqRuntime` drives encoder-decoder networks as docs/encoder-decode
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
 import numpy as np
 
+from graphopt import contract as c
 from graphopt.device_program import Buffer, Copy, HostDevice, IoSpec, Launch, Program, Read, Same, Tensor, Write
 from graphopt.errors import GraphoptError
-from graphopt.networks import MASK_VALUE, NETWORK_ALIASES, causal_mask, decode_mask
-from graphopt.output import MANIFEST
+from graphopt.manifest import load_manifest
 
 # What the Llama3_1 demo writes for "masked", whatever the nets' dtype: fp16 −10000, bits 0xF0E2.
-ATTENTION_MASK = np.float16(MASK_VALUE)
+ATTENTION_MASK = np.uint16(c.LLAMA3_1_DEMO.mask_bits["float16"]).view(np.float16)
 
 
 class Backend(Protocol):
@@ -45,7 +44,7 @@ class OrtBackend:
     def __init__(self, directory: Path, manifest: dict):
         self.directory = directory
         self.files = {n["name"]: n["file"] for n in manifest["networks"]}
-        self.files.update({alias: self.files[source] for alias, source in NETWORK_ALIASES.items()})
+        self.files.update({alias: self.files[source] for alias, source in c.contract_of_manifest(manifest).aliases().items()})
         self._sessions: dict = {}
 
     def run(self, network: str, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -61,11 +60,12 @@ class FxBackend:
 
     def __init__(self, networks: dict):
         self.networks = networks
+        self.aliases = {**c.LLAMA3_1_DEMO.aliases(), **c.ENCODER_DECODER.aliases()}
 
     def run(self, network: str, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         import torch
 
-        net = self.networks[NETWORK_ALIASES.get(network, network)]
+        net = self.networks[self.aliases.get(network, network)]
         args = [torch.from_numpy(np.ascontiguousarray(inputs[s.name])) for s in net.inputs]
         return {name: out.numpy() for name, out in zip(net.output_names, net.run(*args))}
 
@@ -88,28 +88,26 @@ class Shapes:
 
     @classmethod
     def from_manifest(cls, manifest: dict) -> "Shapes":
+        contract = c.contract_of_manifest(manifest)
         nets = {n["name"]: n for n in manifest["networks"]}
-        block = "decoder_block_" if "decoder_block_0" in nets else "block_"
-        past_k = next(o for o in nets[f"{block}0"]["outputs"] if o["name"] == "past_k")["shape"]
-        return cls(seq_length=manifest["seq_length"],
-                   num_layers=sum(1 for n in nets if n.startswith(block) and not n.startswith(f"{block}cache_")),
-                   hidden=nets["lm_head"]["inputs"][0]["shape"][-1], kv_heads=past_k[2], head_dim=past_k[3])
+        layers = contract.layers(nets)
+        block = nets[contract.prefill_block.network(layers[0])]
+        past_k = next(o for o in block["outputs"] if o["name"] == c.PAST_K)["shape"]
+        return cls(seq_length=manifest["seq_length"], num_layers=len(layers),
+                   hidden=nets[contract.network(c.LM_HEAD)]["inputs"][0]["shape"][-1], kv_heads=past_k[2],
+                   head_dim=past_k[3])
 
 
 def network_io(manifest: dict) -> dict[str, dict[str, list[tuple[str, IoSpec]]]]:
-    """Each network's inputs and outputs by position, the runtime's aliases included (embedding_cache:
-    the embedding with its dynamic sequence axis at one token)."""
+    """Each network's inputs and outputs by position, the contract's one-token networks included
+    (embedding_cache: the embedding with its dynamic sequence axis at one token)."""
     def specs(net: dict, io: str, one_token: bool) -> list[tuple[str, IoSpec]]:
-        out = []
-        for t in net[io]:
-            dynamic = {int(axis) for axis in net.get("dynamic_axes", {}).get(t["name"], {})}
-            shape = tuple(1 if one_token and axis in dynamic else d for axis, d in enumerate(t["shape"]))
-            out.append((t["name"], IoSpec(shape, np.dtype(t["dtype"]))))
-        return out
+        return [(t["name"], IoSpec(c.one_token_shape(t["shape"]) if one_token else tuple(t["shape"]),
+                                   np.dtype(t["dtype"]))) for t in net[io]]
 
     nets = {n["name"]: n for n in manifest["networks"]}
     io = {name: {"in": specs(n, "inputs", False), "out": specs(n, "outputs", False)} for name, n in nets.items()}
-    for alias, source in NETWORK_ALIASES.items():
+    for alias, source in c.contract_of_manifest(manifest).aliases().items():
         io[alias] = {"in": specs(nets[source], "inputs", True), "out": specs(nets[source], "outputs", True)}
     return io
 
@@ -125,36 +123,45 @@ def _out(net: str, index: int) -> Tensor:
 class ChipStyleRuntime:
     """LLM-TPU's Llama3_1 chat demo (`models/Llama3_1/python_demo/chat.cpp` at ea05961), step for step.
 
-    Prefill: the prompt's int32 ids padded to SEQ (zeros on a first turn) into `embedding`; its
-    output copied into `block_0`'s input, then each block's output into the next block's input.
-    Positions and the [SEQ,SEQ] mask are written into block_0's inputs only: every later block
-    reads its own, which the demo takes to be the same memory. Each block's past_k/past_v is
-    copied whole into the layer's cache; row len-1 of the last hidden states into `lm_head`;
-    `greedy_head` reads lm_head's output in place. Decode: the token into `embedding_cache`, its
-    output through every `block_cache_i`, whose new K/V row goes into the cache at row len-1.
-    The masks hold `ATTENTION_MASK` as fp16 bits (0xF0E2), whatever dtype the nets have. Where the
-    decode nets are io_alone, the cache *is* their history input memory; otherwise the demo
-    allocates it and copies it in every step."""
+    Prefill: the prompt's int32 ids padded to SEQ into `embedding` (the demo's visited tokens: zeros
+    on a first turn, an earlier turn's tokens after it); its output copied into `block_0`'s input,
+    then each block's output into the next block's input. Positions and the [SEQ,SEQ] mask are
+    written into block_0's inputs only: every later block reads its own, which the demo takes to be
+    the same memory. Each block's past_k/past_v is copied whole into the layer's cache; row len-1 of
+    the last hidden states into `lm_head`; `greedy_head` reads lm_head's output in place. Decode:
+    the token into `embedding_cache`, its output through every `block_cache_i`, whose new K/V row
+    goes into the cache at row len-1. The masks hold `ATTENTION_MASK` as fp16 bits (0xF0E2),
+    whatever dtype the nets have. Where the decode nets are io_alone, the cache *is* their history
+    input memory; otherwise the demo allocates it and copies it in every step. Every net name and
+    input position comes from the contract (graphopt/contract.py, LLAMA3_1_DEMO)."""
 
-    block, block_cache = "block_", "block_cache_"
-    history = (3, 4)  # history_k, history_v: the decode blocks' inputs that hold the cache
+    contract = c.LLAMA3_1_DEMO
+    prefill_kind, decode_kind = c.BLOCK, c.BLOCK_CACHE
 
     def __init__(self, device, shapes: Shapes):
         self.device, self.shapes = device, shapes
         self.length = 0
-        # The demo's visited_tokens: the prompt is copied in front, each new token appended; rows past
-        # the prompt keep an earlier turn's tokens, which a prefill sends as its padding ids.
         self.visited = np.zeros(shapes.seq_length, np.int32)
-        self.io_alone = device.io_alone(f"{self.block_cache}0")
-        self.cache = [tuple(_in(f"{self.block_cache}{i}", h) if self.io_alone else
-                            Buffer(f"past_{'kv'[j]}_{i}", _in(f"{self.block_cache}{i}", h))
+        self.prefill_spec, self.decode_spec = self.contract.spec(self.prefill_kind), self.contract.spec(self.decode_kind)
+        self.embedding, self.embedding_cache = self.contract.network(c.EMBEDDING), self.contract.one_token(c.EMBEDDING)
+        self.lm_head, self.greedy_head = self.contract.network(c.LM_HEAD), self.contract.network(c.GREEDY_HEAD)
+        self.history = tuple(self.decode_spec.input_index(name) for name in c.HISTORY_INPUTS)
+        self.io_alone = device.io_alone(self.block_cache(0))
+        self.cache = [tuple(_in(self.block_cache(i), h) if self.io_alone else
+                            Buffer(f"past_{'kv'[j]}_{i}", _in(self.block_cache(i), h))
                             for j, h in enumerate(self.history)) for i in range(shapes.num_layers)]
+
+    def block(self, layer: int) -> str:
+        return self.prefill_spec.network(layer)
+
+    def block_cache(self, layer: int) -> str:
+        return self.decode_spec.network(layer)
 
     def _head(self) -> list:
         # The logits are read for the checks, before greedy_head runs: a head whose memory is shared
         # with greedy_head's may be overwritten by it (the demo itself only reads the token).
-        return [Launch("lm_head"), Read(_out("lm_head", 0), "logits"),
-                Launch("greedy_head", bind=((0, _out("lm_head", 0)),)), Read(_out("greedy_head", 0), "token")]
+        return [Launch(self.lm_head), Read(_out(self.lm_head, 0), "logits"),
+                Launch(self.greedy_head, bind=((0, _out(self.lm_head, 0)),)), Read(_out(self.greedy_head, 0), "token")]
 
     def _run(self, program: Program) -> tuple[int, np.ndarray]:
         out = self.device.execute(program)
@@ -168,21 +175,24 @@ class ChipStyleRuntime:
         seq, n = self.shapes.seq_length, len(prompt)
         positions = np.zeros(seq, np.int32)
         self.visited[:n], positions[:n] = prompt, np.arange(n)
-        mask = causal_mask(seq, seq, n).numpy().astype(ATTENTION_MASK.dtype)
-        program = Program([Write(_in("embedding", 0), self.visited.copy(), what="the prompt's ids"), Launch("embedding")])
-        hidden, first = _out("embedding", 0), f"{self.block}0"
+        mask = c.causal_mask(seq, seq, n).astype(ATTENTION_MASK.dtype)
+        position, mask_input = (self.prefill_spec.input_index(x) for x in (c.POSITION_IDS, c.ATTENTION_MASK))
+        program = Program([Write(_in(self.embedding, 0), self.visited.copy(), what="the prompt's ids"),
+                           Launch(self.embedding)])
+        hidden, first = _out(self.embedding, 0), self.block(0)
         for layer in range(self.shapes.num_layers):
-            block = f"{self.block}{layer}"
+            block = self.block(layer)
             program += Copy(_in(block, 0), hidden)
             if layer == 0:
-                program += [Write(_in(block, 1), positions, what="the positions"),
-                            Write(_in(block, 2), mask, what="the prefill mask")]
+                program += [Write(_in(block, position), positions, what="the positions"),
+                            Write(_in(block, mask_input), mask, what="the prefill mask")]
             else:
-                program += [Same(_in(block, 1), _in(first, 1)), Same(_in(block, 2), _in(first, 2))]
+                program += [Same(_in(block, position), _in(first, position)),
+                            Same(_in(block, mask_input), _in(first, mask_input))]
             program += Launch(block)
             hidden = _out(block, 0)
-            program += [Copy(self.cache[layer][0], _out(block, 1)), Copy(self.cache[layer][1], _out(block, 2))]
-        program += Copy(_in("lm_head", 0), hidden, src_row=n - 1, rows=1)
+            program += [Copy(self.cache[layer][j], _out(block, 1 + j)) for j in range(2)]
+        program += Copy(_in(self.lm_head, 0), hidden, src_row=n - 1, rows=1)
         program += self._head()
         self.length = n
         return self._visit(self._run(program))
@@ -196,27 +206,29 @@ class ChipStyleRuntime:
         seq = self.shapes.seq_length
         self.length += 1
         row = self.length - 1  # the new token's position and its cache row
-        mask = decode_mask(seq, row).numpy().astype(ATTENTION_MASK.dtype)
-        program = Program([Write(_in("embedding_cache", 0), np.array([token], np.int32), what="the token"),
-                           Launch("embedding_cache")])
-        hidden, first = _out("embedding_cache", 0), f"{self.block_cache}0"
+        mask = c.decode_mask(seq, row).astype(ATTENTION_MASK.dtype)
+        position, mask_input = (self.decode_spec.input_index(x) for x in (c.POSITION_IDS, c.ATTENTION_MASK))
+        program = Program([Write(_in(self.embedding_cache, 0), np.array([token], np.int32), what="the token"),
+                           Launch(self.embedding_cache)])
+        hidden, first = _out(self.embedding_cache, 0), self.block_cache(0)
         for layer in range(self.shapes.num_layers):
-            block = f"{self.block_cache}{layer}"
+            block = self.block_cache(layer)
             program += Copy(_in(block, 0), hidden)
             if layer == 0:
-                program += [Write(_in(block, 1), np.array([row], np.int32), what="the position"),
-                            Write(_in(block, 2), mask, what="the decode mask")]
+                program += [Write(_in(block, position), np.array([row], np.int32), what="the position"),
+                            Write(_in(block, mask_input), mask, what="the decode mask")]
             elif self.io_alone:
-                program += [Copy(_in(block, 1), _in(first, 1)), Copy(_in(block, 2), _in(first, 2))]
+                program += [Copy(_in(block, position), _in(first, position)),
+                            Copy(_in(block, mask_input), _in(first, mask_input))]
             else:
-                program += [Same(_in(block, 1), _in(first, 1)), Same(_in(block, 2), _in(first, 2))]
+                program += [Same(_in(block, position), _in(first, position)),
+                            Same(_in(block, mask_input), _in(first, mask_input))]
             if not self.io_alone:
                 program += [Copy(_in(block, h), cache) for h, cache in zip(self.history, self.cache[layer])]
             program += Launch(block)
             hidden = _out(block, 0)
-            program += [Copy(self.cache[layer][0], _out(block, 1), dst_row=row),
-                        Copy(self.cache[layer][1], _out(block, 2), dst_row=row)]
-        program += Copy(_in("lm_head", 0), hidden)
+            program += [Copy(self.cache[layer][j], _out(block, 1 + j), dst_row=row) for j in range(2)]
+        program += Copy(_in(self.lm_head, 0), hidden)
         program += self._head()
         return self._visit(self._run(program))
 
@@ -252,15 +264,16 @@ class Seq2SeqRuntime(ChipStyleRuntime):
     `decoder_block_cache_i`. This contract is graphopt's own: masks are written as values in the
     nets' dtype, and every block gets its inputs written or copied before it runs."""
 
-    block, block_cache = "decoder_block_", "decoder_block_cache_"
-    history = (5, 6)
+    contract = c.ENCODER_DECODER
+    prefill_kind, decode_kind = c.DECODER_BLOCK, c.DECODER_BLOCK_CACHE
 
     def __init__(self, device, shapes: Shapes, decoder_start: int):
         super().__init__(device, shapes)
         self.decoder_start = decoder_start
-        self.cross = [tuple(Buffer(f"cross_{'kv'[j]}_{i}", _out("cross_kv", 2 * i + j)) for j in range(2))
+        self.encoder, self.cross_kv = self.contract.network(c.ENCODER), self.contract.network(c.CROSS_KV)
+        self.cross = [tuple(Buffer(f"cross_{'kv'[j]}_{i}", _out(self.cross_kv, 2 * i + j)) for j in range(2))
                       for i in range(shapes.num_layers)]
-        self.source_mask = np.zeros((1, 1, 1, shapes.seq_length), np.float32)
+        self.source_length = shapes.seq_length
 
     def encode(self, source: list[int]) -> None:
         seq, n = self.shapes.seq_length, len(source)
@@ -269,14 +282,15 @@ class Seq2SeqRuntime(ChipStyleRuntime):
                                 f"give 1 to {seq} tokens, or compile with a larger --seq-length.")
         ids, valid = np.zeros(seq, np.int32), np.zeros(seq, np.int32)
         ids[:n], valid[:n] = source, 1
-        program = Program([Write(_in("encoder", 0), ids, what="the source ids"),
-                           Write(_in("encoder", 1), valid, what="the source's valid positions"), Launch("encoder"),
-                           Copy(_in("cross_kv", 0), _out("encoder", 0)), Launch("cross_kv")])
+        spec = self.contract.spec(c.ENCODER)
+        program = Program([Write(_in(self.encoder, spec.input_index(c.INPUT_IDS)), ids, what="the source ids"),
+                           Write(_in(self.encoder, spec.input_index(c.SOURCE_VALID)), valid,
+                                 what="the source's valid positions"), Launch(self.encoder),
+                           Copy(_in(self.cross_kv, 0), _out(self.encoder, 0)), Launch(self.cross_kv)])
         for layer, (k, v) in enumerate(self.cross):
-            program += [Copy(k, _out("cross_kv", 2 * layer)), Copy(v, _out("cross_kv", 2 * layer + 1))]
+            program += [Copy(k, _out(self.cross_kv, 2 * layer)), Copy(v, _out(self.cross_kv, 2 * layer + 1))]
         self.device.execute(program)
-        self.source_mask[...] = 0.0
-        self.source_mask[..., n:] = MASK_VALUE
+        self.source_length = n
 
     def room(self, source: list[int]) -> int:
         """A translation's target has its own SEQ positions, the first taken by the decoder start token."""
@@ -285,17 +299,22 @@ class Seq2SeqRuntime(ChipStyleRuntime):
     def _steps(self, embedding: str, ids: np.ndarray, positions: np.ndarray, mask: np.ndarray,
                row: int | None) -> Program:
         """Embed `ids` at `positions`, then every layer's block (prefill when `row` is None, else decode)."""
-        steps = positions.size
-        program = Program([Write(_in(embedding, 0), ids, what="the ids"),
-                           Write(_in(embedding, 1), positions, what="the positions"), Launch(embedding)])
+        embed = self.contract.spec(c.EMBEDDING)
+        program = Program([Write(_in(embedding, embed.input_index(c.INPUT_IDS)), ids, what="the ids"),
+                           Write(_in(embedding, embed.input_index(c.POSITION_IDS)), positions, what="the positions"),
+                           Launch(embedding)])
         hidden = _out(embedding, 0)
-        source_mask = np.repeat(self.source_mask, steps, axis=2)
+        spec = self.prefill_spec if row is None else self.decode_spec
+        source_mask = c.source_mask(self.shapes.seq_length, self.source_length, positions.size)
+        index = {name: spec.input_index(name) for name in spec.inputs}
         for layer in range(self.shapes.num_layers):
-            block = f"{self.block if row is None else self.block_cache}{layer}"
-            program += [Copy(_in(block, 0), hidden),
-                        Write(_in(block, 1), mask, raw=False, what="the mask"),
-                        Write(_in(block, 2), source_mask, raw=False, what="the source mask"),
-                        Copy(_in(block, 3), self.cross[layer][0]), Copy(_in(block, 4), self.cross[layer][1])]
+            block = spec.network(layer)
+            program += [Copy(_in(block, index[c.INPUT_STATES]), hidden),
+                        Write(_in(block, index[c.ATTENTION_MASK]), mask, raw=False, what="the mask"),
+                        Write(_in(block, index[c.ENCODER_ATTENTION_MASK]), source_mask, raw=False,
+                              what="the source mask"),
+                        Copy(_in(block, index[c.CROSS_K]), self.cross[layer][0]),
+                        Copy(_in(block, index[c.CROSS_V]), self.cross[layer][1])]
             if row is not None and not self.io_alone:
                 program += [Copy(_in(block, h), cache) for h, cache in zip(self.history, self.cache[layer])]
             program += Launch(block)
@@ -307,8 +326,8 @@ class Seq2SeqRuntime(ChipStyleRuntime):
         seq, n = self.shapes.seq_length, len(prompt)
         ids, positions = np.zeros(seq, np.int32), np.zeros(seq, np.int32)
         ids[:n], positions[:n] = prompt, np.arange(n)
-        program = self._steps("embedding", ids, positions, causal_mask(seq, seq, n).numpy(), None)
-        program += Copy(_in("lm_head", 0), _out(f"{self.block}{self.shapes.num_layers - 1}", 0), src_row=n - 1, rows=1)
+        program = self._steps(self.embedding, ids, positions, c.causal_mask(seq, seq, n), None)
+        program += Copy(_in(self.lm_head, 0), _out(self.block(self.shapes.num_layers - 1), 0), src_row=n - 1, rows=1)
         program += self._head()
         self.length = n
         return self._run(program)
@@ -316,9 +335,9 @@ class Seq2SeqRuntime(ChipStyleRuntime):
     def decode(self, token: int) -> tuple[int, np.ndarray]:
         self.length += 1
         row = self.length - 1
-        program = self._steps("embedding_cache", np.array([token], np.int32), np.array([row], np.int32),
-                              decode_mask(self.shapes.seq_length, row).numpy(), row)
-        program += Copy(_in("lm_head", 0), _out(f"{self.block_cache}{self.shapes.num_layers - 1}", 0))
+        program = self._steps(self.embedding_cache, np.array([token], np.int32), np.array([row], np.int32),
+                              c.decode_mask(self.shapes.seq_length, row), row)
+        program += Copy(_in(self.lm_head, 0), _out(self.block_cache(self.shapes.num_layers - 1), 0))
         program += self._head()
         return self._run(program)
 
@@ -350,14 +369,5 @@ def run_prompt(runtime: ChipStyleRuntime, prompt: list[int], max_new_tokens: int
     return runtime.generate(prompt, max_new_tokens, stop_tokens)
 
 
-def load_manifest(directory: Path) -> dict:
-    path = directory / MANIFEST
-    if not path.is_file():
-        raise GraphoptError(f"{directory} has no {MANIFEST}: it is not a graphopt output directory. Create one with "
-                            "`graphopt run MODEL --target onnx --out DIR` and pass that DIR.")
-    return json.loads(path.read_text())
-
-
-def open_runtime(directory: Path) -> tuple[ChipStyleRuntime, dict]:
-    manifest = load_manifest(directory)
-    return runtime_for(OrtBackend(directory, manifest), manifest), manifest
+__all__ = ["ChipStyleRuntime", "Seq2SeqRuntime", "OrtBackend", "FxBackend", "load_manifest", "runtime_for",
+           "run_prompt", "ort_session"]

@@ -1,7 +1,8 @@
-"""Helpers for testing passes: traced networks of the registry's tiny models and the inputs a runtime sends them.
+"""Helpers for testing passes: traced networks of the registry's tiny models, the inputs a runtime sends
+them, and pipeline prefixes taken from the reference pipeline (so a test cannot drift from it).
 
-Pass tests (ours, and users' own) compare a network before and after a pass on the same
-inputs and check that the rewrite happened; these give them a real traced network fast.
+Pass tests (ours, and users' own) compare a network before and after a pass on the same inputs and
+check that the rewrite happened; these give them a real traced network fast.
 """
 
 from __future__ import annotations
@@ -11,10 +12,13 @@ import functools
 
 import torch
 
+from graphopt import contract as c
+from graphopt.export import export_networks  # noqa: F401 (for tests: export some networks of a model)
 from graphopt.ir import NetworkGraph
 from graphopt.models import ModelSource, open_model
-from graphopt.networks import causal_mask, decode_mask, plan_networks, trace_plan  # noqa: F401 (decode_mask: for tests)
-from graphopt.pass_manager import PassManager
+from graphopt.networks import plan_networks, trace_plan
+from graphopt.pass_manager import PassManager, get_pass
+from graphopt.targets.pipeline import FX_PIPELINE
 
 
 @functools.cache
@@ -39,8 +43,35 @@ def traced(name: str = "block_0", seq_length: int = 16, model: str = "tiny-llama
 
 
 def run_passes(net: NetworkGraph, *names: str) -> NetworkGraph:
-    PassManager(list(names)).run(net)
+    """Run these passes, in this order, on `net`. What they require and no pass among them ensures, the
+    test vouches for (a pass test builds that state itself, by hand or with `run_until`)."""
+    ensured, assumed = set(net.properties), set()
+    for name in names:
+        cls = get_pass(name)
+        assumed.update(r for r in cls.requires if r not in ensured)
+        ensured.update(cls.ensures)
+    PassManager(list(names), assume=frozenset(net.properties | assumed)).run(net)
     return net
+
+
+def pipeline_before(name: str) -> tuple[str, ...]:
+    """The reference FX pipeline up to, not including, pass `name`."""
+    return FX_PIPELINE[:FX_PIPELINE.index(name)]
+
+
+def run_until(net: NetworkGraph, name: str) -> NetworkGraph:
+    """Run the reference FX pipeline on `net` up to, not including, pass `name`: the state it meets in a run."""
+    return run_passes(net, *pipeline_before(name))
+
+
+def causal_mask(steps: int, keys: int, length: int) -> torch.Tensor:
+    """The runtime's prefill mask (graphopt.contract.causal_mask) as a tensor."""
+    return torch.from_numpy(c.causal_mask(steps, keys, length))
+
+
+def decode_mask(seq_length: int, row: int) -> torch.Tensor:
+    """The runtime's decode mask (graphopt.contract.decode_mask) as a tensor."""
+    return torch.from_numpy(c.decode_mask(seq_length, row))
 
 
 def prefill_inputs(seq_length: int, hidden: int = 128, length: int | None = None, seed: int = 0):
@@ -54,26 +85,3 @@ def prefill_inputs(seq_length: int, hidden: int = 128, length: int | None = None
 
 def count(net: NetworkGraph, *targets) -> int:
     return sum(1 for _ in net.calls(*targets))
-
-
-def export_networks(source: ModelSource, names: list[str] | None, seq_length: int, folder, target=None,
-                    layers=(0,)) -> dict:
-    """Export (and check) only the named networks of `source` (None: all of `layers`'), e.g. one
-    block of a full-size model, through `target`'s pipelines (default: the onnx target).
-    Returns {name: NetworkResult}."""
-    from pathlib import Path
-
-    from graphopt.compiler import ExportJob, export_in_group
-    from graphopt.onnx_ir import SharedData
-    from graphopt.targets.onnx_target import ONNX_TARGET
-
-    target = target or ONNX_TARGET
-    Path(folder).mkdir(parents=True, exist_ok=True)
-    job = ExportJob(source, list(target.fx_pipeline), list(target.onnx_pipeline), seq_length, Path(folder),
-                    list(layers), check=True, dump_dir=None)
-    shared, results, prefills = SharedData(Path(folder)), {}, {}
-    for plan in job.plans():
-        if names is None or plan.name in names:
-            results[plan.name], _ = export_in_group(job, plan, shared, prefills)
-    source.release()
-    return results

@@ -28,8 +28,9 @@ def trace_network(
     output_names: list[str],
     seq_length: int,
 ) -> NetworkGraph:
-    """Export `module(*example_inputs.values())`; its forward's parameters must be named as
-    the network's inputs, since they become the placeholder (and so the ONNX input) names."""
+    """Export `module(*example_inputs.values())`; its forward's parameters must be named as the
+    network's inputs (the contract's names, the keys of `example_inputs`), since they become the
+    placeholder (and so the ONNX input) names."""
     module.eval()
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -48,7 +49,9 @@ def trace_network(
     gm = _unlift(program)
     net = NetworkGraph(name=name, kind=kind, gm=gm, output_names=list(output_names), seq_length=seq_length)
     placeholder_names = [n.name for n in net.placeholders()]
-    assert placeholder_names == list(example_inputs), (placeholder_names, list(example_inputs))
+    if placeholder_names != list(example_inputs):  # a wrapper's forward spells the contract's input names
+        raise GraphoptError(f"network '{name}' traced with inputs {placeholder_names}, but its contract names them "
+                            f"{list(example_inputs)}: its wrapper's forward must take them under those names.")
     assert len(net.output_values()) == len(output_names), (name, len(net.output_values()), output_names)
     net.finalize()
     return net

@@ -12,9 +12,9 @@ from __future__ import annotations
 import torch
 import torch.fx as fx
 
-from graphopt.errors import PassMatchError
 from graphopt.ir import NetworkGraph, shape_of
-from graphopt.pass_manager import BLOCKS, Pass, register_pass
+from graphopt.contract import BLOCKS, ENCODER
+from graphopt.pass_manager import Pass, PassResult, register_pass
 from graphopt.passes._attention import attention_nodes, sdpa_arg, set_sdpa_arg
 
 aten = torch.ops.aten
@@ -51,15 +51,19 @@ class AttentionCanonical(Pass):
     """Let attention read K/V in kv-heads (enable_gqa) instead of after repeat_kv."""
 
     name = "attention-canonical"
-    applies_to = BLOCKS | {"encoder"}
+    applies_to = BLOCKS | {ENCODER}
+    requires = ("layout.free",)  # it swaps attention operands, which a view would pin to their old strides
     ensures = ("attention.canonical",)
+    hint = ("graphopt finds attention as torch's scaled_dot_product_attention with separate q/k/v operands: "
+            "a transformers model loaded with attn_implementation='sdpa' has it, and so has a module of your own "
+            "that calls F.scaled_dot_product_attention.")
 
-    def run(self, net: NetworkGraph) -> str:
+    def run(self, net: NetworkGraph) -> PassResult:
         attentions = attention_nodes(net, include_cross=True)
         if not attentions:
-            raise PassMatchError(self.name, net.name, "found no attention call (aten.scaled_dot_product_attention); "
+            raise self.cannot(net, "found no attention call (aten.scaled_dot_product_attention); "
                                  "load the model with attn_implementation='sdpa'")
-        stripped = 0
+        stripped, grouped = 0, 0
         for node in attentions:
             q_heads = shape_of(sdpa_arg(node, "query"))[1]
             for operand in ("key", "value"):
@@ -69,9 +73,10 @@ class AttentionCanonical(Pass):
                     stripped += 1
             kv_heads = shape_of(sdpa_arg(node, "key"))[1]
             if shape_of(sdpa_arg(node, "value"))[1] != kv_heads or q_heads % kv_heads:
-                raise PassMatchError(self.name, net.name, f"attention '{node.name}' has {q_heads} query heads, "
+                raise self.cannot(net, f"attention '{node.name}' has {q_heads} query heads, "
                                      f"{kv_heads} key heads and {shape_of(sdpa_arg(node, 'value'))[1]} value heads, "
                                      "and its K/V head repeat is not one graphopt recognises")
-            if kv_heads != q_heads:
+            if kv_heads != q_heads and not sdpa_arg(node, "enable_gqa"):
                 set_sdpa_arg(node, "enable_gqa", True)
-        return f"{len(attentions)} attention(s), {stripped} head repeat(s) removed"
+                grouped += 1
+        return PassResult(stripped + grouped, f"{len(attentions)} attention(s), {stripped} head repeat(s) removed")

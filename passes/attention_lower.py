@@ -13,9 +13,9 @@ import math
 
 import torch
 
-from graphopt.errors import PassMatchError
 from graphopt.ir import NetworkGraph, shape_of
-from graphopt.pass_manager import BLOCKS, Pass, register_pass
+from graphopt.contract import BLOCKS, ENCODER
+from graphopt.pass_manager import Pass, PassResult, register_pass
 from graphopt.passes._attention import attention_nodes, sdpa_arg
 
 aten = torch.ops.aten
@@ -26,18 +26,19 @@ class AttentionLower(Pass):
     """Lower attention to Mul/MatMul/Add/Softmax/MatMul; decode shares K/V heads by reshape (ONNX ≤ 17 has no attention op)."""
 
     name = "attention-lower"
-    applies_to = BLOCKS | {"encoder"}
-    requires = ("mask.fixed",)
+    applies_to = BLOCKS | {ENCODER}
+    # The last rewrite of attention: every pass that finds attention as one node runs before it.
+    requires = ("mask.fixed", "kv.exposed", "cache.concat")
     ensures = ("attention.lowered",)
 
-    def run(self, net: NetworkGraph) -> str:
+    def run(self, net: NetworkGraph) -> PassResult:
         attentions = attention_nodes(net, include_cross=True)
         graph = net.graph
         for node in attentions:
             query, key, value = (sdpa_arg(node, a) for a in ("query", "key", "value"))
             mask, scale = sdpa_arg(node, "attn_mask"), sdpa_arg(node, "scale")
             if sdpa_arg(node, "is_causal") or sdpa_arg(node, "dropout_p"):
-                raise PassMatchError(self.name, net.name, f"attention '{node.name}' still has is_causal or dropout")
+                raise self.cannot(net, f"attention '{node.name}' still has is_causal or dropout")
             batch, heads, steps, head_dim = shape_of(query)
             kv_heads = shape_of(key)[1]
             # Decoding one token, the query heads that share a K/V head are rows of one product with it,
@@ -65,7 +66,7 @@ class AttentionLower(Pass):
                     out = call(aten.reshape.default, (out, [batch, heads, steps, head_dim]))
             node.replace_all_uses_with(out)
             graph.erase_node(node)
-        return f"lowered {len(attentions)} attention(s)"
+        return PassResult(len(attentions), f"lowered {len(attentions)} attention(s)")
 
     @staticmethod
     def _repeat_heads(graph, tensor, heads: int):

@@ -14,9 +14,8 @@ from __future__ import annotations
 import torch
 
 from graphopt.ir import NetworkGraph
-from graphopt.networks import MASK_VALUE
-from graphopt.pass_manager import BLOCKS, Pass, register_pass
-from graphopt.passes.fixed_mask import ENCODER_MASK_INPUT, MASK_INPUT
+from graphopt.contract import ATTENTION_MASK, BLOCKS, ENCODER_ATTENTION_MASK, MASK_VALUE
+from graphopt.pass_manager import Pass, PassResult, register_pass
 
 aten = torch.ops.aten
 
@@ -30,9 +29,9 @@ class ClampMask(Pass):
     requires = ("mask.fixed",)
     ensures = ("mask.clamped",)
 
-    def run(self, net: NetworkGraph) -> str:
+    def run(self, net: NetworkGraph) -> PassResult:
         clamped = []
-        for name in (MASK_INPUT, ENCODER_MASK_INPUT):
+        for name in (ATTENTION_MASK, ENCODER_ATTENTION_MASK):
             mask = net.input(name)
             if mask is None or not mask.users:
                 continue
@@ -42,4 +41,5 @@ class ClampMask(Pass):
             for reader in readers:
                 reader.replace_input_with(mask, floor)
             clamped.append(name)
-        return f"clamped {', '.join(clamped)} at {MASK_VALUE:g}" if clamped else "no mask input is read"
+        return PassResult(len(clamped), f"clamped {', '.join(clamped)} at {MASK_VALUE:g}" if clamped else
+                          "no mask input is read")

@@ -10,10 +10,11 @@ import torch
 
 from graphopt.device_program import Launch, Program, Read, Tensor, Write
 from graphopt.models import open_model
-from graphopt.networks import MASK_VALUE
+from graphopt.contract import MASK_VALUE
 from graphopt.runtime import ATTENTION_MASK
 from graphopt.targets import get_target
-from graphopt.testing import count, export_networks, prefill_inputs, run_passes, traced
+from graphopt.export import export_networks
+from graphopt.testing import count, prefill_inputs, run_passes, traced
 
 aten = torch.ops.aten
 UP_TO_FIXED_MASK = ("strip-trace-noise", "views-to-reshapes", "attention-canonical", "rope-table", "fixed-mask")
@@ -47,12 +48,12 @@ def _compiled_block(tools, folder, pipeline):
     """block_0 of tiny-llama through `pipeline`, compiled W4BF16 as the contract compiles it (its flags
     and top passes: the NaN comes from TPU-MLIR's FAttention, which fuse-flash-attention writes)."""
     from graphopt.targets.bm1684x import contract, deploy
-    from graphopt.targets.bm1684x.top_passes import BLOCK_TOP_PASSES
+    from graphopt.targets.bm1684x.top_passes import passes_for
 
     target = dataclasses.replace(get_target("bm1684x"), fx_pipeline=pipeline)
     result = export_networks(open_model("tiny-llama"), ["block_0"], SEQ, folder, target=target)["block_0"]
     spec = contract.DeploySpec("block_0", "block_0", tuple(s.shape for s in result.inputs), "W4BF16",
-                               contract.block_flags("w4bf16", contract.DEFAULT_GROUP_SIZE), BLOCK_TOP_PASSES)
+                               contract.block_flags("w4bf16", contract.DEFAULT_GROUP_SIZE), passes_for("block"))
     return deploy.deploy_network(tools, spec, result.files[0], result.sha256).bmodel
 
 

@@ -13,9 +13,9 @@ from __future__ import annotations
 import torch
 
 from graphopt.ir import NetworkGraph, shape_of
-from graphopt.pass_manager import DECODE_BLOCKS, Pass, register_pass
+from graphopt.contract import ATTENTION_MASK, DECODE_BLOCKS, HISTORY_K, HISTORY_V
+from graphopt.pass_manager import Pass, PassResult, register_pass
 from graphopt.passes._attention import attention_nodes, kv_names, sdpa_arg, set_sdpa_arg
-from graphopt.passes.fixed_mask import MASK_INPUT
 
 aten = torch.ops.aten
 
@@ -29,10 +29,10 @@ class ConcatCache(Pass):
     requires = ("attention.canonical", "kv.exposed", "mask.fixed")
     ensures = ("cache.concat",)
 
-    def run(self, net: NetworkGraph) -> str:
+    def run(self, net: NetworkGraph) -> PassResult:
         history = net.seq_length
         attentions = attention_nodes(net)
-        for node, names in zip(attentions, kv_names("history_k", "history_v", len(attentions))):
+        for node, names in zip(attentions, kv_names(HISTORY_K, HISTORY_V, len(attentions))):
             for operand, name in zip(("key", "value"), names):
                 new = sdpa_arg(node, operand)
                 batch, kv_heads, steps, head_dim = shape_of(new)
@@ -41,6 +41,6 @@ class ConcatCache(Pass):
                     bhsd = net.graph.call_function(aten.permute.default, (cache, [0, 2, 1, 3]))
                     joined = net.graph.call_function(aten.cat.default, ([bhsd, new], 2))
                 set_sdpa_arg(node, operand, joined)
-        batch, heads, steps, _ = shape_of(net.input(MASK_INPUT))
-        net.set_input_shape(MASK_INPUT, (batch, heads, steps, history + steps))
-        return f"{len(attentions)} attention(s) read {history} cached positions + {steps} new"
+        batch, heads, steps, _ = shape_of(net.input(ATTENTION_MASK))
+        net.set_input_shape(ATTENTION_MASK, (batch, heads, steps, history + steps))
+        return PassResult(len(attentions), f"{len(attentions)} attention(s) read {history} cached positions + {steps} new")

@@ -13,13 +13,13 @@ from __future__ import annotations
 
 import torch
 
-from graphopt.errors import PassMatchError
 from graphopt.ir import NetworkGraph, shape_of
-from graphopt.pass_manager import Pass, register_pass
+from graphopt.contract import CROSS_K, CROSS_V, DECODER_BLOCK, DECODER_BLOCK_CACHE, ENCODER_HIDDEN_STATES
+from graphopt.pass_manager import Pass, PassResult, register_pass
 from graphopt.passes._attention import CROSS_ATTENTION, attention_nodes, kv_names, sdpa_arg, set_sdpa_arg
 
 aten = torch.ops.aten
-ENCODER_INPUT = "encoder_hidden_states"
+ENCODER_INPUT = ENCODER_HIDDEN_STATES
 
 
 @register_pass
@@ -27,21 +27,21 @@ class CrossKvInputs(Pass):
     """Make cross-attention K/V the inputs cross_k/cross_v [1,SRC,kv_heads,D], computed once per source."""
 
     name = "cross-kv-inputs"
-    applies_to = frozenset({"decoder_block", "decoder_block_cache"})
+    applies_to = frozenset({DECODER_BLOCK, DECODER_BLOCK_CACHE})
     requires = ("attention.canonical",)
     ensures = ("cross_kv.inputs",)
 
-    def run(self, net: NetworkGraph) -> str:
+    def run(self, net: NetworkGraph) -> PassResult:
         encoder = net.input(ENCODER_INPUT)
         if encoder is None:
-            raise PassMatchError(self.name, net.name, f"the network has no '{ENCODER_INPUT}' input")
+            raise self.cannot(net, f"the network has no '{ENCODER_INPUT}' input")
         from_encoder = net.computed_from(encoder)
         cross = [n for n in attention_nodes(net) if sdpa_arg(n, "key") in from_encoder]
         if not cross:
-            raise PassMatchError(self.name, net.name, f"no attention reads K/V computed from '{ENCODER_INPUT}'")
-        for node, names in zip(cross, kv_names("cross_k", "cross_v", len(cross))):
+            raise self.cannot(net, f"no attention reads K/V computed from '{ENCODER_INPUT}'")
+        for node, names in zip(cross, kv_names(CROSS_K, CROSS_V, len(cross))):
             if sdpa_arg(node, "query") in from_encoder or sdpa_arg(node, "value") not in from_encoder:
-                raise PassMatchError(self.name, net.name, f"attention '{node.name}' mixes encoder and decoder "
+                raise self.cannot(net, f"attention '{node.name}' mixes encoder and decoder "
                                      "operands other than as cross-attention (query from the decoder, K/V from the encoder)")
             for operand, name in zip(("key", "value"), names):
                 batch, kv_heads, length, head_dim = shape_of(sdpa_arg(node, operand))
@@ -53,5 +53,5 @@ class CrossKvInputs(Pass):
         dropped = not encoder.users
         if dropped:
             net.graph.erase_node(encoder)
-        return (f"{len(cross)} cross-attention(s) read cross_k/cross_v inputs"
-                + (f"; '{ENCODER_INPUT}' input dropped" if dropped else ""))
+        return PassResult(len(cross), f"{len(cross)} cross-attention(s) read cross_k/cross_v inputs"
+                          + (f"; '{ENCODER_INPUT}' input dropped" if dropped else ""))

@@ -6,9 +6,9 @@ import torch
 from transformers import BartConfig, BartForConditionalGeneration
 
 from graphopt.errors import PassMatchError
-from graphopt.networks import causal_mask, decode_mask
+from graphopt.testing import causal_mask, decode_mask
 from graphopt.passes._attention import attention_nodes, cross_attention_nodes
-from graphopt.seq2seq_networks import DecoderBlock
+from graphopt.networks.seq2seq import Seq2SeqDecoderBlock as DecoderBlock
 from graphopt.testing import run_passes
 from graphopt.trace import trace_network
 

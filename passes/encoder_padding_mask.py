@@ -17,15 +17,14 @@ from __future__ import annotations
 
 import torch
 
-from graphopt.errors import PassMatchError
 from graphopt.ir import NetworkGraph, shape_of
-from graphopt.networks import MASK_VALUE
-from graphopt.pass_manager import Pass, register_pass
+from graphopt.contract import ENCODER, INPUT_IDS, MASK_VALUE, SOURCE_VALID
+from graphopt.pass_manager import Pass, PassResult, register_pass
 from graphopt.passes._attention import attention_nodes, sdpa_arg, set_sdpa_arg
 
 aten = torch.ops.aten
-MASK_INPUT = "attention_mask"
-IDS_INPUT = "input_ids"
+MASK_INPUT = SOURCE_VALID
+IDS_INPUT = INPUT_IDS
 
 
 @register_pass
@@ -33,31 +32,31 @@ class EncoderPaddingMask(Pass):
     """Give an encoder's attentions the additive padding mask (attention_mask - 1) * 10000, [1,1,1,SRC]."""
 
     name = "encoder-padding-mask"
-    applies_to = frozenset({"encoder"})
+    applies_to = frozenset({ENCODER})
     requires = ("attention.canonical",)
     # attention-lower needs every mask to be additive and final; for an encoder that is this one.
     ensures = ("mask.fixed",)
 
-    def run(self, net: NetworkGraph) -> str:
+    def run(self, net: NetworkGraph) -> PassResult:
         valid = net.input(MASK_INPUT)
         if valid is None:
-            raise PassMatchError(self.name, net.name, f"the encoder has no '{MASK_INPUT}' input to build the "
+            raise self.cannot(net, f"the encoder has no '{MASK_INPUT}' input to build the "
                                  "padding mask from")
         from_mask, from_ids = net.computed_from(valid), net.computed_from(net.input(IDS_INPUT))
         attentions = attention_nodes(net, include_cross=True)
         if not attentions:
-            raise PassMatchError(self.name, net.name, "found no attention call in the encoder")
+            raise self.cannot(net, "found no attention call in the encoder")
         for node in attentions:
             operand = sdpa_arg(node, "attn_mask")
             if operand is None:
-                raise PassMatchError(self.name, net.name, f"attention '{node.name}' uses no mask, so the source "
+                raise self.cannot(net, f"attention '{node.name}' uses no mask, so the source "
                                      f"padding would be attended to; the encoder ignores its '{MASK_INPUT}' input")
             if operand not in from_mask or operand in from_ids:
-                raise PassMatchError(self.name, net.name, f"the mask of attention '{node.name}' (by '{operand.name}') "
+                raise self.cannot(net, f"the mask of attention '{node.name}' (by '{operand.name}') "
                                      f"is not computed from the '{MASK_INPUT}' input alone, so it is more than "
                                      "source padding")
             if sdpa_arg(node, "is_causal"):
-                raise PassMatchError(self.name, net.name, f"attention '{node.name}' is causal: not an encoder's")
+                raise self.cannot(net, f"attention '{node.name}' is causal: not an encoder's")
         graph = net.graph
         with graph.inserting_before(attentions[0]):
             as_float = graph.call_function(aten._to_copy.default, (valid,), {"dtype": torch.float32})
@@ -67,4 +66,5 @@ class EncoderPaddingMask(Pass):
             mask = graph.call_function(aten.reshape.default, (additive, [batch, 1, 1, length]))
         for node in attentions:
             set_sdpa_arg(node, "attn_mask", mask)
-        return f"{len(attentions)} attention mask(s) replaced by the additive padding mask of '{MASK_INPUT}'"
+        return PassResult(len(attentions), f"{len(attentions)} attention mask(s) replaced by the additive padding mask of "
+                          f"'{MASK_INPUT}'")

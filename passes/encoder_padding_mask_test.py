@@ -9,9 +9,9 @@ import torch.nn.functional as F
 from transformers import MarianConfig, MarianMTModel
 
 from graphopt.errors import PassMatchError
-from graphopt.networks import MASK_VALUE
+from graphopt.contract import MASK_VALUE
 from graphopt.passes._attention import SDPA, attention_nodes
-from graphopt.seq2seq_networks import Encoder
+from graphopt.networks.seq2seq import Encoder
 from graphopt.testing import count, run_passes
 from graphopt.trace import trace_network
 

@@ -15,15 +15,15 @@ from __future__ import annotations
 import torch
 import torch.fx as fx
 
-from graphopt.errors import PassMatchError
 from graphopt.ir import NetworkGraph, shape_of
-from graphopt.pass_manager import BLOCKS, Pass, register_pass
+from graphopt.contract import ATTENTION_MASK, BLOCKS, ENCODER_ATTENTION_MASK, INPUT_STATES
+from graphopt.pass_manager import Pass, PassResult, register_pass
 from graphopt.passes._attention import attention_nodes, cross_attention_nodes, sdpa_arg, set_sdpa_arg
 
 aten = torch.ops.aten
-MASK_INPUT = "attention_mask"
-ENCODER_MASK_INPUT = "encoder_attention_mask"  # cross-attention's [1, 1, steps, SRC] additive mask
-HIDDEN_INPUT = "input_states"
+MASK_INPUT = ATTENTION_MASK
+ENCODER_MASK_INPUT = ENCODER_ATTENTION_MASK  # cross-attention's [1, 1, steps, SRC] additive mask
+HIDDEN_INPUT = INPUT_STATES
 
 MASK_BUILDING_OPS = {
     aten.arange.default, aten.arange.start, aten.arange.start_step, aten.cumsum.default,
@@ -47,22 +47,25 @@ class FixedMask(Pass):
 
     name = "fixed-mask"
     applies_to = BLOCKS
-    requires = ("attention.canonical",)
+    # After cross-kv-inputs, which marks the cross-attentions (they take the source mask instead).
+    requires = ("attention.canonical", "cross_kv.inputs")
     ensures = ("mask.fixed",)
+    hint = ("The runtime builds the causal mask itself and passes it in: a block must take its additive mask "
+            "from the attention_mask input, not build one from positions.")
 
-    def run(self, net: NetworkGraph) -> str:
+    def run(self, net: NetworkGraph) -> PassResult:
         mask = net.input(MASK_INPUT)
         if mask is None:
-            raise PassMatchError(self.name, net.name, f"the network has no '{MASK_INPUT}' input")
+            raise self.cannot(net, f"the network has no '{MASK_INPUT}' input")
         rewired = 0
         for node in attention_nodes(net):
             operand = sdpa_arg(node, "attn_mask")
             if operand is None and sdpa_arg(node, "is_causal"):
                 set_sdpa_arg(node, "is_causal", False)
             elif operand is None:
-                raise PassMatchError(self.name, net.name, f"attention '{node.name}' uses no mask at all")
+                raise self.cannot(net, f"attention '{node.name}' uses no mask at all")
             elif _through_noop_slices(operand) is not mask:
-                raise PassMatchError(self.name, net.name, f"the mask of attention '{node.name}' is computed inside "
+                raise self.cannot(net, f"the mask of attention '{node.name}' is computed inside "
                                      f"the network (by '{operand.name}'), not taken from the '{MASK_INPUT}' input")
             if operand is not mask:
                 set_sdpa_arg(node, "attn_mask", mask)
@@ -73,19 +76,19 @@ class FixedMask(Pass):
         activations = net.computed_from(net.input(HIDDEN_INPUT))
         builders = sorted({str(n.target) for n in net.calls(*MASK_BUILDING_OPS) if n not in activations})
         if builders:
-            raise PassMatchError(self.name, net.name, "ops that build a mask from positions remain after the "
+            raise self.cannot(net, "ops that build a mask from positions remain after the "
                                  f"attention masks were rewired: {', '.join(builders)}")
-        return f"{rewired} mask operand(s) rewired to '{MASK_INPUT}' or '{ENCODER_MASK_INPUT}'"
+        return PassResult(rewired, f"{rewired} mask operand(s) rewired to '{MASK_INPUT}' or '{ENCODER_MASK_INPUT}'")
 
     def _wire_cross_attention_mask(self, net: NetworkGraph, node: fx.Node) -> int:
         """Cross-attention masks source padding: it takes the `encoder_attention_mask` input."""
         mask = net.input(ENCODER_MASK_INPUT)
         if mask is None:
-            raise PassMatchError(self.name, net.name, f"cross-attention '{node.name}' has no '{ENCODER_MASK_INPUT}' "
+            raise self.cannot(net, f"cross-attention '{node.name}' has no '{ENCODER_MASK_INPUT}' "
                                  "input to mask the source padding with")
         operand = sdpa_arg(node, "attn_mask")
         if operand is not None and _through_noop_slices(operand) is not mask:
-            raise PassMatchError(self.name, net.name, f"the mask of cross-attention '{node.name}' is computed inside "
+            raise self.cannot(net, f"the mask of cross-attention '{node.name}' is computed inside "
                                  f"the network (by '{operand.name}'), not taken from the '{ENCODER_MASK_INPUT}' input")
         if operand is mask:
             return 0

@@ -4,7 +4,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from graphopt.errors import PassMatchError
-from graphopt.networks import causal_mask
+from graphopt.testing import causal_mask
 from graphopt.passes._attention import attention_nodes, sdpa_arg
 from graphopt.testing import prefill_inputs, run_passes, traced
 from graphopt.trace import trace_network

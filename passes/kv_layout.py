@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import torch
 
-from graphopt.errors import PassMatchError
 from graphopt.ir import NetworkGraph
-from graphopt.pass_manager import BLOCKS, Pass, register_pass
+from graphopt.contract import BLOCKS, PAST_K, PAST_V
+from graphopt.pass_manager import Pass, PassResult, register_pass
 from graphopt.passes._attention import attention_nodes, kv_names, sdpa_arg
 
 
@@ -21,16 +21,17 @@ class KvLayout(Pass):
 
     name = "kv-layout"
     applies_to = BLOCKS
-    requires = ("attention.canonical",)
+    # After cross-kv-inputs, which marks the cross-attentions this pass leaves alone.
+    requires = ("attention.canonical", "cross_kv.inputs")
     ensures = ("kv.exposed",)
 
-    def run(self, net: NetworkGraph) -> str:
+    def run(self, net: NetworkGraph) -> PassResult:
         attentions = attention_nodes(net)
         if not attentions:
-            raise PassMatchError(self.name, net.name, "found no attention whose K/V could be exposed")
-        for node, names in zip(attentions, kv_names("past_k", "past_v", len(attentions))):
+            raise self.cannot(net, "found no attention whose K/V could be exposed")
+        for node, names in zip(attentions, kv_names(PAST_K, PAST_V, len(attentions))):
             for operand, name in zip(("key", "value"), names):
                 with net.graph.inserting_before(net.output_node):
                     bshd = net.graph.call_function(torch.ops.aten.permute.default, (sdpa_arg(node, operand), [0, 2, 1, 3]))
                 net.add_output(name, bshd)
-        return f"exposed K/V of {len(attentions)} attention(s) as [batch, seq, kv_heads, head_dim]"
+        return PassResult(len(attentions), f"exposed K/V of {len(attentions)} attention(s) as [batch, seq, kv_heads, head_dim]")

@@ -12,11 +12,11 @@ from __future__ import annotations
 import torch
 import torch.fx as fx
 
-from graphopt.errors import PassMatchError
 from graphopt.ir import NetworkGraph, shape_of
-from graphopt.pass_manager import Pass, register_pass
+from graphopt.contract import BLOCK, BLOCK_CACHE, POSITION_IDS
+from graphopt.pass_manager import Pass, PassResult, register_pass
 
-POSITION_INPUT = "position_ids"
+POSITION_INPUT = POSITION_IDS
 
 
 def position_only_nodes(net: NetworkGraph, positions: fx.Node) -> set[fx.Node]:
@@ -63,35 +63,38 @@ class RopeTable(Pass):
     """Precompute rotary cos/sin for positions 0..SEQ-1 as fp32 tables gathered by position_ids."""
 
     name = "rope-table"
-    applies_to = frozenset({"block", "block_cache"})
+    applies_to = frozenset({BLOCK, BLOCK_CACHE})
+    requires = ("layout.free",)
     ensures = ("rope.tabled",)
+    hint = ("graphopt tabulates rotary embeddings computed from the position_ids input and constants alone, "
+            "whatever their formula; a block whose positions also feed something else is not tabulated.")
 
-    def run(self, net: NetworkGraph) -> str:
+    def run(self, net: NetworkGraph) -> PassResult:
         positions = net.input(POSITION_INPUT)
         if positions is None:
-            raise PassMatchError(self.name, net.name, f"the network has no '{POSITION_INPUT}' input")
+            raise self.cannot(net, f"the network has no '{POSITION_INPUT}' input")
         batch, seq = shape_of(positions)
         inside = position_only_nodes(net, positions)
         frontier = [n for n in net.graph.nodes if n in inside and any(u not in inside for u in n.users)]
         if batch != 1 or not frontier:
-            raise PassMatchError(self.name, net.name, "found no sub-graph that depends only on position_ids "
+            raise self.cannot(net, "found no sub-graph that depends only on position_ids "
                                  "(the rotary cos/sin computation)")
         module = _subgraph_module(net, positions, frontier)
         rows = net.seq_length
         axes = [_position_axis(shape_of(f), seq) for f in frontier]
         for f, axis in zip(frontier, axes):
             if axis is None:
-                raise PassMatchError(self.name, net.name, f"position-only value '{f.name}' of shape {shape_of(f)} "
+                raise self.cannot(net, f"position-only value '{f.name}' of shape {shape_of(f)} "
                                      "does not have the position axis first (after batch dims of 1)")
         tables = self._tables(module, seq, rows, frontier)
-        self._check(module, tables, seq, rows, frontier, net.name)
+        self._check(module, tables, seq, rows, frontier, net)
         for f, table in zip(frontier, tables):
             const = net.constant("rope_table", table, before=f)
             with net.graph.inserting_before(f):
                 gathered = net.graph.call_function(torch.ops.aten.embedding.default, (const, positions))
                 value = net.graph.call_function(torch.ops.aten.reshape.default, (gathered, list(shape_of(f))))
             f.replace_all_uses_with(value)
-        return f"{len(frontier)} table(s) of {rows} positions replace {len(inside)} position-only nodes"
+        return PassResult(len(frontier), f"{len(frontier)} table(s) of {rows} positions replace {len(inside)} position-only nodes")
 
     @staticmethod
     def _tables(module, seq: int, rows: int, frontier) -> list[torch.Tensor]:
@@ -104,7 +107,7 @@ class RopeTable(Pass):
                     chunk.append(out.reshape(seq, -1))
         return [torch.cat(c)[:rows].contiguous() for c in chunks]
 
-    def _check(self, module, tables, seq: int, rows: int, frontier, network: str) -> None:
+    def _check(self, module, tables, seq: int, rows: int, frontier, net: NetworkGraph) -> None:
         """The tables must reproduce the sub-graph on positions in any order, or it is not per-position."""
         probe = torch.randint(0, rows, (1, seq), generator=torch.Generator().manual_seed(0))
         with torch.no_grad():
@@ -112,5 +115,5 @@ class RopeTable(Pass):
         for f, table, want in zip(frontier, tables, expected):
             got = table[probe.view(-1)].view(want.shape)
             if not torch.allclose(got, want, rtol=1e-6, atol=1e-6):
-                raise PassMatchError(self.name, network, f"position-only value '{f.name}' is not a function of each "
-                                     "position on its own, so it cannot be tabulated")
+                raise self.cannot(net, f"position-only value '{f.name}' is not a function of each position on its "
+                                  "own, so it cannot be tabulated")

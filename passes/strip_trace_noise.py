@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from graphopt.ir import NetworkGraph
-from graphopt.pass_manager import Pass, register_pass
+from graphopt.pass_manager import Pass, PassResult, register_pass
 
 aten = torch.ops.aten
 
@@ -27,7 +27,7 @@ class StripTraceNoise(Pass):
     name = "strip-trace-noise"
     ensures = ("trace.clean",)
 
-    def run(self, net: NetworkGraph) -> str:
+    def run(self, net: NetworkGraph) -> PassResult:
         removed = 0
         for node in net.calls(*_CHECKS):
             net.graph.erase_node(node)
@@ -42,4 +42,4 @@ class StripTraceNoise(Pass):
             node.replace_all_uses_with(node.args[0])
             net.graph.erase_node(node)
             removed += 1
-        return f"removed {removed} nodes"
+        return PassResult(removed, f"removed {removed} nodes")

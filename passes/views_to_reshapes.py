@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from graphopt.ir import NetworkGraph
-from graphopt.pass_manager import Pass, register_pass
+from graphopt.pass_manager import Pass, PassResult, register_pass
 
 aten = torch.ops.aten
 VIEWS = (aten.view.default, aten._unsafe_view.default)
@@ -22,10 +22,11 @@ class ViewsToReshapes(Pass):
     """Turn view/_unsafe_view into reshape so later rewrites need not preserve memory layout."""
 
     name = "views-to-reshapes"
+    requires = ("trace.clean",)  # asserts and no-op casts hide which views feed what
     ensures = ("layout.free",)
 
-    def run(self, net: NetworkGraph) -> str:
+    def run(self, net: NetworkGraph) -> PassResult:
         views = list(net.calls(*VIEWS))
         for node in views:
             node.target = aten.reshape.default
-        return f"{len(views)} view(s) made reshapes"
+        return PassResult(len(views), f"{len(views)} view(s) made reshapes")

@@ -10,10 +10,10 @@ import textwrap
 
 import pytest
 
-from graphopt import compiler
 from graphopt.compiler import compile_model
+from graphopt.models import source as source_module
 from graphopt.models import open_model
-from graphopt.pass_manager import DECODE_BLOCKS
+from graphopt.contract import DECODE_BLOCKS
 from graphopt.plugins import PassPlugins
 from graphopt.targets.onnx_target import ONNX_TARGET
 
@@ -22,7 +22,7 @@ SEQ = 32
 # A decode-only bug, as a user pass could bring one: the decode blocks read their K cache halved.
 HALVE_HISTORY = textwrap.dedent('''
     import torch
-    from graphopt.pass_manager import DECODE_BLOCKS, Pass, register_pass
+    from graphopt.pass_manager import DECODE_BLOCKS, Pass, PassResult, register_pass
 
     @register_pass
     class HalveHistory(Pass):
@@ -38,7 +38,7 @@ HALVE_HISTORY = textwrap.dedent('''
                 half = net.graph.call_function(torch.ops.aten.mul.Tensor, (cache, 0.5))
             for reader in readers:
                 reader.replace_input_with(cache, half)
-            return "history_k halved"
+            return PassResult(1, "history_k halved")
 ''')
 
 
@@ -58,7 +58,7 @@ def test_every_decode_block_matches_its_prefill_block(model, tmp_path):
 
 def test_a_decode_only_bug_fails_a_run_too_large_for_the_end_to_end_check(tmp_path, monkeypatch):
     # A Llama-3.1-8B is past the end-to-end check's 200M parameters; as if these models were too.
-    monkeypatch.setattr(compiler, "END_TO_END_CHECK_MAX_PARAMS", 0)
+    monkeypatch.setattr(source_module, "SMALL_MODEL_PARAMS", 0)
     pass_file = tmp_path / "halve_history.py"
     pass_file.write_text(HALVE_HISTORY)
     plugins = PassPlugins(files=(str(pass_file),), entry_points=False)

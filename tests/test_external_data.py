@@ -30,7 +30,7 @@ def test_large_weights_go_to_a_data_file(tmp_path, monkeypatch):
 
 
 def test_weights_travel_out_of_band_and_come_back_in_linear_layout(tmp_path):
-    from graphopt.targets.onnx_target import FX_PIPELINE
+    from graphopt.targets.pipeline import FX_PIPELINE
     from graphopt.testing import run_passes
 
     net = run_passes(traced("block_0"), *FX_PIPELINE)

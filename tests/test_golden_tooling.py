@@ -19,7 +19,7 @@ SKEWED_HEAD = """
         '''Scale the logits by 1.001: what a subtly wrong rewrite does.'''
         name = "skew-logits"
         applies_to = frozenset({"lm_head"})
-        insert_before = "onnx-legalize"
+        insert_before = "export-legalize"
 
         def run(self, net):
             (logits,) = net.output_values()

@@ -14,7 +14,7 @@ from safetensors.torch import save_file
 
 from graphopt.errors import GraphoptError
 from graphopt.models import open_model
-from graphopt.testing import export_networks
+from graphopt.export import export_networks
 
 # What transformers builds from each config, against the model cards' figures (7.61B, 8.2B, 7.25B).
 PARAMETERS = {"qwen2.5-7b": 7_615_616_512, "qwen3-8b": 8_190_735_360, "mistral-7b": 7_248_023_552}

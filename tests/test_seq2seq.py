@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 
 from graphopt.cli import main
-from graphopt.compiler import compile_model, hf_greedy
+from graphopt.compiler import compile_model
+from graphopt.models.reference import hf_greedy
 from graphopt.models import open_model
 from graphopt.runtime import FxBackend, OrtBackend, Seq2SeqRuntime, runtime_for
 from graphopt.targets.onnx_target import ONNX_TARGET

@@ -19,7 +19,7 @@ import torch
 import torch.fx as fx
 
 from graphopt.ir import NetworkGraph, shape_of
-from graphopt.pass_manager import BLOCKS, Pass, register_pass
+from graphopt.pass_manager import BLOCKS, Pass, PassResult, register_pass
 from graphopt.passes._attention import attention_nodes, sdpa_arg, set_sdpa_arg
 
 aten = torch.ops.aten
@@ -42,7 +42,7 @@ class FoldAttentionScale(Pass):
     ensures = ("attention.scale_folded",)
     insert_before = "attention-lower"  # where it goes, unless --insert-after/--insert-before say otherwise
 
-    def run(self, net: NetworkGraph) -> str:
+    def run(self, net: NetworkGraph) -> PassResult:
         folded, skipped = 0, []
         for node in attention_nodes(net, include_cross=True):
             reason = self._fold(net, node)
@@ -51,7 +51,7 @@ class FoldAttentionScale(Pass):
             else:
                 folded += 1
         note = f"folded the scale of {folded} attention(s) into their query projection"
-        return note + (f"; left {len(skipped)} alone: {'; '.join(skipped)}" if skipped else "")
+        return PassResult(folded, note + (f"; left {len(skipped)} alone: {'; '.join(skipped)}" if skipped else ""))
 
     def _fold(self, net: NetworkGraph, attention: fx.Node) -> str | None:
         """Fold one attention's scale; None when done, else why not."""

@@ -113,21 +113,3 @@ class CustomBlock(nn.Module):
 
     def forward(self, input_states, position_ids, attention_mask):
         return self.call_block(self.layer, input_states, position_ids, attention_mask)
-
-
-@dataclass
-class CustomReference:
-    """The user's model with real weights: greedy generation by its own forward, no KV cache."""
-
-    model: nn.Module
-    adapter: CustomDecoder
-
-    def greedy(self, prompt: list[int], new_tokens: int) -> dict:
-        ids, tokens, logits = list(prompt), [], []
-        with torch.no_grad():
-            for _ in range(new_tokens):
-                step = self.adapter.reference_logits(self.model, torch.tensor([ids]))[0, -1]
-                tokens.append(int(step.argmax()))
-                logits.append(step.float().numpy())
-                ids.append(tokens[-1])
-        return {"tokens": tokens, "logits": logits}

@@ -18,8 +18,8 @@ import torch
 import torch.nn as nn
 
 from graphopt.errors import GraphoptError
-from graphopt.models.custom import CustomConfig, CustomDecoder, CustomReference, load_adapter, resolve
-from graphopt.models.decoder import DecoderParts, decoder_parts
+from graphopt.models.custom import CustomConfig, CustomDecoder, load_adapter, resolve
+from graphopt.models.decoder import DecoderParts, decoder_parts, sliding_window
 from graphopt.models.seq2seq import Seq2SeqParts, seq2seq_parts
 from graphopt.models.registry import REGISTRY
 from graphopt.models.weights import RandomWeights, SafetensorsWeights, WeightProvider
@@ -27,6 +27,9 @@ from graphopt.models.weights import RandomWeights, SafetensorsWeights, WeightPro
 # graphopt never downloads: a model is a registry name or a local directory.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 RANDOM_SEED = 0
+# Models up to this many parameters are also run whole: against transformers end to end after the
+# export, and net by net in a target's simulator (an 8B prefill block took over 20 minutes there).
+SMALL_MODEL_PARAMS = 200_000_000
 
 
 @dataclass
@@ -158,10 +161,10 @@ class ModelSource:
 
     def greedy(self, prompt: list[int], new_tokens: int) -> dict:
         """The reference's greedy tokens and per-step logits: transformers' generate, or a user model's forward."""
-        from graphopt.compiler import hf_greedy
+        from graphopt.models.reference import custom_greedy, hf_greedy
 
         if self.adapter:
-            return CustomReference(self.reference_model(), self.adapter).greedy(prompt, new_tokens)
+            return custom_greedy(self.reference_model(), self.adapter, prompt, new_tokens)
         return hf_greedy(self.reference_model(), prompt, new_tokens)
 
     def reference_model(self) -> nn.Module:
@@ -183,6 +186,29 @@ class ModelSource:
     @property
     def max_positions(self) -> int:
         return int(self.config.max_position_embeddings)
+
+    @cached_property
+    def parameter_count(self) -> int:
+        return sum(p.numel() for p in self.skeleton.parameters())
+
+    @property
+    def is_small(self) -> bool:
+        """Small enough to be run whole as a reference, and simulated net by net (SMALL_MODEL_PARAMS)."""
+        return self.parameter_count <= SMALL_MODEL_PARAMS
+
+    def check_seq_length(self, seq_length: int) -> None:
+        """--seq-length must fit the model's positions, and its attention window if it has one."""
+        if not 2 <= seq_length <= self.max_positions:
+            raise GraphoptError(f"--seq-length {seq_length} is outside what {self.name} supports: give a value from 2 "
+                                f"to its max_position_embeddings, {self.max_positions}.")
+        # The runtime's fixed causal mask lets a token see every earlier one. A model attending within
+        # a window behaves the same only while the whole sequence fits in the window.
+        window = sliding_window(self.config)
+        if window is not None and seq_length > window:
+            raise GraphoptError(f"{self.name} attends within a sliding window of {window} tokens (config "
+                                f"sliding_window), but the runtime's fixed causal mask lets each token see all "
+                                f"{seq_length} positions, so networks for --seq-length {seq_length} would compute "
+                                f"something else than the model. Give --seq-length {window} or less.")
 
     def describe(self) -> dict:
         return {"name": self.name, "origin": self.origin, "weights": self.weights.describe(),

@@ -12,10 +12,30 @@ that LLM-TPU's chat runtime loads.
   build.py           the target's build step, in that order
 """
 
-from graphopt.targets.bm1684x.build import Bm1684xBuild
-from graphopt.targets.onnx_target import FX_PIPELINE, ONNX_PIPELINE, Target
+from typing import Any
+
+from graphopt.targets.base import Target
+from graphopt.targets.bm1684x.top_passes import TOP_PIPELINE
+from graphopt.targets.pipeline import FX_PIPELINE, ONNX_PIPELINE
+
+
+class Bm1684xBuild:
+    """The target's build step (build.py), imported when a build runs: choosing the target, listing its
+    passes or reading its contract loads nothing of TPU-MLIR's tooling."""
+
+    def validate(self, source, options: dict[str, Any]) -> None:
+        from graphopt.targets.bm1684x.build import validate
+
+        validate(source, options)
+
+    def build(self, *args, **kwargs):
+        from graphopt.targets.bm1684x.build import build
+
+        return build(*args, **kwargs)
+
 
 # TPU-MLIR takes the same networks as the onnx target: tables for RoPE (fp32 until the gather,
-# which BF16 lowering needs for positions > 256), Linear-layout weights (which W4/W8 quantize well).
+# which BF16 lowering needs for positions > 256), Linear-layout weights (which W4/W8 quantize well),
+# then its own top MLIR gets the top passes.
 BM1684X_TARGET = Target("bm1684x", "one int4/int8 .bmodel for the Sophgo BM1684X via TPU-MLIR, checked in its simulator",
-                        FX_PIPELINE, ONNX_PIPELINE, Bm1684xBuild())
+                        FX_PIPELINE, ONNX_PIPELINE, Bm1684xBuild(), TOP_PIPELINE)

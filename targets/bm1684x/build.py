@@ -15,11 +15,9 @@ from typing import Any
 
 from graphopt.targets.bm1684x import contract, deploy, fake_quant, inspect_bmodel, toolchain, verify
 from graphopt.targets.bm1684x.simulator import Simulator
+from graphopt.targets.bm1684x.top_passes import TOP_PIPELINE
 
 REPORT = "bm1684x.json"
-# Simulating a network costs about as much as its size: check in the simulator only models
-# small enough to run in seconds (an 8B prefill block took over 20 minutes on 2 cores).
-SIM_CHECK_MAX_PARAMS = 200_000_000
 
 
 @dataclass
@@ -140,70 +138,70 @@ def simulator_log() -> Path:
     return toolchain.cache_root() / "bm1684x" / f"simulator-{os.getpid()}.log"
 
 
-class Bm1684xBuild:
-    def validate(self, source, options: dict[str, Any]) -> None:
-        contract.check_quantizable(source.config, options["quantize"], options["group_size"])
-        toolchain.require()
+def validate(source, options: dict[str, Any]) -> None:
+    contract.check_quantizable(source.config, options["quantize"], options["group_size"])
+    toolchain.require()
 
-    def build(self, folder: Path, manifest: dict, source, options: dict[str, Any], check: bool,
-              show_progress: bool) -> Bm1684xResult:
-        tools = toolchain.require()
-        quantize, seconds = options["quantize"], {}
-        specs = contract.deploy_specs(manifest, quantize, options["group_size"])
-        onnx_files = {}
-        for net in manifest["networks"]:
-            files = [folder / net["file"], *(folder / f for f in net["external_data"])]
-            onnx_files[net["name"]] = deploy.OnnxFile(files[0], net["sha256"], sum(f.stat().st_size for f in files))
 
-        start = time.perf_counter()
-        compiled = deploy.deploy_all(tools, specs, onnx_files, options.get("jobs"), show_progress)
-        seconds["bm1684x compile"] = time.perf_counter() - start
+def build(folder: Path, manifest: dict, source, options: dict[str, Any], check: bool, show_progress: bool,
+          top_pipeline: tuple[str, ...] = TOP_PIPELINE) -> Bm1684xResult:
+    """Compile every net of the contract (with the target's top passes), combine them into one bmodel,
+    check its memory layout against the runtime's copies, and simulate it when the model is small."""
+    tools = toolchain.require()
+    quantize, seconds = options["quantize"], {}
+    specs = contract.deploy_specs(manifest, quantize, options["group_size"], top_pipeline)
+    onnx_files = {}
+    for net in manifest["networks"]:
+        files = [folder / net["file"], *(folder / f for f in net["external_data"])]
+        onnx_files[net["name"]] = deploy.OnnxFile(files[0], net["sha256"], sum(f.stat().st_size for f in files))
 
-        start = time.perf_counter()
-        bmodel = deploy.combine(tools, compiled, folder / contract.bmodel_name(source.name, quantize,
-                                                                               manifest["seq_length"]))
-        header, infos = inspect_bmodel.read_info(tools, bmodel)
-        seconds["combine"] = time.perf_counter() - start
-        nets = [{"net": c.spec.name, "quantize": c.spec.quantize, "flags": list(c.spec.flags), "cached": c.cached,
-                 "seconds": c.seconds, "total_cycle": c.total_cycle, "memory": c.memory,
-                 "top_passes": {r["pass"]: {k: r[k] for k in ("changed", "summary", "skipped")} for r in c.top_passes},
-                 "cache_dir": str(c.directory)} for c in compiled]
-        result = Bm1684xResult(bmodel.name, bmodel.stat().st_size, quantize, tools.describe(), options.get("jobs"), nets,
-                               seconds, memory=header.get("memory", {}), problems=inspect_bmodel.contract_problems(infos),
-                               contract=inspect_bmodel.contract_of(infos))
+    start = time.perf_counter()
+    compiled = deploy.deploy_all(tools, specs, onnx_files, options.get("jobs"), show_progress)
+    seconds["bm1684x compile"] = time.perf_counter() - start
 
-        params = sum(p.numel() for p in source.skeleton.parameters())
-        with Simulator(tools, simulator_log()) as sim:
-            # Whatever the model's size: where the runtime's copies land in the combined file's memory,
-            # and what its mask bits mean to the nets (inspect_bmodel.runtime_problems).
-            if not result.problems:
-                start = time.perf_counter()
-                result.problems = inspect_bmodel.runtime_problems(sim.layout(bmodel), infos, manifest)
-                result.memory_checked = True
-                seconds["memory check"] = time.perf_counter() - start
-            if not check:
-                result.sim_skipped = "--no-check"
-            elif params > SIM_CHECK_MAX_PARAMS:
-                result.sim_skipped = (f"{params / 1e9:.1f}B parameters is too large for the cmodel simulator; verify "
-                                      "small shapes of the same architecture instead")
-            else:
-                self._simulate(sim, bmodel, specs, manifest, folder, result, options["group_size"], show_progress)
-        (folder / REPORT).write_text(json.dumps(result.to_json(), indent=2) + "\n")
-        return result
+    start = time.perf_counter()
+    bmodel = deploy.combine(tools, compiled, folder / contract.bmodel_name(source.name, quantize, manifest["seq_length"]))
+    header, infos = inspect_bmodel.read_info(tools, bmodel)
+    seconds["combine"] = time.perf_counter() - start
+    nets = [{"net": d.spec.name, "quantize": d.spec.quantize, "flags": list(d.spec.flags), "cached": d.cached,
+             "seconds": d.seconds, "total_cycle": d.total_cycle, "memory": d.memory,
+             "top_passes": {r["pass"]: {k: r[k] for k in ("changed", "summary", "skipped")} for r in d.top_passes},
+             "cache_dir": str(d.directory)} for d in compiled]
+    result = Bm1684xResult(bmodel.name, bmodel.stat().st_size, quantize, tools.describe(), options.get("jobs"), nets,
+                           seconds, memory=header.get("memory", {}), problems=inspect_bmodel.contract_problems(infos),
+                           contract=inspect_bmodel.contract_of(infos))
 
-    @staticmethod
-    def _simulate(sim, bmodel, specs, manifest, folder, result, group_size, show_progress) -> None:
-        start = time.perf_counter()
-        with tempfile.TemporaryDirectory(prefix="graphopt-quantized-reference-") as quantized:
-            quantized = fake_quant.quantized_reference(folder, manifest, specs, group_size, Path(quantized))
-            by_name = {n["net"]: n for n in result.nets}
-            for spec in specs:
-                by_name[spec.name].update(verify.network_similarity(sim, bmodel, spec, manifest, folder, quantized))
-            result.seconds["simulator nets"] = time.perf_counter() - start
-            if show_progress:
-                print(f"  simulator: {len(specs)} nets checked against onnxruntime in "
-                      f"{result.seconds['simulator nets']:.1f}s; generating ...", file=sys.stderr)
+    with Simulator(tools, simulator_log()) as sim:
+        # Whatever the model's size: where the runtime's copies land in the combined file's memory,
+        # and what its mask bits mean to the nets (inspect_bmodel.runtime_problems).
+        if not result.problems:
             start = time.perf_counter()
-            generation = verify.generation_check(sim, bmodel, manifest, folder, quantized)
-        result.generation = generation
-        result.seconds["simulator generation"] = time.perf_counter() - start
+            result.problems = inspect_bmodel.runtime_problems(sim.layout(bmodel), infos, manifest)
+            result.memory_checked = True
+            seconds["memory check"] = time.perf_counter() - start
+        if not check:
+            result.sim_skipped = "--no-check"
+        elif not source.is_small:
+            result.sim_skipped = (f"{source.parameter_count / 1e9:.1f}B parameters is too large for the cmodel "
+                                  "simulator; verify small shapes of the same architecture instead")
+        else:
+            _simulate(sim, bmodel, specs, manifest, folder, result, options["group_size"], show_progress)
+    (folder / REPORT).write_text(json.dumps(result.to_json(), indent=2) + "\n")
+    return result
+
+
+def _simulate(sim, bmodel, specs, manifest, folder, result, group_size, show_progress) -> None:
+    start = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="graphopt-quantized-reference-") as quantized:
+        quantized = fake_quant.quantized_reference(folder, manifest, specs, group_size, Path(quantized))
+        by_name = {n["net"]: n for n in result.nets}
+        for spec in specs:
+            by_name[spec.name].update(verify.network_similarity(sim, bmodel, spec, manifest, folder, quantized))
+        result.seconds["simulator nets"] = time.perf_counter() - start
+        if show_progress:
+            print(f"  simulator: {len(specs)} nets checked against onnxruntime in "
+                  f"{result.seconds['simulator nets']:.1f}s; generating ...", file=sys.stderr)
+        start = time.perf_counter()
+        generation = verify.generation_check(sim, bmodel, manifest, folder, quantized)
+    result.generation = generation
+    result.seconds["simulator generation"] = time.perf_counter() - start

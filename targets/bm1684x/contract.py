@@ -1,17 +1,17 @@
-"""The BM1684X network contract of LLM-TPU's Llama3_1 chat demo, as data.
+"""How each network of the runtime contract (graphopt/contract.py) becomes a net of the BM1684X bmodel.
 
-What each network of the combined bmodel is compiled from, with which model_deploy flags,
-and what the runtime expects of its inputs and outputs. `deploy.py` compiles from this
-table and `inspect_bmodel.py` checks a bmodel against it.
+What each net is compiled from, with which model_deploy mode and flags and which top passes: the
+table `deploy.py` compiles from. The nets, their names and I/O are the contract's; this module
+adds only what TPU-MLIR needs to know.
 """
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 
+from graphopt import contract as c
 from graphopt.errors import GraphoptError
-from graphopt.targets.bm1684x.top_passes import BLOCK_TOP_PASSES
+from graphopt.targets.bm1684x.top_passes import TOP_PIPELINE, passes_for
 
 # --quantize of the CLI -> (model_deploy mode of the blocks, half-precision mode of the rest)
 QUANT_MODES = {
@@ -75,11 +75,6 @@ class DeploySpec:
         return ["--mlir", mlir, "--quantize", self.quantize, *self.flags, "--chip", CHIP, "--model", bmodel]
 
 
-def is_encoder_decoder(manifest: dict) -> bool:
-    return any(n["name"] == "encoder" for n in manifest["networks"])
-
-
-
 def block_flags(quantize: str, group_size: int) -> tuple[str, ...]:
     """model_deploy flags of a decoder-only block (the decode form adds `DECODE_FLAGS`)."""
     flags = ("--quant_input", "--quant_output")
@@ -101,59 +96,46 @@ EMBEDDING_FLAGS = ("--quant_input", "--quant_output", *DECODE_FLAGS)
 LM_HEAD_FLAGS = ("--quant_input", *DECODE_FLAGS)
 
 
-def deploy_specs(manifest: dict, quantize: str, group_size: int) -> list[DeploySpec]:
-    """The contract's networks, in the order LLM-TPU's compile script combines them."""
+def deploy_specs(manifest: dict, quantize: str, group_size: int,
+                 top_pipeline: tuple[str, ...] = TOP_PIPELINE) -> list[DeploySpec]:
+    """The runtime contract's nets (graphopt/contract.py), each with its mode, flags and top passes, in the
+    contract's order (a layer's nets together), which is the order LLM-TPU's compile script combines them."""
+    contract = c.contract_of_manifest(manifest)
     weights, half = QUANT_MODES[quantize]
     blocks = block_flags(quantize, group_size)
-    nets = {n["name"]: n for n in manifest["networks"]}
-
-    def shapes(name: str) -> tuple[tuple[int, ...], ...]:
-        return tuple(tuple(i["shape"]) for i in nets[name]["inputs"])
-
-    if is_encoder_decoder(manifest):
+    if contract is c.ENCODER_DECODER:
         # Without --high_precision: a post-LN block (Marian, BART) ends in a LayerNorm, which it computes in
         # fp32 and leaves as the net's fp32 output (--quant_output strips casts, and there is none), so the
         # next net would be fed fp32. Measured on tiny-marian bf16: the same block cosines either way.
-        return _encoder_decoder_specs(nets, shapes, weights, half, blocks[:-1])
-    specs = [
-        DeploySpec("embedding", "embedding", shapes("embedding"), half, EMBEDDING_FLAGS),
-        # The same ONNX (its seq axis is dynamic) compiled for one token.
-        DeploySpec("embedding_cache", "embedding", ((1, 1),), half, EMBEDDING_FLAGS),
-    ]
-    layers = sorted(int(n.rsplit("_", 1)[1]) for n in nets if n.startswith("block_") and "cache" not in n)
-    for i in layers:
-        specs.append(DeploySpec(f"block_{i}", f"block_{i}", shapes(f"block_{i}"), weights, blocks, BLOCK_TOP_PASSES))
-        specs.append(DeploySpec(f"block_cache_{i}", f"block_cache_{i}", shapes(f"block_cache_{i}"), weights,
-                                blocks + DECODE_FLAGS, BLOCK_TOP_PASSES))
-    specs += [
-        DeploySpec("lm_head", "lm_head", shapes("lm_head"), half, LM_HEAD_FLAGS),
-        DeploySpec("greedy_head", "greedy_head", shapes("greedy_head"), "F32", ()),
-        DeploySpec("penalty_sample_head", "penalty_sample_head", shapes("penalty_sample_head"), "F32", ()),
-    ]
+        blocks = blocks[:-1]
+    # The encoder and cross_kv hold Linear weights like the blocks and take their mode; their outputs stay
+    # in the blocks' 16-bit float, so nothing is converted between the nets. The heads stay fp32.
+    modes = {c.EMBEDDING: (half, EMBEDDING_FLAGS), c.LM_HEAD: (half, LM_HEAD_FLAGS),
+             c.BLOCK: (weights, blocks), c.BLOCK_CACHE: (weights, blocks + DECODE_FLAGS),
+             c.DECODER_BLOCK: (weights, blocks), c.DECODER_BLOCK_CACHE: (weights, blocks + DECODE_FLAGS),
+             c.ENCODER: (weights, blocks), c.CROSS_KV: (weights, blocks),
+             c.GREEDY_HEAD: ("F32", ()), c.PENALTY_SAMPLE_HEAD: ("F32", ())}
+    nets = {n["name"]: n for n in manifest["networks"]}
+    layers = contract.layers(nets)
+
+    def spec_of(network: c.NetworkSpec, layer: int | None) -> DeploySpec:
+        name = network.network(layer)
+        source = nets[network.one_token_of or name]
+        shapes = tuple(c.one_token_shape(i["shape"]) if network.one_token_of else tuple(i["shape"])
+                       for i in source["inputs"])
+        mode, flags = modes[network.kind]
+        return DeploySpec(name, source["name"], shapes, mode, flags, passes_for(network.kind, top_pipeline))
+
+    specs, run = [], []  # run: consecutive per-layer networks, compiled layer by layer
+    for network in [*contract.networks, None]:
+        if network is not None and network.per_layer:
+            run.append(network)
+            continue
+        specs += [spec_of(n, layer) for layer in layers for n in run]
+        run = []
+        if network is not None:
+            specs.append(spec_of(network, None))
     return specs
-
-
-def _encoder_decoder_specs(nets, shapes, weights: str, half: str, block_flags) -> list[DeploySpec]:
-    """An encoder-decoder model's nets (docs/encoder-decoder-networks.md), in the order a runtime
-    calls them. The encoder and cross_kv hold Linear weights like the blocks and take their mode;
-    their outputs stay in the blocks' 16-bit float, so nothing is converted between the nets."""
-    layers = sorted(int(n.rsplit("_", 1)[1]) for n in nets if re.fullmatch(r"decoder_block_\d+", n))
-    specs = [
-        DeploySpec("encoder", "encoder", shapes("encoder"), weights, block_flags, BLOCK_TOP_PASSES),
-        DeploySpec("cross_kv", "cross_kv", shapes("cross_kv"), weights, block_flags),
-        DeploySpec("embedding", "embedding", shapes("embedding"), half, EMBEDDING_FLAGS),
-        DeploySpec("embedding_cache", "embedding", ((1, 1), (1, 1)), half, EMBEDDING_FLAGS),
-    ]
-    for i in layers:
-        specs.append(DeploySpec(f"decoder_block_{i}", f"decoder_block_{i}", shapes(f"decoder_block_{i}"), weights,
-                                block_flags, BLOCK_TOP_PASSES))
-        specs.append(DeploySpec(f"decoder_block_cache_{i}", f"decoder_block_cache_{i}",
-                                shapes(f"decoder_block_cache_{i}"), weights, block_flags + DECODE_FLAGS,
-                                BLOCK_TOP_PASSES))
-    return specs + [
-        DeploySpec("lm_head", "lm_head", shapes("lm_head"), half, LM_HEAD_FLAGS),
-        DeploySpec("greedy_head", "greedy_head", shapes("greedy_head"), "F32", ()),
-    ]
 
 
 def check_quantizable(config, quantize: str, group_size: int) -> None:

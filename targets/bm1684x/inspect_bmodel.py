@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
+from graphopt import contract as c
 from graphopt.errors import GraphoptError
 from graphopt.targets.bm1684x.toolchain import Toolchain
 
@@ -70,172 +71,188 @@ def read_info(toolchain: Toolchain, bmodel: Path) -> tuple[dict, list[NetInfo]]:
 HALF = ("bfloat16", "float16")
 INT = ("int32",)
 
-
-LLM_TPU = "LLM-TPU Llama3_1 chat demo"
-ENCODER_DECODER = "encoder-decoder networks, docs/encoder-decoder-networks.md"
+LLM_TPU = c.LLAMA3_1_DEMO.name
+ENCODER_DECODER = c.ENCODER_DECODER.name
 
 
 def contract_of(nets: list[NetInfo]) -> str:
     """Which runtime contract a bmodel's nets are held to: an encoder net makes it a translation model."""
-    return ENCODER_DECODER if any(n.name == "encoder" for n in nets) else LLM_TPU
+    return ENCODER_DECODER if any(n.name == c.ENCODER_DECODER.network(c.ENCODER) for n in nets) else LLM_TPU
 
 
-def _expecter(by_name: dict[str, NetInfo], problems: list[str]):
-    """`expect(net, io, index, rank, dtypes, shape)`: the tensor, after noting every way it differs."""
+def _expecter(contract: c.Contract, by_name: dict[str, NetInfo], problems: list[str]):
+    """`expect(kind, io, tensor, layer, rank, dtypes, shape)`: the contract network of `kind`'s (`layer`'s)
+    input or output named `tensor` (by the contract's position for it), after noting every way it differs.
+    `kind` may also be a network's name (the one-token nets)."""
 
-    def expect(net: str, io: str, index: int, rank: int | None = None, dtypes=None, shape=None):
+    def expect(kind: str, io: str, tensor: str, layer: int | None = None, rank: int | None = None, dtypes=None,
+               shape=None):
+        spec = contract.spec(kind)
+        net = spec.network(layer) if spec.name != kind else kind
+        names = spec.inputs if io == "inputs" else spec.output_names(len(contract.layers(by_name)))
+        index = list(names).index(tensor.format(layer=layer))
         tensors = getattr(by_name[net], io)
         if index >= len(tensors):
             problems.append(f"{net}: has {len(tensors)} {io}, expected at least {index + 1}")
             return None
         t = tensors[index]
+        where = f"{net} {io[:-1]} {index} ({t.name})"
         if dtypes and t.dtype not in dtypes:
-            problems.append(f"{net} {io[:-1]} {index} ({t.name}): dtype {t.dtype}, expected {' or '.join(dtypes)}")
+            problems.append(f"{where}: dtype {t.dtype}, expected {' or '.join(dtypes)}")
         if rank is not None and len(t.shape) != rank:
-            problems.append(f"{net} {io[:-1]} {index} ({t.name}): shape {list(t.shape)}, expected rank {rank}")
+            problems.append(f"{where}: shape {list(t.shape)}, expected rank {rank}")
         if shape is not None and t.shape != tuple(shape):
-            problems.append(f"{net} {io[:-1]} {index} ({t.name}): shape {list(t.shape)}, expected {list(shape)}")
+            problems.append(f"{where}: shape {list(t.shape)}, expected {list(shape)}")
         return t
 
     return expect
 
 
-def _layers(by_name: dict[str, NetInfo], prefix: str) -> tuple[list[int], list[int]]:
-    blocks = sorted(int(n[len(prefix):]) for n in by_name if re.fullmatch(rf"{prefix}\d+", n))
-    caches = sorted(int(n[len(prefix) + 6:]) for n in by_name if re.fullmatch(rf"{prefix}cache_\d+", n))
-    return blocks, caches
-
-
-def _missing_nets(by_name: dict[str, NetInfo], fixed: tuple[str, ...], prefix: str) -> tuple[list[str], list[int]]:
-    """(problems, layers): the fixed nets that are missing, and whether the block nets are numbered 0..L-1."""
-    problems = [f"net '{name}' is missing" for name in fixed if name not in by_name]
-    blocks, caches = _layers(by_name, prefix)
-    if blocks != list(range(len(blocks))) or caches != blocks or not blocks:
-        problems.append(f"block nets must be {prefix}0..{prefix}{{L-1}} and {prefix}cache_0..{prefix}cache_{{L-1}}; "
-                        f"found blocks {blocks} and caches {caches}")
-    return problems, blocks
+def _missing_nets(contract: c.Contract, by_name: dict[str, NetInfo]) -> tuple[list[str], list[int]]:
+    """(problems, layers): the contract's nets that are missing, and whether the per-layer nets are numbered
+    0..L-1 for every kind of them."""
+    problems = [f"net '{s.name}' is missing" for s in contract.networks if not s.per_layer and s.name not in by_name]
+    layers = contract.layers(by_name)
+    per_layer = [s for s in contract.networks if s.per_layer]
+    found = {s.name: sorted(l for n in by_name if (l := c.layer_of(s, n)) is not None) for s in per_layer}
+    if not layers or layers != list(range(len(layers))) or any(f != layers for f in found.values()):
+        problems.append(f"block nets must be {' and '.join(s.name.format(layer='0..L-1') for s in per_layer)}; "
+                        f"found {', '.join(f'{name.format(layer=chr(105))} for i in {f}' for name, f in found.items())}")
+    return problems, layers
 
 
 def contract_problems(nets: list[NetInfo]) -> list[str]:
     """Everything in `nets` their runtime would trip over (see `contract_of`); empty when they meet the contract."""
     if contract_of(nets) == ENCODER_DECODER:
         return encoder_decoder_problems(nets)
-    by_name = {n.name: n for n in nets}
-    fixed = ("embedding", "embedding_cache", "lm_head", "greedy_head", "penalty_sample_head")
-    problems, blocks = _missing_nets(by_name, fixed, "block_")
-    if len(nets) != 5 + 2 * len(blocks):
-        problems.append(f"{len(nets)} nets, but the runtime computes NUM_LAYERS = (nets - 5) / 2 and expects "
-                        f"{5 + 2 * len(blocks)} for {len(blocks)} layers")
+    contract, by_name = c.LLAMA3_1_DEMO, {n.name: n for n in nets}
+    problems, layers = _missing_nets(contract, by_name)
+    fixed = sum(1 for s in contract.networks if not s.per_layer)
+    if len(nets) != fixed + 2 * len(layers):
+        problems.append(f"{len(nets)} nets, but the runtime computes NUM_LAYERS = (nets - {fixed}) / 2 and expects "
+                        f"{fixed + 2 * len(layers)} for {len(layers)} layers")
     if problems:
         return problems
-    expect = _expecter(by_name, problems)
-    ids = expect("embedding", "inputs", 0, 2, INT)
+    expect = _expecter(contract, by_name, problems)
+    embedding_cache = contract.one_token(c.EMBEDDING)
+    ids = expect(c.EMBEDDING, "inputs", c.INPUT_IDS, rank=2, dtypes=INT)
     seq = ids.shape[1] if ids else 0
-    expect("embedding_cache", "inputs", 0, dtypes=INT, shape=(1, 1))
-    embed = expect("embedding", "outputs", 0, 3, HALF)
+    expect(embedding_cache, "inputs", c.INPUT_IDS, dtypes=INT, shape=(1, 1))
+    embed = expect(c.EMBEDDING, "outputs", c.INPUT_EMBED, rank=3, dtypes=HALF)
     hidden = embed.shape[2] if embed else 0
-    for i in blocks:
-        block, cache = f"block_{i}", f"block_cache_{i}"
-        expect(block, "inputs", 0, dtypes=HALF, shape=(1, seq, hidden))
-        expect(block, "inputs", 1, dtypes=INT, shape=(1, seq))
-        expect(block, "inputs", 2, dtypes=HALF, shape=(1, 1, seq, seq))
-        expect(block, "outputs", 0, dtypes=HALF, shape=(1, seq, hidden))
-        k = expect(block, "outputs", 1, 4, HALF)
-        expect(block, "outputs", 2, 4, HALF, shape=k.shape if k else None)
+    for i in layers:
+        expect(c.BLOCK, "inputs", c.INPUT_STATES, i, dtypes=HALF, shape=(1, seq, hidden))
+        expect(c.BLOCK, "inputs", c.POSITION_IDS, i, dtypes=INT, shape=(1, seq))
+        expect(c.BLOCK, "inputs", c.ATTENTION_MASK, i, dtypes=HALF, shape=(1, 1, seq, seq))
+        expect(c.BLOCK, "outputs", c.HIDDEN_STATES, i, dtypes=HALF, shape=(1, seq, hidden))
+        k = expect(c.BLOCK, "outputs", c.PAST_K, i, rank=4, dtypes=HALF)
+        expect(c.BLOCK, "outputs", c.PAST_V, i, rank=4, dtypes=HALF, shape=k.shape if k else None)
         kv = tuple(k.shape[2:]) if k else ()
-        expect(cache, "inputs", 0, dtypes=HALF, shape=(1, 1, hidden))
-        expect(cache, "inputs", 1, dtypes=INT, shape=(1, 1))
-        expect(cache, "inputs", 2, dtypes=HALF, shape=(1, 1, 1, seq + 1))
-        expect(cache, "inputs", 3, dtypes=HALF, shape=(1, seq, *kv))
-        expect(cache, "inputs", 4, dtypes=HALF, shape=(1, seq, *kv))
-        expect(cache, "outputs", 0, dtypes=HALF, shape=(1, 1, hidden))
-        expect(cache, "outputs", 1, dtypes=HALF, shape=(1, 1, *kv))
-        expect(cache, "outputs", 2, dtypes=HALF, shape=(1, 1, *kv))
-    expect("lm_head", "inputs", 0, dtypes=HALF, shape=(1, hidden))
-    logits = expect("lm_head", "outputs", 0, 2)
+        expect(c.BLOCK_CACHE, "inputs", c.INPUT_STATES, i, dtypes=HALF, shape=(1, 1, hidden))
+        expect(c.BLOCK_CACHE, "inputs", c.POSITION_IDS, i, dtypes=INT, shape=(1, 1))
+        expect(c.BLOCK_CACHE, "inputs", c.ATTENTION_MASK, i, dtypes=HALF, shape=(1, 1, 1, seq + 1))
+        for name in c.HISTORY_INPUTS:
+            expect(c.BLOCK_CACHE, "inputs", name, i, dtypes=HALF, shape=(1, seq, *kv))
+        expect(c.BLOCK_CACHE, "outputs", c.HIDDEN_STATES, i, dtypes=HALF, shape=(1, 1, hidden))
+        for name in c.KV_OUTPUTS:
+            expect(c.BLOCK_CACHE, "outputs", name, i, dtypes=HALF, shape=(1, 1, *kv))
+    expect(c.LM_HEAD, "inputs", c.HIDDEN_STATES, dtypes=HALF, shape=(1, hidden))
+    logits = expect(c.LM_HEAD, "outputs", c.M_LOGITS, rank=2)
     vocab = logits.shape[1] if logits else 0
-    expect("greedy_head", "inputs", 0, shape=(1, vocab))
-    expect("greedy_head", "outputs", 0, dtypes=INT)
-    expect("penalty_sample_head", "inputs", 0, shape=(1, vocab))
-    expect("penalty_sample_head", "inputs", 1, dtypes=INT, shape=(1, seq))
-    expect("penalty_sample_head", "outputs", 0, shape=(1, 50))
-    expect("penalty_sample_head", "outputs", 1, dtypes=INT, shape=(1, 50))
+    expect(c.GREEDY_HEAD, "inputs", c.M_LOGITS, shape=(1, vocab))
+    expect(c.GREEDY_HEAD, "outputs", c.TOKEN, dtypes=INT)
+    expect(c.PENALTY_SAMPLE_HEAD, "inputs", c.M_LOGITS, shape=(1, vocab))
+    expect(c.PENALTY_SAMPLE_HEAD, "inputs", c.INPUT_IDS, dtypes=INT, shape=(1, seq))
+    expect(c.PENALTY_SAMPLE_HEAD, "outputs", c.PROBS, shape=(1, 50))
+    expect(c.PENALTY_SAMPLE_HEAD, "outputs", c.TOKEN, dtypes=INT, shape=(1, 50))
     return problems
 
 
 def encoder_decoder_problems(nets: list[NetInfo]) -> list[str]:
     """The nets of docs/encoder-decoder-networks.md, as a bmodel holds them: ids and masks of the
     encoder int32, every activation, mask and K/V 16-bit, the decode blocks' cache [1,SEQ,heads,D]."""
-    by_name = {n.name: n for n in nets}
-    fixed = ("encoder", "cross_kv", "embedding", "embedding_cache", "lm_head", "greedy_head")
-    problems, blocks = _missing_nets(by_name, fixed, "decoder_block_")
+    contract, by_name = c.ENCODER_DECODER, {n.name: n for n in nets}
+    problems, layers = _missing_nets(contract, by_name)
     if problems:
         return problems
-    expect = _expecter(by_name, problems)
-    ids = expect("encoder", "inputs", 0, 2, INT)
+    expect = _expecter(contract, by_name, problems)
+    embedding_cache = contract.one_token(c.EMBEDDING)
+    ids = expect(c.ENCODER, "inputs", c.INPUT_IDS, rank=2, dtypes=INT)
     seq = ids.shape[1] if ids else 0
-    expect("encoder", "inputs", 1, dtypes=INT, shape=(1, seq))
-    states = expect("encoder", "outputs", 0, 3, HALF)
+    expect(c.ENCODER, "inputs", c.SOURCE_VALID, dtypes=INT, shape=(1, seq))
+    states = expect(c.ENCODER, "outputs", c.ENCODER_HIDDEN_STATES, rank=3, dtypes=HALF)
     hidden = states.shape[2] if states else 0
-    expect("cross_kv", "inputs", 0, dtypes=HALF, shape=(1, seq, hidden))
-    expect("embedding", "inputs", 0, dtypes=INT, shape=(1, seq))
-    expect("embedding", "inputs", 1, dtypes=INT, shape=(1, seq))
-    expect("embedding_cache", "inputs", 0, dtypes=INT, shape=(1, 1))
-    expect("embedding_cache", "inputs", 1, dtypes=INT, shape=(1, 1))
-    expect("embedding", "outputs", 0, dtypes=HALF, shape=(1, seq, hidden))
-    for i in blocks:
-        k = expect("cross_kv", "outputs", 2 * i, 4, HALF)
+    expect(c.CROSS_KV, "inputs", c.ENCODER_HIDDEN_STATES, dtypes=HALF, shape=(1, seq, hidden))
+    for name in (c.INPUT_IDS, c.POSITION_IDS):
+        expect(c.EMBEDDING, "inputs", name, dtypes=INT, shape=(1, seq))
+        expect(embedding_cache, "inputs", name, dtypes=INT, shape=(1, 1))
+    expect(c.EMBEDDING, "outputs", c.INPUT_EMBED, dtypes=HALF, shape=(1, seq, hidden))
+    cross_k, cross_v = contract.spec(c.CROSS_KV).outputs
+    for i in layers:
+        k = expect(c.CROSS_KV, "outputs", cross_k, i, rank=4, dtypes=HALF)
         kv = tuple(k.shape[2:]) if k else ()
-        expect("cross_kv", "outputs", 2 * i + 1, dtypes=HALF, shape=(1, seq, *kv))
-        block, cache = f"decoder_block_{i}", f"decoder_block_cache_{i}"
-        for net, steps, keys in ((block, seq, seq), (cache, 1, seq + 1)):
-            expect(net, "inputs", 0, dtypes=HALF, shape=(1, steps, hidden))
-            expect(net, "inputs", 1, dtypes=HALF, shape=(1, 1, steps, keys))
-            expect(net, "inputs", 2, dtypes=HALF, shape=(1, 1, steps, seq))
-            expect(net, "inputs", 3, dtypes=HALF, shape=(1, seq, *kv))
-            expect(net, "inputs", 4, dtypes=HALF, shape=(1, seq, *kv))
-            expect(net, "outputs", 0, dtypes=HALF, shape=(1, steps, hidden))
-            expect(net, "outputs", 1, dtypes=HALF, shape=(1, steps, *kv))
-            expect(net, "outputs", 2, dtypes=HALF, shape=(1, steps, *kv))
-        expect(cache, "inputs", 5, dtypes=HALF, shape=(1, seq, *kv))
-        expect(cache, "inputs", 6, dtypes=HALF, shape=(1, seq, *kv))
-    expect("lm_head", "inputs", 0, dtypes=HALF, shape=(1, hidden))
-    logits = expect("lm_head", "outputs", 0, 2)
-    expect("greedy_head", "inputs", 0, shape=(1, logits.shape[1] if logits else 0))
-    expect("greedy_head", "outputs", 0, dtypes=INT)
+        expect(c.CROSS_KV, "outputs", cross_v, i, dtypes=HALF, shape=(1, seq, *kv))
+        for kind, steps, keys in ((c.DECODER_BLOCK, seq, seq), (c.DECODER_BLOCK_CACHE, 1, seq + 1)):
+            expect(kind, "inputs", c.INPUT_STATES, i, dtypes=HALF, shape=(1, steps, hidden))
+            expect(kind, "inputs", c.ATTENTION_MASK, i, dtypes=HALF, shape=(1, 1, steps, keys))
+            expect(kind, "inputs", c.ENCODER_ATTENTION_MASK, i, dtypes=HALF, shape=(1, 1, steps, seq))
+            for name in (c.CROSS_K, c.CROSS_V):
+                expect(kind, "inputs", name, i, dtypes=HALF, shape=(1, seq, *kv))
+            expect(kind, "outputs", c.HIDDEN_STATES, i, dtypes=HALF, shape=(1, steps, hidden))
+            for name in c.KV_OUTPUTS:
+                expect(kind, "outputs", name, i, dtypes=HALF, shape=(1, steps, *kv))
+        for name in c.HISTORY_INPUTS:
+            expect(c.DECODER_BLOCK_CACHE, "inputs", name, i, dtypes=HALF, shape=(1, seq, *kv))
+    expect(c.LM_HEAD, "inputs", c.HIDDEN_STATES, dtypes=HALF, shape=(1, hidden))
+    logits = expect(c.LM_HEAD, "outputs", c.M_LOGITS, rank=2)
+    expect(c.GREEDY_HEAD, "inputs", c.M_LOGITS, shape=(1, logits.shape[1] if logits else 0))
+    expect(c.GREEDY_HEAD, "outputs", c.TOKEN, dtypes=INT)
     return problems
 
 
 MASK_CLAMP_PASS = "clamp-mask"
 
 
-def mask_problems(nets: list[NetInfo], manifest: dict | None) -> list[str]:
-    """The Llama3_1 demo writes fp16 mask bits (0xF0E2, fp16 −10000) whatever the nets' dtype. A bf16
-    net reads them as −5.6e29, which TPU-MLIR's bf16 attention turns into NaN on a row masked
-    everywhere (the prompt's padding rows): the demo then generates token 0. graphopt's blocks clamp
-    the mask (the clamp-mask pass); that is known from the manifest the bmodel was built from."""
-    from graphopt.runtime import ATTENTION_MASK
+def _read_bits(bits: int, dtype: str) -> float:
+    """What a 16-bit pattern means to a net whose input has `dtype`."""
+    if dtype == "bfloat16":
+        return float((np.array([bits], np.uint32) << 16).view(np.float32)[0])
+    return float(np.array([bits], np.uint16).view(np.float16)[0])
 
+
+def mask_problems(nets: list[NetInfo], manifest: dict | None) -> list[str]:
+    """The bits the contract's runtime writes for "masked" (LLM-TPU's Llama3_1 demo: fp16 0xF0E2 whatever
+    the nets' dtype) must read as about −10000 in each block's mask dtype. A bf16 net reads 0xF0E2 as
+    −5.6e29, which TPU-MLIR's bf16 attention turns into NaN on a row masked everywhere (the prompt's
+    padding rows): the demo then generates token 0, unless the blocks clamp the mask (graphopt's
+    clamp-mask pass), which the manifest the bmodel was built from says."""
     if contract_of(nets) != LLM_TPU:
         return []
-    bf16 = [n.name for n in nets if re.fullmatch(r"block_(cache_)?\d+", n.name) and len(n.inputs) > 2
-            and n.inputs[2].dtype == "bfloat16"]
-    if not bf16:
-        return []
+    contract, by_name = c.LLAMA3_1_DEMO, {n.name: n for n in nets}
     clamped = {n["name"] for n in (manifest or {}).get("networks", [])
-               if any(p["pass"] == MASK_CLAMP_PASS and "attention_mask" in p["note"] for p in n["passes"])}
-    unclamped = [name for name in bf16 if name not in clamped]
-    if not unclamped:
+               if any(p["pass"] == MASK_CLAMP_PASS and c.ATTENTION_MASK in p["note"] for p in n["passes"])}
+    wrong, meaning = [], {}
+    for spec in (contract.spec(c.BLOCK), contract.spec(c.BLOCK_CACHE)):
+        index = spec.input_index(c.ATTENTION_MASK)
+        for layer in contract.layers(by_name):
+            name = spec.network(layer)
+            dtype = by_name[name].inputs[index].dtype
+            bits = contract.mask_bits.get(dtype)
+            value = _read_bits(bits, dtype) if bits is not None else None
+            if (value is None or abs(value - c.MASK_VALUE) > 64) and name not in clamped:
+                wrong.append(name)
+                meaning[dtype] = (bits, value)
+    if not wrong:
         return []
-    bits = int(np.float16(ATTENTION_MASK).view(np.uint16))
-    as_bf16 = float((np.array([bits], np.uint32) << 16).view(np.float32)[0])
     evidence = ("No manifest.json beside this bmodel says" if manifest is None else
                 "The manifest.json beside it does not say")
-    return [f"{', '.join(unclamped[:4])}{' ...' if len(unclamped) > 4 else ''}: attention_mask is bfloat16, and the "
-            f"Llama3_1 demo writes 0x{bits:04X} into it (fp16 {float(ATTENTION_MASK):g}), which bf16 reads as "
-            f"{as_bf16:.2g}; a block that does not clamp its mask answers NaN on the prompt's padding rows and the "
-            f"demo generates token 0. {evidence} that these blocks clamp the mask (graphopt's {MASK_CLAMP_PASS} "
-            "pass): compile the model with graphopt, or in an f16 mode (w4f16, w8f16, f16)"]
+    reads = "; ".join(f"into a {dtype} mask it writes " + (f"0x{bits:04X}, which reads as {value:.2g}" if bits is not None
+                      else "bits it has no rule for") for dtype, (bits, value) in meaning.items())
+    return [f"{', '.join(wrong[:4])}{' ...' if len(wrong) > 4 else ''}: the {contract.name} writes fp16 −10000 "
+            f"(0x{c.FP16_MASK_BITS:04X}) for masked positions whatever the nets' dtype; {reads}, and a block that does "
+            f"not clamp its mask answers NaN on the prompt's padding rows, so the demo generates token 0. {evidence} "
+            f"that these blocks clamp the mask (graphopt's {MASK_CLAMP_PASS} pass): compile the model with graphopt, "
+            "or in an f16 mode (w4f16, w8f16, f16)"]
 
 
 def runtime_problems(layout: dict, nets: list[NetInfo], manifest: dict | None) -> list[str]:
@@ -262,6 +279,7 @@ def render(path: Path, header: dict, nets: list[NetInfo], problems: list[str]) -
         lines.append(f"contract ({contract}): NOT MET")
         lines += [f"  - {p}" for p in problems]
     else:
-        layers = len(_layers({n.name: n for n in nets}, "decoder_block_" if contract == ENCODER_DECODER else "block_")[0])
+        runtime = c.ENCODER_DECODER if contract == ENCODER_DECODER else c.LLAMA3_1_DEMO
+        layers = len(runtime.layers({n.name for n in nets}))
         lines.append(f"contract ({contract}): met ({layers} layers)")
     return "\n".join(lines)

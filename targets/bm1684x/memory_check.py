@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from graphopt import contract as c
 from graphopt.device_program import Buffer, Copy, Launch, Program, Read, Same, Tensor, Write
 from graphopt.runtime import ChipStyleRuntime, Seq2SeqRuntime, Shapes
 
@@ -91,11 +92,13 @@ def session_programs(layout: dict) -> list[Program]:
     """The programs of a chat session (or, for an encoder-decoder model, of three translations),
     with the shapes read off the bmodel's own nets, so a bmodel from anywhere can be checked."""
     recorder = _Recorder(layout)
-    seq2seq = "encoder" in layout
-    block = "decoder_block_" if seq2seq else "block_"
-    history = layout[f"{block}cache_0"]["in"][(Seq2SeqRuntime if seq2seq else ChipStyleRuntime).history[0]]["shape"]
-    shapes = Shapes(seq_length=history[1], num_layers=sum(1 for n in layout if n.startswith(f"{block}cache_")),
-                    hidden=layout["lm_head"]["in"][0]["shape"][-1], kv_heads=history[2], head_dim=history[3])
+    contract = c.contract_for(c.ENCODER_DECODER.network(c.ENCODER) in layout)
+    seq2seq = contract is c.ENCODER_DECODER
+    decode = next(s for s in contract.networks if s.kind in c.DECODE_BLOCKS)
+    history = layout[decode.network(0)]["in"][decode.input_index(c.HISTORY_K)]["shape"]
+    shapes = Shapes(seq_length=history[1], num_layers=len(contract.layers(layout)),
+                    hidden=layout[contract.network(c.LM_HEAD)]["in"][0]["shape"][-1], kv_heads=history[2],
+                    head_dim=history[3])
     runtime = Seq2SeqRuntime(recorder, shapes, 0) if seq2seq else ChipStyleRuntime(recorder, shapes)
     seq = shapes.seq_length
     for length in sorted({1, seq * 3 // 4, seq - 1}):

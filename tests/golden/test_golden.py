@@ -12,7 +12,8 @@ import pytest
 import transformers
 from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
 
-from graphopt.compiler import compile_model, hf_greedy
+from graphopt.compiler import compile_model
+from graphopt.models.reference import hf_greedy
 from graphopt.models import open_model
 from graphopt.runtime import FxBackend, OrtBackend, run_prompt, runtime_for
 from graphopt.targets.onnx_target import ONNX_TARGET

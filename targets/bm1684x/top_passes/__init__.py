@@ -1,12 +1,14 @@
 """Top passes: rewrites of TPU-MLIR's top-level MLIR, between model_transform and model_deploy.
 
 Some forms TPU-MLIR compiles best have no ONNX spelling (opset ≤ 17 has no attention op), so
-they are made at its own level, in the file model_transform wrote. One pass per file, run in
-the toolchain's Python by `run.py` (they need TPU-MLIR's `mlir` bindings, not graphopt):
+they are made at its own level, in the file model_transform wrote. Each is declared here as a
+TopPass (name, the network kinds it applies to, what it ensures), so the target's pipeline lists
+and orders it like any pass; its code is one file beside this one, run in the toolchain's Python
+by `run.py` (it needs TPU-MLIR's `mlir` bindings, not graphopt):
 
   fuse_flash_attention.py  MatMul/Softmax/MatMul attention -> top.FAttention
 
-Each pass prints what it changed and, for every candidate it left alone, why.
+Each pass reports how many candidates it changed and, for every candidate it left alone, why.
 """
 
 from __future__ import annotations
@@ -16,8 +18,29 @@ import json
 import subprocess
 from pathlib import Path
 
+from graphopt.contract import BLOCKS, ENCODER
+from graphopt.pass_manager import TopPass, get_pass, register_pass
+
 HERE = Path(__file__).resolve().parent
-BLOCK_TOP_PASSES = ("fuse-flash-attention",)  # what the contract's attention nets get
+
+
+@register_pass
+class FuseFlashAttention(TopPass):
+    """MatMul/Softmax/MatMul attention (attention-lower's) becomes one top.FAttention, TPU-MLIR's own LLM attention op."""
+
+    name = "fuse-flash-attention"
+    target = "bm1684x"
+    module = "fuse_flash_attention"  # the file beside this one that rewrites the MLIR
+    applies_to = BLOCKS | {ENCODER}
+    ensures = ("attention.fused",)
+
+
+TOP_PIPELINE = ("fuse-flash-attention",)
+
+
+def passes_for(kind: str, pipeline: tuple[str, ...] = TOP_PIPELINE) -> tuple[str, ...]:
+    """The passes of `pipeline` that apply to networks of `kind`, in order."""
+    return tuple(name for name in pipeline if kind in get_pass(name).applies_to)
 
 
 def digest() -> str:
@@ -34,7 +57,8 @@ def apply(toolchain, mlir: Path, passes: tuple[str, ...], log: Path) -> list[dic
     A failure raises CalledProcessError with the output in `log`."""
     original = mlir.with_name(f"{mlir.stem}_unfused.mlir")
     mlir.replace(original)
-    command = [str(toolchain.python), str(HERE / "run.py"), str(original), str(mlir), *passes]
+    modules = [f"{get_pass(name).module}:{name}" for name in passes]
+    command = [str(toolchain.python), str(HERE / "run.py"), str(original), str(mlir), *modules]
     with open(log, "a") as handle:
         handle.write(f"$ top passes: {' '.join(passes)}\n")
         handle.flush()

@@ -15,7 +15,7 @@ from graphopt.runtime import ort_session
 from graphopt.targets import get_target
 from graphopt.targets.bm1684x import contract, top_passes
 from graphopt.targets.bm1684x.interpreter import run_mlir
-from graphopt.testing import export_networks
+from graphopt.export import export_networks
 
 SEQ = 32
 NETS = ("block_0", "block_cache_0")
@@ -55,7 +55,7 @@ def test_attention_becomes_one_fattention_with_the_same_outputs(transformed, nam
     folder, mlir, result = nets[name]
     before = _interpret(tools, folder, mlir, result)
 
-    (report,) = top_passes.apply(tools, mlir, top_passes.BLOCK_TOP_PASSES, folder / "log.txt")
+    (report,) = top_passes.apply(tools, mlir, top_passes.TOP_PIPELINE, folder / "log.txt")
 
     assert report["pass"] == "fuse-flash-attention" and report["changed"] == 1, report
     assert report["skipped"] == [], report
@@ -79,7 +79,7 @@ def test_small_multi_head_prefill_attention_stays_unfused_and_decode_is_fused(to
                       ("decoder_block_0", "decoder_block_cache_0"))
     reports = {}
     for name, (folder, mlir, _) in nets.items():
-        (reports[name],) = top_passes.apply(tools, mlir, top_passes.BLOCK_TOP_PASSES, folder / "log.txt")
+        (reports[name],) = top_passes.apply(tools, mlir, top_passes.TOP_PIPELINE, folder / "log.txt")
 
     prefill, decode = reports["decoder_block_0"], reports["decoder_block_cache_0"]
     assert prefill["changed"] == 0 and len(prefill["skipped"]) == 2, prefill

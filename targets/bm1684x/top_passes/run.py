@@ -1,7 +1,8 @@
-"""Apply top passes to a top-level MLIR file: `run.py IN OUT PASS...`; prints one JSON line per pass.
+"""Apply top passes to a top-level MLIR file: `run.py IN OUT MODULE:NAME...`; prints one JSON line per pass.
 
-Runs under the toolchain's Python, where TPU-MLIR's `mlir` bindings are importable. OUT is
-written to a temporary name and renamed when complete.
+Runs under the toolchain's Python, where TPU-MLIR's `mlir` bindings are importable (graphopt is
+not: top_passes/__init__.py declares each pass and names its module here). OUT is written to a
+temporary name and renamed when complete.
 """
 
 from __future__ import annotations
@@ -15,10 +16,7 @@ from mlir.ir import Context, Location, Module
 
 from _mlir import erase_dead, op
 
-MODULES = {"fuse-flash-attention": "fuse_flash_attention"}
-
-
-def main(source: str, target: str, names: list[str]) -> int:
+def main(source: str, target: str, passes: list[str]) -> int:
     context = Context()
     context.allow_unregistered_dialects = True
     with context, Location.unknown():
@@ -26,8 +24,9 @@ def main(source: str, target: str, names: list[str]) -> int:
             module = Module.parse(handle.read())
         block = module.body.operations[0].regions[0].blocks[0]
         none = next(op(o) for o in block.operations if op(o).name == "top.None").results[0]
-        for name in names:
-            result = importlib.import_module(MODULES[name]).run(block, none)
+        for entry in passes:
+            code, name = entry.split(":", 1)
+            result = importlib.import_module(code).run(block, none)
             result["erased"] = erase_dead(block)
             print(json.dumps({"pass": name, **result}), flush=True)
         partial = f"{target}.partial"

@@ -1,7 +1,9 @@
-"""onnx-legalize: rewrite ATen ops the TorchScript ONNX exporter has no symbolic for.
+"""export-legalize: rewrite ATen ops the TorchScript ONNX exporter has no symbolic for (the last FX pass).
 
 Rules as data: RULES renames an op torch.export emits to an equivalent the exporter knows;
-EXPANSIONS replaces one by a few ops it knows.
+EXPANSIONS replaces one by a few ops it knows. `_unsafe_view` never reaches it in the built-in
+pipeline (views-to-reshapes makes every view a reshape); its rule guards graphs a user pass
+writes after that.
 """
 
 from __future__ import annotations
@@ -9,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from graphopt.ir import NetworkGraph
-from graphopt.pass_manager import Pass, register_pass
+from graphopt.pass_manager import Pass, PassResult, register_pass
 
 aten = torch.ops.aten
 
@@ -40,13 +42,14 @@ EXPANSIONS = {
 
 
 @register_pass
-class OnnxLegalize(Pass):
+class ExportLegalize(Pass):
     """Replace ATen ops without a TorchScript-exporter symbolic (_to_copy, _unsafe_view, expm1) by equivalents."""
 
-    name = "onnx-legalize"
-    ensures = ("onnx.legal",)
+    name = "export-legalize"
+    requires = ("attention.lowered",)  # after every rewrite that matches on ATen ops, which it renames
+    ensures = ("export.legal",)
 
-    def run(self, net: NetworkGraph) -> str:
+    def run(self, net: NetworkGraph) -> PassResult:
         count = 0
         for node in net.calls(*RULES):
             node.target, node.args, node.kwargs = RULES[node.target](node)
@@ -56,4 +59,4 @@ class OnnxLegalize(Pass):
                 node.replace_all_uses_with(EXPANSIONS[node.target](net.graph, *node.args))
             net.graph.erase_node(node)
             count += 1
-        return f"rewrote {count} op(s)"
+        return PassResult(count, f"rewrote {count} op(s)")

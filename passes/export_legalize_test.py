@@ -21,7 +21,7 @@ def test_exporter_unknown_ops_are_renamed_and_export_runs():
     net = trace_network(IdsToFloat(), {"input_ids": torch.arange(6).view(2, 3)}, name="toy", kind="embedding",
                         output_names=["y"], seq_length=3)
     assert count(net, aten._to_copy.default) == 1
-    run_passes(net, "views-to-reshapes", "onnx-legalize")
+    run_passes(net, "views-to-reshapes", "export-legalize")
     assert count(net, aten._to_copy.default) == 0
     model = export_onnx(net).model
     session = onnxruntime.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
@@ -42,7 +42,7 @@ def test_expm1_is_expanded_and_export_runs():
     expected = net.run(x)[0]
     with pytest.raises(GraphoptError, match="network 'toy' uses an op the ONNX exporter cannot write.*expm1"):
         export_onnx(net)  # without the pass: a one-paragraph error, not the exporter's traceback
-    run_passes(net, "onnx-legalize")
+    run_passes(net, "export-legalize")
     assert count(net, aten.expm1.default) == 0
     session = onnxruntime.InferenceSession(export_onnx(net).model.SerializeToString(), providers=["CPUExecutionProvider"])
     np.testing.assert_allclose(session.run(None, {"input_states": x.numpy()})[0], expected.numpy(), atol=1e-6)

@@ -1,4 +1,4 @@
-"""The networks of an encoder-decoder model (Marian, BART), as thin wrappers named by their inputs.
+"""The networks of an encoder-decoder model (Marian, BART; graphopt.contract.ENCODER_DECODER), as thin wrappers.
 
     encoder              input_ids [1,SRC] int64, attention_mask [1,SRC] int64 (1 = token, 0 = padding)
                          -> encoder_hidden_states [1,SRC,H]
@@ -24,8 +24,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from graphopt.networks import GreedyHead, NetworkPlan, causal_mask
+from graphopt import contract as c
 from graphopt.models.source import ModelSource
+from graphopt.networks.decoder import GreedyHead
+from graphopt.networks.plan import NetworkPlan
 
 
 class Encoder(nn.Module):
@@ -70,8 +72,8 @@ class DecoderEmbedding(nn.Module):
         return embeds if self.norm is None else self.norm(embeds)
 
 
-class DecoderBlock(nn.Module):
-    """One decoder layer called as the model's decoder calls it."""
+class Seq2SeqDecoderBlock(nn.Module):
+    """One decoder layer (self- and cross-attention) called as the model's decoder calls it."""
 
     def __init__(self, layer: nn.Module):
         super().__init__()
@@ -80,11 +82,13 @@ class DecoderBlock(nn.Module):
     def forward(self, input_states, attention_mask, encoder_hidden_states, encoder_attention_mask):
         out = self.layer(input_states, attention_mask=attention_mask, encoder_hidden_states=encoder_hidden_states,
                          encoder_attention_mask=encoder_attention_mask, use_cache=False)
-        # Layers return a tuple up to transformers 4.53 (see networks.DecoderBlock).
+        # Layers return a tuple up to transformers 4.53 (see networks.decoder.DecoderBlock).
         return out[0] if isinstance(out, tuple) else out
 
 
-class LmHead(nn.Module):
+class Seq2SeqLmHead(nn.Module):
+    """The final norm (where the model has one), the head and the final logits bias (Marian, BART)."""
+
     def __init__(self, norm: nn.Module | None, head: nn.Module, logits_bias: torch.Tensor | None):
         super().__init__()
         self.norm, self.head = norm, head
@@ -98,46 +102,47 @@ class LmHead(nn.Module):
 
 
 def plan_seq2seq_networks(source: ModelSource, seq_length: int, layers: list[int] | None = None) -> list[NetworkPlan]:
-    cfg, parts = source.config, source.seq2seq_parts
-    hidden, vocab = int(cfg.d_model), int(cfg.vocab_size)
-    layers = list(range(len(parts.layers))) if layers is None else layers
+    cfg, parts, contract = source.config, source.seq2seq_parts, c.ENCODER_DECODER
+    hidden, vocab, total = int(cfg.d_model), int(cfg.vocab_size), len(parts.layers)
+    layers = list(range(total)) if layers is None else layers
     g = torch.Generator().manual_seed(0)
     encoder_states = torch.randn(1, seq_length, hidden, generator=g)
 
-    def block_inputs(steps: int) -> dict[str, torch.Tensor]:
-        return {"input_states": torch.randn(1, steps, hidden, generator=torch.Generator().manual_seed(0)),
-                "attention_mask": causal_mask(steps, steps, steps),
-                "encoder_hidden_states": encoder_states,
-                "encoder_attention_mask": torch.zeros(1, 1, steps, seq_length)}
+    def block_inputs(steps: int) -> tuple[torch.Tensor, ...]:
+        # input_states, attention_mask, encoder_hidden_states (cross-kv-inputs makes them cross_k/cross_v),
+        # encoder_attention_mask
+        return (torch.randn(1, steps, hidden, generator=torch.Generator().manual_seed(0)),
+                torch.from_numpy(c.causal_mask(steps, steps, steps)), encoder_states,
+                torch.zeros(1, 1, steps, seq_length))
+
+    def plan(kind: str, make, weights_of, layer: int | None = None, inputs: list[str] | None = None) -> NetworkPlan:
+        planned = NetworkPlan.of(contract.spec(kind), make, weights_of, layer, total)
+        if inputs is not None:
+            planned.input_names = inputs
+        return planned
 
     ids = torch.zeros(1, seq_length, dtype=torch.int64)
+    # Decoder blocks are traced with the encoder's states, as the layer takes them; cross-kv-inputs
+    # trades those for the contract's cross_k/cross_v inputs.
+    traced_block_inputs = [c.INPUT_STATES, c.ATTENTION_MASK, c.ENCODER_HIDDEN_STATES, c.ENCODER_ATTENTION_MASK]
     plans = [
-        NetworkPlan("encoder", "encoder",
-                    lambda: (Encoder(parts.encoder), {"input_ids": ids, "attention_mask": torch.ones_like(ids)}),
-                    lambda: (parts.encoder,), ["encoder_hidden_states"]),
-        NetworkPlan("cross_kv", "cross_kv",
-                    lambda: (CrossKv(parts.layers, parts.heads), {"encoder_hidden_states": encoder_states}),
-                    lambda: tuple(layer.encoder_attn for layer in parts.layers),
-                    [name for i in range(len(parts.layers)) for name in (f"cross_k_{i}", f"cross_v_{i}")]),
-        NetworkPlan("embedding", "embedding",
-                    lambda: (DecoderEmbedding(parts.embed_tokens, parts.embed_positions, parts.position_offset,
-                                              parts.embed_scale, parts.embed_norm),
-                             {"input_ids": ids, "position_ids": torch.arange(seq_length).view(1, -1)}),
-                    lambda: tuple(m for m in (parts.embed_tokens, parts.embed_positions, parts.embed_norm) if m),
-                    ["input_embed"]),
+        plan(c.ENCODER, lambda: (Encoder(parts.encoder), (ids, torch.ones_like(ids))), lambda: (parts.encoder,)),
+        plan(c.CROSS_KV, lambda: (CrossKv(parts.layers, parts.heads), (encoder_states,)),
+             lambda: tuple(layer.encoder_attn for layer in parts.layers)),
+        plan(c.EMBEDDING, lambda: (DecoderEmbedding(parts.embed_tokens, parts.embed_positions, parts.position_offset,
+                                                    parts.embed_scale, parts.embed_norm),
+                                   (ids, torch.arange(seq_length).view(1, -1))),
+             lambda: tuple(m for m in (parts.embed_tokens, parts.embed_positions, parts.embed_norm) if m)),
     ]
     for i in layers:
         layer = parts.layers[i]
-        for name, kind, steps in ((f"decoder_block_{i}", "decoder_block", seq_length),
-                                  (f"decoder_block_cache_{i}", "decoder_block_cache", 1)):
-            plans.append(NetworkPlan(name, kind, lambda layer=layer, steps=steps: (DecoderBlock(layer), block_inputs(steps)),
-                                     lambda layer=layer: (layer,), ["hidden_states"]))
+        for kind, steps in ((c.DECODER_BLOCK, seq_length), (c.DECODER_BLOCK_CACHE, 1)):
+            plans.append(plan(kind, lambda layer=layer, steps=steps: (Seq2SeqDecoderBlock(layer), block_inputs(steps)),
+                              lambda layer=layer: (layer,), i, traced_block_inputs))
     plans += [
-        NetworkPlan("lm_head", "lm_head",
-                    lambda: (LmHead(parts.final_norm, parts.head, source.load_tensor("final_logits_bias")),
-                             {"hidden_states": torch.zeros(1, hidden)}),
-                    lambda: tuple(m for m in (parts.final_norm, parts.head) if m), ["m_logits"]),
-        NetworkPlan("greedy_head", "greedy_head", lambda: (GreedyHead(), {"m_logits": torch.zeros(1, vocab)}),
-                    lambda: (), ["token"]),
+        plan(c.LM_HEAD, lambda: (Seq2SeqLmHead(parts.final_norm, parts.head, source.load_tensor("final_logits_bias")),
+                                 (torch.zeros(1, hidden),)),
+             lambda: tuple(m for m in (parts.final_norm, parts.head) if m)),
+        plan(c.GREEDY_HEAD, lambda: (GreedyHead(), (torch.zeros(1, vocab),)), lambda: ()),
     ]
     return plans

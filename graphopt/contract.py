@@ -1,0 +1,225 @@
+"""The network contract: which networks a compiled model is split into, what each one's inputs and
+outputs are called, and what a runtime writes into them. This module is its one home.
+
+Everything else reads it: `graphopt/networks/` traces each network with these input and output
+names; the passes find the inputs they rewrite by them; `graphopt/checks.py` builds check inputs
+by them; `graphopt/runtime.py` drives the networks by them; targets compile and inspect by them.
+It imports numpy only, so a runtime can read it without torch.
+
+A `Contract` is data: the networks (a name, per layer or not, a kind, input and output names), the
+nets that are another network compiled at one token (`embedding_cache`), and the runtime's mask
+rule. A second contract (other net names, a token-out head, extra nets) is a second value.
+
+Masks are additive, MASK_VALUE (−10000) where a query may not look. A chip runtime writes them as
+16-bit bit patterns; `Contract.mask_bits` says which, by the nets' mask dtype.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+import numpy as np
+
+# ---- network kinds: what a network computes, whatever a contract calls it -----------------------
+EMBEDDING = "embedding"
+BLOCK = "block"  # a decoder layer over SEQ rows (prefill)
+BLOCK_CACHE = "block_cache"  # the same layer for one new row, with the K/V cache as inputs (decode)
+LM_HEAD = "lm_head"
+GREEDY_HEAD = "greedy_head"
+PENALTY_SAMPLE_HEAD = "penalty_sample_head"
+ENCODER = "encoder"
+CROSS_KV = "cross_kv"  # every decoder layer's cross-attention K/V, once per source
+DECODER_BLOCK = "decoder_block"  # an encoder-decoder model's decoder layer (self- and cross-attention)
+DECODER_BLOCK_CACHE = "decoder_block_cache"
+
+PREFILL_BLOCKS = frozenset({BLOCK, DECODER_BLOCK})
+DECODE_BLOCKS = frozenset({BLOCK_CACHE, DECODER_BLOCK_CACHE})
+BLOCKS = PREFILL_BLOCKS | DECODE_BLOCKS
+ALL_KINDS = BLOCKS | frozenset({EMBEDDING, LM_HEAD, GREEDY_HEAD, PENALTY_SAMPLE_HEAD, ENCODER, CROSS_KV})
+DECODE_OF = {BLOCK: BLOCK_CACHE, DECODER_BLOCK: DECODER_BLOCK_CACHE}  # a prefill block's decode twin
+
+# ---- tensor names ------------------------------------------------------------------------------
+INPUT_IDS = "input_ids"  # token ids [1,T] (int)
+POSITION_IDS = "position_ids"  # [1,T] (int)
+INPUT_EMBED = "input_embed"  # the embedding's output [1,T,H]
+INPUT_STATES = "input_states"  # a block's input hidden states [1,T,H]
+ATTENTION_MASK = "attention_mask"  # a block's additive mask [1,1,T,keys]
+SOURCE_VALID = "attention_mask"  # the encoder's [1,SRC] 1 = token / 0 = padding (transformers' name)
+ENCODER_ATTENTION_MASK = "encoder_attention_mask"  # cross-attention's additive source mask [1,1,T,SRC]
+ENCODER_HIDDEN_STATES = "encoder_hidden_states"
+CROSS_K, CROSS_V = "cross_k", "cross_v"  # a decoder block's cross-attention K/V [1,SRC,heads,D]
+HISTORY_K, HISTORY_V = "history_k", "history_v"  # a decode block's cache [1,SEQ,KV,D]
+HIDDEN_STATES = "hidden_states"  # a block's output; lm_head's input [1,H]
+PAST_K, PAST_V = "past_k", "past_v"  # a block's new K/V [1,T,KV,D]
+M_LOGITS = "m_logits"
+TOKEN = "token"
+PROBS = "probs"
+TOP_P, TEMPERATURE, PENALTY = "top_p", "temperature", "penalty"
+KV_OUTPUTS = (PAST_K, PAST_V)
+HISTORY_INPUTS = (HISTORY_K, HISTORY_V)
+# What the passes add to a traced network to make it the contract's (kv-layout, concat-cache,
+# cross-kv-inputs): a wrapper's forward takes and returns the rest.
+ADDED_BY_PASSES = frozenset({*KV_OUTPUTS, *HISTORY_INPUTS, CROSS_K, CROSS_V})
+
+# ---- masks -------------------------------------------------------------------------------------
+MASK_VALUE = -10000.0  # fp16 bits 0xF0E2
+
+
+def causal_mask(steps: int, keys: int, length: int) -> np.ndarray:
+    """The runtime's prefill mask [1,1,steps,keys]: query i (a prompt position < length) sees keys j <= i;
+    rows from `length` on (the padding) are masked everywhere."""
+    mask = np.full((1, 1, steps, keys), MASK_VALUE, np.float32)
+    for i in range(min(steps, length)):
+        mask[0, 0, i, : i + 1] = 0.0
+    return mask
+
+
+def decode_mask(seq_length: int, row: int) -> np.ndarray:
+    """The runtime's decode mask [1,1,1,SEQ+1] for a new token at `row`: history rows < row
+    are valid, rows from `row` on are not written yet, and the last column is the token itself."""
+    mask = np.zeros((1, 1, 1, seq_length + 1), np.float32)
+    mask[..., row:seq_length] = MASK_VALUE
+    return mask
+
+
+def source_mask(seq_length: int, length: int, steps: int = 1) -> np.ndarray:
+    """An encoder-decoder model's cross-attention mask [1,1,steps,SRC]: source padding from `length` on."""
+    mask = np.zeros((1, 1, steps, seq_length), np.float32)
+    mask[..., length:] = MASK_VALUE
+    return mask
+
+
+# ---- contracts ---------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class NetworkSpec:
+    """One network of a contract. `name` holds `{layer}` for a network per decoder layer; an output
+    name may too (cross_kv's `cross_k_{layer}`: one per layer). `one_token_of` names the network whose
+    file this one is, compiled for one token (`one_token_shape`: the sequence axis at 1)."""
+
+    name: str
+    kind: str
+    inputs: tuple[str, ...]
+    outputs: tuple[str, ...]
+    one_token_of: str | None = None
+
+    @property
+    def per_layer(self) -> bool:
+        return "{layer}" in self.name
+
+    def network(self, layer: int | None = None) -> str:
+        return self.name.format(layer=layer) if self.per_layer else self.name
+
+    def output_names(self, layers: int) -> list[str]:
+        """The outputs, those per layer spelled out for `layers` layers."""
+        return [o.format(layer=i) for o in self.outputs for i in (range(layers) if "{layer}" in o else [None])]
+
+    def input_index(self, name: str) -> int:
+        return self.inputs.index(name)
+
+    @property
+    def traced_inputs(self) -> list[str]:
+        """The inputs of the network as traced, before the passes add theirs."""
+        return [n for n in self.inputs if n not in ADDED_BY_PASSES]
+
+    def traced_outputs(self, layers: int) -> list[str]:
+        return [n for n in self.output_names(layers) if n not in ADDED_BY_PASSES]
+
+
+@dataclass(frozen=True)
+class Contract:
+    """A runtime's networks. `mask_bits`: the 16-bit pattern the runtime writes for "masked", by the
+    nets' mask dtype (LLM-TPU's Llama3_1 demo writes fp16 −10000 whatever the dtype)."""
+
+    name: str
+    networks: tuple[NetworkSpec, ...]
+    mask_bits: dict[str, int] = field(default_factory=dict)
+
+    def spec(self, kind_or_name: str) -> NetworkSpec:
+        """A network's spec by kind (the first of that kind that is not a one-token alias) or by name."""
+        for spec in self.networks:
+            if spec.kind == kind_or_name and spec.one_token_of is None:
+                return spec
+        for spec in self.networks:
+            if spec.name == kind_or_name or re.fullmatch(spec.name.replace("{layer}", r"\d+"), kind_or_name):
+                return spec
+        raise KeyError(f"contract {self.name} has no network '{kind_or_name}'")
+
+    def network(self, kind: str, layer: int | None = None) -> str:
+        """The name of the network of `kind` (for `layer`)."""
+        return self.spec(kind).network(layer)
+
+    def one_token(self, kind: str) -> str:
+        """The name of the network that is the `kind` network's file compiled for one token (embedding_cache)."""
+        source = self.network(kind)
+        return next(s.name for s in self.networks if s.one_token_of == source)
+
+    @property
+    def prefill_block(self) -> NetworkSpec:
+        return next(s for s in self.networks if s.kind in PREFILL_BLOCKS)
+
+    def aliases(self) -> dict[str, str]:
+        """{network compiled for one token: the network whose file it is}."""
+        return {s.name: s.one_token_of for s in self.networks if s.one_token_of}
+
+    def layers(self, networks) -> list[int]:
+        """The layer numbers of the per-layer prefill blocks among `networks` (names)."""
+        return sorted(l for n in networks if (l := layer_of(self.prefill_block, n)) is not None)
+
+
+def layer_of(spec: NetworkSpec, network: str) -> int | None:
+    """The layer `network` is of spec's per-layer networks, or None when it is not one of them."""
+    match = re.fullmatch(spec.name.replace("{layer}", r"(\d+)"), network)
+    return int(match.group(1)) if match else None
+
+
+FP16_MASK_BITS = int(np.float16(MASK_VALUE).view(np.uint16))  # 0xF0E2
+
+# LLM-TPU's models/Llama3_1 chat demo (python_demo/chat.cpp at ea05961).
+LLAMA3_1_DEMO = Contract(
+    "LLM-TPU Llama3_1 chat demo",
+    networks=(
+        NetworkSpec("embedding", EMBEDDING, (INPUT_IDS,), (INPUT_EMBED,)),
+        NetworkSpec("embedding_cache", EMBEDDING, (INPUT_IDS,), (INPUT_EMBED,), one_token_of="embedding"),
+        NetworkSpec("block_{layer}", BLOCK, (INPUT_STATES, POSITION_IDS, ATTENTION_MASK), (HIDDEN_STATES, PAST_K, PAST_V)),
+        NetworkSpec("block_cache_{layer}", BLOCK_CACHE, (INPUT_STATES, POSITION_IDS, ATTENTION_MASK, HISTORY_K, HISTORY_V),
+                    (HIDDEN_STATES, PAST_K, PAST_V)),
+        NetworkSpec("lm_head", LM_HEAD, (HIDDEN_STATES,), (M_LOGITS,)),
+        NetworkSpec("greedy_head", GREEDY_HEAD, (M_LOGITS,), (TOKEN,)),
+        NetworkSpec("penalty_sample_head", PENALTY_SAMPLE_HEAD, (M_LOGITS, INPUT_IDS, TOP_P, TEMPERATURE, PENALTY),
+                    (PROBS, TOKEN)),
+    ),
+    mask_bits={"float16": FP16_MASK_BITS, "bfloat16": FP16_MASK_BITS},
+)
+
+# graphopt's own encoder-decoder networks (docs/encoder-decoder-networks.md); masks as values of the nets' dtype.
+ENCODER_DECODER = Contract(
+    "encoder-decoder networks, docs/encoder-decoder-networks.md",
+    networks=(
+        NetworkSpec("encoder", ENCODER, (INPUT_IDS, SOURCE_VALID), (ENCODER_HIDDEN_STATES,)),
+        NetworkSpec("cross_kv", CROSS_KV, (ENCODER_HIDDEN_STATES,), ("cross_k_{layer}", "cross_v_{layer}")),
+        NetworkSpec("embedding", EMBEDDING, (INPUT_IDS, POSITION_IDS), (INPUT_EMBED,)),
+        NetworkSpec("embedding_cache", EMBEDDING, (INPUT_IDS, POSITION_IDS), (INPUT_EMBED,), one_token_of="embedding"),
+        NetworkSpec("decoder_block_{layer}", DECODER_BLOCK,
+                    (INPUT_STATES, ATTENTION_MASK, ENCODER_ATTENTION_MASK, CROSS_K, CROSS_V), (HIDDEN_STATES, PAST_K, PAST_V)),
+        NetworkSpec("decoder_block_cache_{layer}", DECODER_BLOCK_CACHE,
+                    (INPUT_STATES, ATTENTION_MASK, ENCODER_ATTENTION_MASK, CROSS_K, CROSS_V, HISTORY_K, HISTORY_V),
+                    (HIDDEN_STATES, PAST_K, PAST_V)),
+        NetworkSpec("lm_head", LM_HEAD, (HIDDEN_STATES,), (M_LOGITS,)),
+        NetworkSpec("greedy_head", GREEDY_HEAD, (M_LOGITS,), (TOKEN,)),
+    ),
+)
+
+
+def contract_for(is_encoder_decoder: bool) -> Contract:
+    return ENCODER_DECODER if is_encoder_decoder else LLAMA3_1_DEMO
+
+
+def contract_of_manifest(manifest: dict) -> Contract:
+    """The contract an output directory's networks follow: an encoder network makes it the encoder-decoder one."""
+    return contract_for(any(n["name"] == ENCODER_DECODER.network(ENCODER) for n in manifest["networks"]))
+
+
+def one_token_shape(shape) -> tuple[int, ...]:
+    """A one-token network's tensor: its network's tensor with the sequence axis (axis 1) at one token."""
+    return tuple(1 if axis == 1 else d for axis, d in enumerate(shape))

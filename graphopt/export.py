@@ -1,0 +1,198 @@
+"""Exporting networks: for each, trace → FX passes → ONNX → ONNX passes → save, each stage checked
+against the one before on the same seeded inputs, and each decode block against its prefill block.
+
+One process exports one network at a time, so only that network's weights are alive. Networks are
+exported by weight group (a layer's block and decode block share a weights file; the embedding and
+the head another): `export_pool.py` spreads the groups over processes. `export_networks` is the
+entry point for exporting some networks of a model without the rest of a compile (tests, benches).
+"""
+
+from __future__ import annotations
+
+import gc
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from graphopt import contract as c
+from graphopt.checks import Check, check_inputs, compare, decode_check
+from graphopt.errors import GraphoptError
+from graphopt.ir import TensorSpec
+from graphopt.models.source import ModelSource
+from graphopt.networks import NetworkPlan, plan_networks, trace_plan
+from graphopt.onnx_ir import SharedData, export_onnx, save_onnx
+from graphopt.pass_manager import PassManager, PassRecord
+from graphopt.plugins import PassPlugins
+from graphopt.runtime import ort_session
+
+# Networks whose rewritten form has other inputs than the traced one (decode blocks gain the cache,
+# decoder blocks trade encoder_hidden_states for cross_k/cross_v): no "fx-rewritten vs traced" check.
+INPUTS_REWRITTEN = c.DECODE_BLOCKS | {c.DECODER_BLOCK}
+
+
+@dataclass
+class PrefillRun:
+    """A prefill block's check inputs and onnxruntime outputs, by name: what its decode twin is held to."""
+
+    feeds: dict[str, np.ndarray]
+    outputs: dict[str, np.ndarray]
+
+
+@dataclass
+class NetworkResult:
+    name: str
+    kind: str
+    files: list[Path]
+    inputs: list[TensorSpec]
+    outputs: list[TensorSpec]
+    dynamic_axes: dict
+    passes: list[PassRecord]
+    seconds: dict[str, float]
+    checks: list[Check] = field(default_factory=list)
+    sha256: str = ""  # over the file's and its external data's sha256s (SharedData.digest), taken where written
+    prefill_run: PrefillRun | None = field(default=None, repr=False)  # a prefill block's, until its decode twin is checked
+
+
+@dataclass
+class ExportJob:
+    """Everything a process needs to export networks of one run (picklable: workers get a copy)."""
+
+    source: ModelSource
+    fx_pipeline: list[str]
+    onnx_pipeline: list[str]
+    seq_length: int
+    folder: Path
+    layers: list[int] | None
+    check: bool
+    dump_dir: Path | None
+    dump_after: frozenset[str] | None = None
+    plugins: PassPlugins | None = None  # user passes, loaded again by each worker
+
+    def plans(self) -> list[NetworkPlan]:
+        return plan_networks(self.source, self.seq_length, self.layers)
+
+
+def weight_group(plan: NetworkPlan) -> str:
+    """Networks whose external data may be shared: block_i with block_cache_i (the same weights),
+    the embedding with the head (tied in small models). Not across layers: block_5 reading
+    block_0's data (for norm weights that are all ones) would tie the layers' files, cache keys
+    and memory estimates together."""
+    return plan.name.rsplit("_", 1)[-1] if plan.kind in c.BLOCKS else "embedding and head"
+
+
+def weight_groups(plans: list[NetworkPlan]) -> list[list[str]]:
+    groups: dict[str, list[str]] = {}
+    for plan in plans:
+        groups.setdefault(weight_group(plan), []).append(plan.name)
+    return list(groups.values())
+
+
+def export_in_group(job: ExportJob, plan: NetworkPlan, shared: SharedData, prefills: dict,
+                    on_stage=lambda stage: None):
+    """export_network, handing a layer's prefill run (kept in `prefills` by weight group) to its decode
+    twin, which comes after it in the same group."""
+    prefill = prefills.pop(weight_group(plan), None) if plan.kind in c.DECODE_BLOCKS else None
+    result, net = export_network(job, plan, shared, on_stage, prefill)
+    if result.prefill_run is not None:
+        prefills[weight_group(plan)], result.prefill_run = result.prefill_run, None
+    return result, net
+
+
+def export_network(job: ExportJob, plan: NetworkPlan, shared: SharedData, on_stage=lambda stage: None,
+                   prefill: PrefillRun | None = None):
+    """trace → FX passes → ONNX → ONNX passes → save, each stage checked against the one before. A prefill
+    block's result keeps its onnxruntime run (`prefill_run`); given to its decode twin as `prefill`, the
+    decode block is checked against it (checks.decode_check)."""
+    seconds: dict[str, float] = {}
+
+    def timed(stage, fn, *args):
+        start = time.perf_counter()
+        value = fn(*args)
+        seconds[stage] = seconds.get(stage, 0.0) + time.perf_counter() - start
+        on_stage(stage)
+        return value
+
+    vocab = int(job.source.config.vocab_size)
+    net = timed("trace", trace_plan, job.source, plan, job.seq_length)
+    checks = []
+    args = check_inputs(net, vocab)
+    traced_out = net.run(*args) if job.check and plan.kind not in INPUTS_REWRITTEN else None
+    records = timed("fx passes", PassManager(job.fx_pipeline, job.dump_dir, dump_after=job.dump_after).run, net)
+    _check_contract_io(net, plan)
+    rewritten_out = None
+    if job.check:
+        args = check_inputs(net, vocab)  # decode networks gained inputs
+        rewritten_out = net.run(*args)
+        if traced_out is not None:
+            checks.append(compare("fx-rewritten vs traced", traced_out, rewritten_out))
+    # The embedding serves prefill ([1,SEQ]) and decode ([1,1]): its seq axis stays dynamic.
+    dynamic_axes = ({name: {1: "seq"} for name in (c.INPUT_IDS, c.POSITION_IDS, c.INPUT_EMBED)
+                     if name in net.output_names or net.input(name) is not None} if plan.kind == c.EMBEDDING else {})
+    onnx_net = timed("onnx export", export_onnx, net, dynamic_axes or None)
+    records += timed("onnx passes", PassManager(job.onnx_pipeline, job.dump_dir, stage="onnx",
+                                                dump_after=job.dump_after).run, onnx_net)
+    files = timed("save", save_onnx, onnx_net.model, job.folder / f"{plan.name}.onnx", onnx_net.weights, shared)
+    del onnx_net
+    prefill_run = None
+    if job.check:
+        session = timed("check", ort_session, files[0])
+        feeds = {spec.name: a.numpy() for spec, a in zip(net.inputs, args)}
+        onnx_out = timed("check", session.run, list(net.output_names), feeds)
+        checks.append(compare("onnxruntime vs fx-rewritten", rewritten_out, onnx_out))
+        if plan.kind in c.PREFILL_BLOCKS:
+            prefill_run = PrefillRun(feeds, dict(zip(net.output_names, onnx_out)))
+        elif plan.kind in c.DECODE_BLOCKS and prefill is not None:
+            checks.append(timed("decode check", decode_check, lambda f: session.run(list(net.output_names), f),
+                                net.inputs, net.output_names, prefill.feeds, prefill.outputs, job.seq_length))
+        del session
+    digest = timed("hash", shared.digest, files)
+    result = NetworkResult(plan.name, plan.kind, files, net.inputs, net.outputs, dynamic_axes, records, seconds,
+                           checks, digest, prefill_run)
+    return result, net
+
+
+def _check_contract_io(net, plan: NetworkPlan) -> None:
+    """After the FX passes a network takes and returns exactly what the contract names, in its order."""
+    inputs, outputs = [s.name for s in net.inputs], list(net.output_names)
+    if inputs != plan.contract_inputs or outputs != plan.contract_outputs:
+        raise GraphoptError(f"after the FX passes, network '{plan.name}' takes {inputs} and returns {outputs}, but its "
+                            f"contract (graphopt/contract.py) says {plan.contract_inputs} and {plan.contract_outputs}: "
+                            "a pass changed the network's inputs or outputs (--dump-after all shows which).")
+
+
+def export_serially(job: ExportJob, plans: list[NetworkPlan], keep_fx: bool = False, progress=None):
+    """The plans' networks in this process, in order; ({name: result} in order, {name: FX graph} if kept)."""
+    results, kept, shared, prefills = {}, {}, {}, {}
+    for plan in plans:
+        if progress:
+            progress.start(plan.name)
+        group = shared.setdefault(weight_group(plan), SharedData(job.folder))
+        result, net = export_in_group(job, plan, group, prefills, progress.stage if progress else lambda s: None)
+        results[plan.name] = result
+        if keep_fx:
+            kept[plan.name] = net
+        if progress:
+            progress.finish(plan.name, ok=all(c.ok for c in result.checks))
+        # FX graphs hold reference cycles, which Python frees only when its collector runs:
+        # collect now, or a network's weights outlive it (8B: gigabytes per network).
+        del net
+        gc.collect()
+    job.source.release()
+    return results, kept
+
+
+def export_networks(source: ModelSource, names: list[str] | None, seq_length: int, folder: Path, target=None,
+                    layers=(0,), check: bool = True) -> dict[str, NetworkResult]:
+    """Export (and check) the named networks of `source` (None: all of `layers`') into `folder`, through
+    `target`'s pipelines (default: the onnx target); e.g. one block of a full-size model. A decode block
+    is checked against its prefill block when both are named. Returns {name: NetworkResult}."""
+    from graphopt.targets import get_target
+
+    target = target or get_target("onnx")
+    Path(folder).mkdir(parents=True, exist_ok=True)
+    job = ExportJob(source, list(target.fx_pipeline), list(target.onnx_pipeline), seq_length, Path(folder),
+                    list(layers), check=check, dump_dir=None)
+    plans = [p for p in job.plans() if names is None or p.name in names]
+    return export_serially(job, plans)[0]

@@ -1,0 +1,128 @@
+"""The networks of a decoder-only model (graphopt.contract.LLAMA3_1_DEMO), as thin wrappers whose
+positional inputs are exactly the network's, in the contract's order.
+
+Nothing in transformers is patched: a block is the model's own decoder layer, called the way the
+model's own forward calls it. The traced graph's inputs take the contract's names (trace.py).
+"""
+
+from __future__ import annotations
+
+import inspect
+
+import torch
+import torch.nn as nn
+
+from graphopt import contract as c
+from graphopt.models.source import ModelSource
+from graphopt.networks.plan import NetworkPlan
+
+
+class Embedding(nn.Module):
+    def __init__(self, embed: nn.Module, multiplier: float = 1.0):
+        super().__init__()
+        self.embed, self.multiplier = embed, multiplier
+
+    def forward(self, input_ids):
+        embeds = self.embed(input_ids)
+        return embeds if self.multiplier == 1.0 else embeds * self.multiplier
+
+
+class DecoderBlock(nn.Module):
+    """One decoder layer with its rotary embedding, called as the model's forward calls it."""
+
+    def __init__(self, layer: nn.Module, rotary: nn.Module):
+        super().__init__()
+        self.layer, self.rotary = layer, rotary
+        self._takes_position_embeddings = "position_embeddings" in inspect.signature(layer.forward).parameters
+
+    def forward(self, input_states, position_ids, attention_mask):
+        extra = {}
+        if self._takes_position_embeddings:
+            extra["position_embeddings"] = self.rotary(input_states, position_ids)
+        out = self.layer(input_states, attention_mask=attention_mask, position_ids=position_ids, **extra)
+        # Decoder layers return the hidden states from transformers 4.54 on; up to 4.53 they
+        # return a tuple that starts with them (CI runs the goldens on 4.51 too).
+        return out[0] if isinstance(out, tuple) else out
+
+
+class LmHead(nn.Module):
+    def __init__(self, norm: nn.Module, head: nn.Module, logit_multiplier: float = 1.0):
+        super().__init__()
+        self.norm, self.head, self.logit_multiplier = norm, head, logit_multiplier
+
+    def forward(self, hidden_states):
+        logits = self.head(self.norm(hidden_states))
+        return logits if self.logit_multiplier == 1.0 else logits * self.logit_multiplier
+
+
+class GreedyHead(nn.Module):
+    def forward(self, m_logits):
+        return torch.topk(m_logits, 1).indices
+
+
+class PenaltySampleHead(nn.Module):
+    """Repetition penalty, top-k, temperature and top-p, as the chip runtime's sampler expects.
+
+    Outputs the top-k tokens and their probabilities; the runtime draws one on the host.
+    """
+
+    def __init__(self, top_k: int = 50, min_tokens_to_keep: int = 5):
+        super().__init__()
+        self.top_k = top_k
+        # The first `min_tokens_to_keep` candidates are always kept: their top-p bound is raised
+        # above any cumulative probability. A float bound rather than a bool mask OR-ed in,
+        # because TPU-MLIR's ONNX import cannot read bool initializers.
+        floor = torch.zeros((1, top_k))
+        floor[0, :min_tokens_to_keep] = 2.0
+        self.register_buffer("keep_floor", floor)
+
+    def forward(self, m_logits, input_ids, top_p, temperature, penalty):
+        seen = torch.gather(m_logits, 1, input_ids)
+        seen = torch.where(seen < 0, seen * penalty, seen / penalty)
+        logits = m_logits.scatter(1, input_ids, seen)
+        logits, token = torch.topk(logits, self.top_k)
+        logits = logits / temperature
+        cumulative = logits.softmax(dim=1).cumsum(dim=1)
+        keep = cumulative < torch.maximum(top_p, self.keep_floor)
+        logits = torch.where(keep, logits, torch.full_like(logits, -1000.0))
+        return logits.softmax(dim=1), token
+
+
+def plan_decoder_networks(source: ModelSource, seq_length: int, layers: list[int] | None = None) -> list[NetworkPlan]:
+    cfg, parts, contract = source.config, source.parts, c.LLAMA3_1_DEMO
+    hidden, vocab = int(cfg.hidden_size), int(cfg.vocab_size)
+    layers = list(range(len(parts.layers))) if layers is None else layers
+
+    def block_inputs(steps: int) -> tuple[torch.Tensor, ...]:  # input_states, position_ids, attention_mask
+        return (torch.randn(1, steps, hidden, generator=torch.Generator().manual_seed(0)),
+                torch.arange(steps, dtype=torch.int64).view(1, steps),
+                torch.from_numpy(c.causal_mask(steps, steps, steps)))
+
+    def plan(kind: str, make, weights_of, layer: int | None = None) -> NetworkPlan:
+        return NetworkPlan.of(contract.spec(kind), make, weights_of, layer)
+
+    plans = [plan(c.EMBEDDING, lambda: (Embedding(parts.embed, parts.embedding_multiplier),
+                                        (torch.zeros(1, seq_length, dtype=torch.int64),)), lambda: (parts.embed,))]
+    for i in layers:
+        layer = parts.layers[i]
+        # The decode network is the same layer traced for one new token; concat-cache then adds the history.
+        for kind, steps in ((c.BLOCK, seq_length), (c.BLOCK_CACHE, 1)):
+            plans.append(plan(kind, lambda layer=layer, steps=steps: (_block(source, layer), block_inputs(steps)),
+                              lambda layer=layer: (layer,), i))
+    plans += [
+        plan(c.LM_HEAD, lambda: (LmHead(parts.norm, parts.head, parts.logit_multiplier), (torch.zeros(1, hidden),)),
+             lambda: (parts.norm, parts.head)),
+        plan(c.GREEDY_HEAD, lambda: (GreedyHead(), (torch.zeros(1, vocab),)), lambda: ()),
+        plan(c.PENALTY_SAMPLE_HEAD, lambda: (PenaltySampleHead(), (
+            torch.zeros(1, vocab), torch.zeros(1, seq_length, dtype=torch.int64), torch.ones(1), torch.ones(1),
+            torch.ones(1))), lambda: ()),
+    ]
+    return plans
+
+
+def _block(source: ModelSource, layer: nn.Module) -> nn.Module:
+    if source.parts.call_block is not None:  # a user's model says how its block takes the inputs
+        from graphopt.models.custom import CustomBlock
+
+        return CustomBlock(layer, source.parts.call_block)
+    return DecoderBlock(layer, source.rotary)
