@@ -29,8 +29,8 @@ class Measured:
     returncode: int
     wall_s: float
     peak_rss_gb: float  # the process tree's summed PSS, sampled (at least the largest process's RSS)
-    log: str
-    peak_process_rss_gb: float = 0.0  # the largest single process, exact  # where stdout and stderr went
+    log: str  # where stdout and stderr went
+    peak_process_rss_gb: float = 0.0  # the largest single process, exact
 
     @property
     def ok(self) -> bool:

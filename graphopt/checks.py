@@ -86,7 +86,7 @@ def compare(stage: str, reference, candidate) -> Check:
     return check
 
 
-END_TO_END_PROMPT = [1, 17, 300, 42, 5, 900, 64, 7]
+END_TO_END_PROMPT = [1, 17, 300, 42, 5, 900, 64, 7]  # also the goldens' (graphopt/golden.py)
 
 
 def end_to_end_prompt(vocab: int, seq_length: int) -> list[int]:

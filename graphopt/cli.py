@@ -78,7 +78,7 @@ def cmd_generate(args) -> int:
     prompt = _parse_ids(args.input_ids)
     directory = Path(args.dir)
     manifest = load_manifest(directory)
-    vocab = next(n for n in manifest["networks"] if n["name"] == "lm_head")["outputs"][0]["shape"][-1]
+    vocab = int(manifest["model"]["config"]["vocab_size"])
     if max(prompt) >= vocab:
         raise GraphoptError(f"--input-ids has token id {max(prompt)} but the model's vocabulary has {vocab} tokens "
                             f"(ids 0..{vocab - 1}).")
@@ -201,7 +201,9 @@ def cmd_toolchain(args) -> int:
         raise GraphoptError(f"there is no toolchain for target '{args.target}'; only bm1684x needs one.")
     if args.action == "install":
         start = time.perf_counter()
-        tools = toolchain.install(args.python, args.force, say=lambda m: print(m, file=sys.stderr))
+        from graphopt.targets.bm1684x.selfcheck import run_selfcheck
+
+        tools = toolchain.install(args.python, args.force, say=lambda m: print(m, file=sys.stderr), check=run_selfcheck)
         print(f"{tools.describe()} ready ({time.perf_counter() - start:.0f}s)")
         return 0
     from graphopt.targets.bm1684x.selfcheck import run_selfcheck

@@ -24,9 +24,10 @@ from pathlib import Path
 
 import numpy as np
 
+from graphopt.checks import END_TO_END_PROMPT
 from graphopt.errors import GraphoptError
 
-DEFAULT_PROMPT = [1, 17, 300, 42, 5, 900, 64, 7]
+DEFAULT_PROMPT = END_TO_END_PROMPT
 DEFAULT_NEW_TOKENS = 32
 DEFAULT_SEQ_LENGTH = 64
 # Largest logit error each float stage may add (all in fp32; 1e-4 on logits of order 1).
@@ -138,13 +139,14 @@ def check(model: str, directory: Path, *, name: str | None = None, model_path: s
     from graphopt.models import open_model
     from graphopt.runtime import FxBackend, OrtBackend, run_prompt, runtime_for
     from graphopt.targets import get_target
+    from graphopt.targets.bm1684x.contract import DEFAULT_GROUP_SIZE
 
     golden = Golden.load(Path(directory), name or golden_name(model))
     tolerances = {**TOLERANCES, **(tolerances or {})}
     source = open_model(model, model_path)
     new_tokens = len(golden.tokens)
     stages = [_float_stage("reference", golden, source.greedy(golden.prompt, new_tokens), tolerances)]
-    options = {"quantize": "bf16", "group_size": 64, "jobs": None, **(target_options or {})}
+    options = {"quantize": "bf16", "group_size": DEFAULT_GROUP_SIZE, "jobs": None, **(target_options or {})}
     with tempfile.TemporaryDirectory(prefix="graphopt-golden-") as scratch:
         build = compile_model(source, get_target(target), seq_length, Path(scratch) / "out", keep_fx=True,
                               show_progress=False, plugins=plugins, target_options=options)

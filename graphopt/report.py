@@ -13,6 +13,39 @@ def _size(files: list[Path]) -> str:
     return f"{total / 1e6:.1f} MB" if total >= 1e6 else f"{total / 1e3:.0f} kB"
 
 
+def pass_changes(result: CompileResult) -> dict[str, dict[str, list[int]]]:
+    """{stage: {pass: what it changed on each network it ran on}}, in pipeline order (the target's top
+    passes from its own result)."""
+    pipeline = result.manifest.get("pipeline", {})
+    changes = {stage: {name: [] for name in names} for stage, names in pipeline.items()}
+    for net in result.networks:
+        for record in net.passes:
+            for stage in changes:
+                if record.pass_name in changes[stage]:
+                    changes[stage][record.pass_name].append(record.changed)
+    target_changes = getattr(result.target, "pass_changes", None)
+    if target_changes:
+        for name, counts in target_changes().items():
+            changes.setdefault("top", {})[name] = counts
+    return changes
+
+
+def _pass_lines(result: CompileResult) -> list[str]:
+    lines, idle = ["  passes: changes per pass (networks it changed / networks it ran on)"], []
+    for stage, passes in pass_changes(result).items():
+        cells = []
+        for name, counts in passes.items():
+            cells.append(f"{name} {sum(counts)} ({sum(1 for n in counts if n)}/{len(counts)})" if counts else
+                         f"{name} (no network of its kinds)")
+            if counts and not any(counts):
+                idle.append(name)
+        if cells:
+            lines.append(f"    {stage + ':':<5} " + ", ".join(cells))
+    if idle:
+        lines.append(f"    changed nothing on any network: {', '.join(idle)}")
+    return lines
+
+
 def render(result: CompileResult, wall_seconds: float) -> str:
     out = result.out_dir
     lines = [f"graphopt: {len(result.networks)} networks of {result.manifest['model']['name']} "
@@ -26,6 +59,7 @@ def render(result: CompileResult, wall_seconds: float) -> str:
     if result.export.get("processes", 1) > 1:
         lines.append(f"  export: {result.export['processes']} processes, {result.export['wall_seconds']:.1f}s wall "
                      "(the per-network and per-stage seconds are each process's own, summed)")
+    lines += _pass_lines(result)
     lines.append("  stages: " + ", ".join(f"{stage} {s:.1f}s" for stage, s in result.seconds.items())
                  + f"; total {wall_seconds:.1f}s")
     decode = [(net.name, c) for net in result.networks for c in net.checks if c.stage.startswith("decode vs prefill")]
@@ -58,8 +92,10 @@ def write_json(result: CompileResult, wall_seconds: float) -> Path:
         "stage_seconds": result.seconds,
         "ok": result.ok,
         "networks": [{"name": n.name, "seconds": n.seconds, "checks": [c.to_json() for c in n.checks],
-                      "passes": [{"pass": p.pass_name, "note": p.note, "seconds": p.seconds} for p in n.passes]}
+                      "passes": [{"pass": p.pass_name, "changed": p.changed, "note": p.note, "seconds": p.seconds}
+                                 for p in n.passes]}
                      for n in result.networks],
+        "pass_changes": pass_changes(result),
         "end_to_end": result.end_to_end,
         "export": result.export,
         "target": result.target.to_json() if result.target is not None else None,

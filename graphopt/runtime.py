@@ -161,11 +161,11 @@ class ChipStyleRuntime:
         # The logits are read for the checks, before greedy_head runs: a head whose memory is shared
         # with greedy_head's may be overwritten by it (the demo itself only reads the token).
         return [Launch(self.lm_head), Read(_out(self.lm_head, 0), "logits"),
-                Launch(self.greedy_head, bind=((0, _out(self.lm_head, 0)),)), Read(_out(self.greedy_head, 0), "token")]
+                Launch(self.greedy_head, bind=((0, _out(self.lm_head, 0)),)), Read(_out(self.greedy_head, 0), "next")]
 
     def _run(self, program: Program) -> tuple[int, np.ndarray]:
         out = self.device.execute(program)
-        return int(out["token"].reshape(-1)[0]), out["logits"].reshape(-1).astype(np.float32)
+        return int(out["next"].reshape(-1)[0]), out["logits"].reshape(-1).astype(np.float32)
 
     def room(self, prompt: list[int]) -> int:
         """How many tokens can follow `prompt` before its SEQ positions are used up."""

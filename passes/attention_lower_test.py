@@ -2,11 +2,10 @@ import pytest
 import torch
 
 from graphopt.passes._attention import SDPA
-from graphopt.testing import count, decode_mask, prefill_inputs, run_passes, traced
+from graphopt.testing import count, decode_mask, pipeline_before, prefill_inputs, run_passes, traced
 
 aten = torch.ops.aten
-PIPELINE = ("strip-trace-noise", "views-to-reshapes", "attention-canonical", "rope-table", "fixed-mask",
-            "kv-layout", "concat-cache")
+PIPELINE = pipeline_before("attention-lower")
 
 
 def test_prefill_attention_becomes_matmul_softmax():

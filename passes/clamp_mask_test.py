@@ -14,10 +14,10 @@ from graphopt.contract import MASK_VALUE
 from graphopt.runtime import ATTENTION_MASK
 from graphopt.targets import get_target
 from graphopt.export import export_networks
-from graphopt.testing import count, prefill_inputs, run_passes, traced
+from graphopt.testing import count, pipeline_before, prefill_inputs, run_passes, traced
 
 aten = torch.ops.aten
-UP_TO_FIXED_MASK = ("strip-trace-noise", "views-to-reshapes", "attention-canonical", "rope-table", "fixed-mask")
+UP_TO_FIXED_MASK = pipeline_before("encoder-padding-mask")
 
 
 def test_every_reader_of_the_mask_reads_it_clamped_and_outputs_do_not_change():

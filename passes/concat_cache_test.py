@@ -1,9 +1,8 @@
 import torch
 
-from graphopt.testing import decode_mask, prefill_inputs, run_passes, traced
+from graphopt.testing import decode_mask, pipeline_before, prefill_inputs, run_passes, traced
 
-PIPELINE = ("strip-trace-noise", "views-to-reshapes", "attention-canonical", "rope-table", "fixed-mask",
-            "kv-layout", "concat-cache")
+PIPELINE = (*pipeline_before("concat-cache"), "concat-cache")
 SEQ = 16
 
 

@@ -6,7 +6,7 @@ import torch
 from transformers import BartConfig, BartForConditionalGeneration
 
 from graphopt.errors import PassMatchError
-from graphopt.testing import causal_mask, decode_mask
+from graphopt.testing import causal_mask, decode_mask, pipeline_before
 from graphopt.passes._attention import attention_nodes, cross_attention_nodes
 from graphopt.networks.seq2seq import Seq2SeqDecoderBlock as DecoderBlock
 from graphopt.testing import run_passes
@@ -14,7 +14,7 @@ from graphopt.trace import trace_network
 
 TGT, SRC, HIDDEN, HEADS = 8, 12, 128, 4
 HEAD_DIM = HIDDEN // HEADS
-PREFIX = ("strip-trace-noise", "views-to-reshapes", "attention-canonical")
+PREFIX = pipeline_before("cross-kv-inputs")
 PIPELINE = (*PREFIX, "cross-kv-inputs", "fixed-mask", "kv-layout")
 
 

@@ -12,11 +12,11 @@ from graphopt.errors import PassMatchError
 from graphopt.contract import MASK_VALUE
 from graphopt.passes._attention import SDPA, attention_nodes
 from graphopt.networks.seq2seq import Encoder
-from graphopt.testing import count, run_passes
+from graphopt.testing import count, pipeline_before, run_passes
 from graphopt.trace import trace_network
 
 SRC, HIDDEN, TOKENS = 12, 64, 9  # the last 3 source positions are padding
-PREFIX = ("strip-trace-noise", "views-to-reshapes", "attention-canonical")
+PREFIX = pipeline_before("cross-kv-inputs")  # an encoder's passes before its mask pass
 aten = torch.ops.aten
 
 

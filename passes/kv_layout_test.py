@@ -2,9 +2,9 @@ import importlib
 
 import torch
 
-from graphopt.testing import prefill_inputs, run_passes, tiny_llama, traced
+from graphopt.testing import pipeline_before, prefill_inputs, run_passes, tiny_llama, traced
 
-PIPELINE = ("strip-trace-noise", "views-to-reshapes", "attention-canonical", "rope-table", "fixed-mask", "kv-layout")
+PIPELINE = (*pipeline_before("kv-layout"), "kv-layout")
 
 
 def test_past_k_v_are_transformers_own_k_v_in_bshd():

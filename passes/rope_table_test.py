@@ -3,11 +3,11 @@ import torch
 import torch.nn as nn
 
 from graphopt.errors import PassMatchError
-from graphopt.testing import count, prefill_inputs, run_passes, traced
+from graphopt.testing import count, pipeline_before, prefill_inputs, run_passes, traced
 from graphopt.trace import trace_network
 
 aten = torch.ops.aten
-PREP = ("strip-trace-noise", "views-to-reshapes", "attention-canonical")
+PREP = pipeline_before("rope-table")
 
 
 @pytest.mark.parametrize("name,seq", [("block_0", 16), ("block_cache_0", 16)])

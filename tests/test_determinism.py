@@ -25,9 +25,9 @@ def test_parallel_export_writes_the_same_bytes_and_passes_its_checks(tmp_path, t
     proc = subprocess.run([sys.executable, "-m", "graphopt", "run", "tiny-llama", "--seq-length", "64", "--jobs", "2",
                            "--out", str(out)], capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr
-    assert "2 processes" in proc.stderr or "block_cache_1" in proc.stderr
     assert _hashes(out) == _hashes(tiny_llama_build.out_dir)
     report = json.loads((out / "report.json").read_text())
+    assert report["export"]["processes"] == 2  # it really ran in two processes
     assert report["ok"] and all(c["ok"] for n in report["networks"] for c in n["checks"]) and report["end_to_end"]["ok"]
     manifest = json.loads((out / "manifest.json").read_text())
     assert [n["name"] for n in manifest["networks"]][:3] == ["embedding", "block_0", "block_cache_0"]

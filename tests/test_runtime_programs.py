@@ -23,7 +23,7 @@ class Recorder:
 
     def execute(self, program):
         self.programs.append(program)
-        return {"token": np.array([7], np.int32), "logits": np.zeros(4, np.float32)}
+        return {"next": np.array([7], np.int32), "logits": np.zeros(4, np.float32)}
 
 
 def _runtime(device) -> ChipStyleRuntime:
@@ -81,7 +81,7 @@ def test_the_demo_copies_between_nets_as_chat_cpp_does():
     assert Copy(_t("lm_head", "in", 0), _t("block_1", "out", 0), src_row=4, rows=1) in prefill
     # lm_head, then greedy_head on lm_head's output in place; the logits are read (for the checks) before it runs.
     assert prefill[-4:] == [Launch("lm_head"), Read(_t("lm_head", "out", 0), "logits"),
-                            Launch("greedy_head", ((0, _t("lm_head", "out", 0)),)), Read(_t("greedy_head", "out", 0), "token")]
+                            Launch("greedy_head", ((0, _t("lm_head", "out", 0)),)), Read(_t("greedy_head", "out", 0), "next")]
     # Decode: layer 1 copies position and mask from block_cache_0's inputs; new K/V rows go to row len-1.
     assert Copy(_t("block_cache_1", "in", 1), _t("block_cache_0", "in", 1)) in decode
     assert Copy(cache_k0, _t("block_cache_0", "out", 1), dst_row=5) in decode

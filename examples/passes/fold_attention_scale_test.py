@@ -10,11 +10,11 @@ from graphopt.checks import check_inputs
 from graphopt.pass_manager import PassManager
 from graphopt.passes._attention import attention_nodes, sdpa_arg
 from graphopt.plugins import PassPlugins, load_passes
-from graphopt.testing import run_passes, traced
+from graphopt.testing import pipeline_before, run_passes, traced
 
 aten = torch.ops.aten
 HERE = "examples/passes/fold_attention_scale.py"
-BEFORE = ("strip-trace-noise", "views-to-reshapes", "attention-canonical", "rope-table", "fixed-mask", "kv-layout")
+BEFORE = (*pipeline_before("kv-layout"), "kv-layout")
 
 load_passes(PassPlugins((HERE,), entry_points=False))  # registers fold-attention-scale, as --pass-file does
 

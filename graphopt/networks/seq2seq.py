@@ -1,21 +1,12 @@
-"""The networks of an encoder-decoder model (Marian, BART; graphopt.contract.ENCODER_DECODER), as thin wrappers.
+"""The networks of an encoder-decoder model (Marian, BART), as thin wrappers over the model's modules.
 
-    encoder              input_ids [1,SRC] int64, attention_mask [1,SRC] int64 (1 = token, 0 = padding)
-                         -> encoder_hidden_states [1,SRC,H]
-    cross_kv             encoder_hidden_states -> cross_k_i, cross_v_i [1,SRC,heads,D] for every layer,
-                         computed once per source sentence
-    embedding            input_ids [1,T], position_ids [1,T] -> input_embed [1,T,H] (scaled tokens +
-                         the position table; T is dynamic: SEQ for prefill, 1 for decode)
-    decoder_block_i      input_states [1,SEQ,H], attention_mask [1,1,SEQ,SEQ],
-                         encoder_attention_mask [1,1,SEQ,SRC], cross_k, cross_v
-                         -> hidden_states, past_k, past_v [1,SEQ,heads,D]
-    decoder_block_cache_i  the same for one token, with history_k/history_v [1,SEQ,heads,D]
-    lm_head              hidden_states [1,H] -> m_logits [1,V] (final norm, head, final_logits_bias)
-    greedy_head          m_logits -> token
-
-The decoder blocks are traced with `encoder_hidden_states`; the cross-kv-inputs pass turns their
-cross-attention K/V into the cross_k/cross_v inputs, the rest is the decoder-only pipeline.
-SRC is the same as SEQ.
+Their names, inputs and outputs are graphopt.contract.ENCODER_DECODER's (docs/encoder-decoder-networks.md
+says how a client drives them): the encoder; cross_kv, every decoder layer's cross-attention K/V once
+per source; the embedding (tokens scaled, plus the position table); decoder_block_i and
+decoder_block_cache_i; lm_head (final norm, head, final_logits_bias); greedy_head. The decoder
+blocks are traced with `encoder_hidden_states`, as the layer takes it; the cross-kv-inputs pass
+turns their cross-attention K/V into the contract's cross_k/cross_v inputs, and the rest is the
+decoder-only pipeline. SRC is the same as SEQ.
 """
 
 from __future__ import annotations

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import sys
 import tempfile
 import time
@@ -13,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from graphopt import contract as c
 from graphopt.targets.bm1684x import contract, deploy, fake_quant, inspect_bmodel, toolchain, verify
 from graphopt.targets.bm1684x.simulator import Simulator
 from graphopt.targets.bm1684x.top_passes import TOP_PIPELINE
@@ -40,6 +40,14 @@ class Bm1684xResult:
     def ok(self) -> bool:
         generation_ok = self.generation is None or self.generation["ok"]
         return not self.problems and all(n.get("ok", True) for n in self.nets) and generation_ok
+
+    def pass_changes(self) -> dict[str, list[int]]:
+        """{top pass: what it changed on each net it ran on}."""
+        changes: dict[str, list[int]] = {}
+        for n in self.nets:
+            for name, result in n.get("top_passes", {}).items():
+                changes.setdefault(name, []).append(result["changed"])
+        return changes
 
     def _top_pass_lines(self) -> list[str]:
         """One line per top pass: on how many of the nets it ran on it changed something, and why not elsewhere."""
@@ -121,16 +129,19 @@ def time_estimate(nets: list[dict]) -> dict:
     every decode block, lm_head, greedy_head. An encoder-decoder model also encodes once per source
     (encoder, cross_kv). Nets without a cycle count (greedy_head) add nothing."""
     cycles = {n["net"]: n.get("total_cycle") or 0 for n in nets}
-    prefill = [k for k in cycles if re.fullmatch(r"(decoder_)?block_\d+", k)]
-    decode = [k for k in cycles if re.fullmatch(r"(decoder_)?block_cache_\d+", k)]
-    head = ["lm_head", "greedy_head"]
+    runtime = c.contract_for(c.ENCODER_DECODER.network(c.ENCODER) in cycles)
+    kinds = {name: runtime.spec(name).kind for name in cycles}
+    prefill = [k for k in cycles if kinds[k] in c.PREFILL_BLOCKS]
+    decode = [k for k in cycles if kinds[k] in c.DECODE_BLOCKS]
+    head = [runtime.network(c.LM_HEAD), runtime.network(c.GREEDY_HEAD)]
 
     def ms(names) -> float:
         return sum(cycles.get(n, 0) for n in names) / CYCLES_PER_MS
 
-    estimate = {"prefill_ms": ms(["embedding", *prefill, *head]), "decode_ms_per_token": ms(["embedding_cache", *decode, *head])}
-    if "encoder" in cycles:
-        estimate["encode_ms"] = ms(["encoder", "cross_kv"])
+    estimate = {"prefill_ms": ms([runtime.network(c.EMBEDDING), *prefill, *head]),
+                "decode_ms_per_token": ms([runtime.one_token(c.EMBEDDING), *decode, *head])}
+    if runtime is c.ENCODER_DECODER:
+        estimate["encode_ms"] = ms([runtime.network(c.ENCODER), runtime.network(c.CROSS_KV)])
     return estimate
 
 

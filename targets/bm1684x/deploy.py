@@ -1,8 +1,8 @@
 """model_transform + model_deploy per network, in parallel, cached; then model_tool --combine.
 
 Each network's bmodel is cached under ~/.cache/graphopt/bm1684x/nets/<key>/ (or
-$GRAPHOPT_NET_CACHE/<key>/), where the key
-hashes its ONNX, its shapes and flags and the toolchain version. A job works in
+$GRAPHOPT_NET_CACHE/<key>/), where the key hashes its ONNX, its shapes and flags, the toolchain
+version and its top passes (names and source). A job works in
 `<key>.partial-*` and renames it to `<key>` only when the bmodel is complete, so a run that
 was killed half-way and started again redoes only the networks that had not finished. A
 failed job's directory is kept as `<key>.failed` with its log.

@@ -85,7 +85,7 @@ class _Recorder:
 
     def execute(self, program: Program) -> dict[str, np.ndarray]:
         self.programs.append(program)
-        return {"token": np.zeros(1, np.int32), "logits": np.zeros(1, np.float32)}
+        return {"next": np.zeros(1, np.int32), "logits": np.zeros(1, np.float32)}
 
 
 def session_programs(layout: dict) -> list[Program]:

@@ -11,7 +11,6 @@ fails loudly instead of silently moving the reference.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -28,13 +27,11 @@ CASES = {name: {"prompt": PROMPT} for name in ("tiny-llama", "tiny-qwen2.5", "ti
 ENCODER_DECODER = {"tiny-marian", "tiny-bart"}
 
 
-def golden_paths(name: str) -> tuple[Path, Path]:
-    return HERE / f"{name}.json", HERE / f"{name}.logits.npz"
-
-
 def load_golden(name: str) -> tuple[dict, np.ndarray]:
-    meta, logits = golden_paths(name)
-    return json.loads(meta.read_text()), np.load(logits)["logits"]
+    """The stored golden (graphopt.golden.Golden) as its JSON fields and its logits."""
+    golden = graphopt.golden.Golden.load(HERE, name)
+    return {"model": golden.model, "prompt": golden.prompt, "new_tokens": len(golden.tokens),
+            "tokens": golden.tokens, "recorded_with": golden.recorded_with}, golden.logits
 
 
 def record(name: str) -> dict:

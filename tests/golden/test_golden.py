@@ -9,6 +9,8 @@ registry name and through a `save_pretrained` directory.
 
 import numpy as np
 import pytest
+
+import graphopt.golden
 import transformers
 from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
 
@@ -20,7 +22,7 @@ from graphopt.targets.onnx_target import ONNX_TARGET
 from tests.conftest import GOLDEN_SEQ
 from tests.golden.record import CASES, ENCODER_DECODER, load_golden
 
-LOGIT_ATOL = 1e-4
+LOGIT_ATOL = graphopt.golden.TOLERANCES["onnx"]  # 1e-4, every float stage's
 # Registry name -> the transformers class that must have SDPA attention for graphopt to trace it.
 NEEDS_SDPA = {"tiny-marian": "MarianMTModel"}
 
