@@ -19,6 +19,9 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
+from graphopt.errors import GraphoptError
+from graphopt.onnx_ir import linear_layout_problems
+
 
 def fake_quantize(weight: np.ndarray, bits: int, group_size: int) -> np.ndarray:
     """Round a Linear weight [out, in] per group of input channels, asymmetric min/max."""
@@ -46,9 +49,15 @@ def linear_weights(model: onnx.ModelProto) -> set[str]:
 
 
 def write_quantized_copy(src: Path, dst: Path, bits: int, group_size: int) -> int:
-    """`src` with its Linear weights fake-quantized, saved as `dst`; returns how many were."""
+    """`src` with its Linear weights fake-quantized, saved as `dst`; returns how many were. The weights
+    must be in Linear layout ([out, in] behind a Transpose, what onnx-tidy checks): quantizing groups
+    along axis 1 of an [in, out] weight would group the wrong channels."""
     model = onnx.load(str(src))
     names = linear_weights(model)
+    problems = linear_layout_problems(model, names)
+    if problems:
+        raise GraphoptError(f"{src.name} is not in the Linear layout the W4/W8 reference quantizes: "
+                            f"{'; '.join(problems)}. Networks written by graphopt's pipeline are (onnx-tidy checks it).")
     for init in model.graph.initializer:
         if init.name in names:
             weight = numpy_helper.to_array(init)
