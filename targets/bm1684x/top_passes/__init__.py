@@ -7,6 +7,7 @@ and orders it like any pass; its code is one file beside this one, run in the to
 by `run.py` (it needs TPU-MLIR's `mlir` bindings, not graphopt):
 
   fuse_flash_attention.py  MatMul/Softmax/MatMul attention -> top.FAttention
+  merge_cache_concat.py    a decode block's cache concat merged in place (only_merge), no copy
 
 Each pass reports how many candidates it changed and, for every candidate it left alone, why.
 """
@@ -18,7 +19,7 @@ import json
 import subprocess
 from pathlib import Path
 
-from graphopt.contract import BLOCKS, ENCODER
+from graphopt.contract import BLOCKS, DECODE_BLOCKS, ENCODER
 from graphopt.pass_manager import TopPass, get_pass, register_pass
 
 HERE = Path(__file__).resolve().parent
@@ -35,7 +36,20 @@ class FuseFlashAttention(TopPass):
     ensures = ("attention.fused",)
 
 
-TOP_PIPELINE = ("fuse-flash-attention",)
+@register_pass
+class MergeCacheConcat(TopPass):
+    """A decode block's [history ; new row] cache concat merged in place (only_merge): no copy of the cache per token."""
+
+    name = "merge-cache-concat"
+    target = "bm1684x"
+    module = "merge_cache_concat"
+    applies_to = DECODE_BLOCKS
+    # After fuse-flash-attention, which redoes the cache concat along the sequence in [1,S,KV,D].
+    requires = ("attention.fused",)
+    ensures = ("cache.merged",)
+
+
+TOP_PIPELINE = ("fuse-flash-attention", "merge-cache-concat")
 
 
 def passes_for(kind: str, pipeline: tuple[str, ...] = TOP_PIPELINE) -> tuple[str, ...]:

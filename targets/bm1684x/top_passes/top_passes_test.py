@@ -1,4 +1,4 @@
-"""fuse-flash-attention on tiny-llama's block and decode block, as model_transform writes them:
+"""The top passes on tiny-llama's block and decode block, as model_transform writes them. fuse-flash-attention:
 one FAttention replaces the MatMul/Softmax/MatMul, and TPU-MLIR's fp32 interpreter gives the
 same outputs as onnxruntime before and after the rewrite."""
 
@@ -55,7 +55,7 @@ def test_attention_becomes_one_fattention_with_the_same_outputs(transformed, nam
     folder, mlir, result = nets[name]
     before = _interpret(tools, folder, mlir, result)
 
-    (report,) = top_passes.apply(tools, mlir, top_passes.TOP_PIPELINE, folder / "log.txt")
+    (report,) = top_passes.apply(tools, mlir, ("fuse-flash-attention",), folder / "log.txt")
 
     assert report["pass"] == "fuse-flash-attention" and report["changed"] == 1, report
     assert report["skipped"] == [], report
@@ -79,7 +79,7 @@ def test_small_multi_head_prefill_attention_stays_unfused_and_decode_is_fused(to
                       ("decoder_block_0", "decoder_block_cache_0"))
     reports = {}
     for name, (folder, mlir, _) in nets.items():
-        (reports[name],) = top_passes.apply(tools, mlir, top_passes.TOP_PIPELINE, folder / "log.txt")
+        (reports[name],) = top_passes.apply(tools, mlir, ("fuse-flash-attention",), folder / "log.txt")
 
     prefill, decode = reports["decoder_block_0"], reports["decoder_block_cache_0"]
     assert prefill["changed"] == 0 and len(prefill["skipped"]) == 2, prefill
@@ -88,3 +88,18 @@ def test_small_multi_head_prefill_attention_stays_unfused_and_decode_is_fused(to
     folder, mlir, result = nets["decoder_block_cache_0"]
     assert mlir.read_text().count('"top.FAttention"') == 2
     assert max(_interpret(tools, folder, mlir, result).values()) < 1e-4
+
+
+def test_the_decode_cache_concats_merge_in_place_with_the_same_outputs(tools, tmp_path_factory):
+    """merge-cache-concat after fuse-flash-attention: both of a decode block's [history ; new row] concats
+    marked only_merge (TPU-MLIR then writes the new row after the cache instead of copying the cache), the
+    prefill block left alone, the outputs unchanged in TPU-MLIR's interpreter."""
+    nets = _transform(tools, tmp_path_factory.mktemp("merge-cache-concat"), "tiny-llama", NETS)
+    folder, mlir, result = nets["block_cache_0"]
+    fused, merged = top_passes.apply(tools, mlir, top_passes.TOP_PIPELINE, folder / "log.txt")
+    assert (fused["pass"], merged["pass"]) == ("fuse-flash-attention", "merge-cache-concat")
+    assert merged["changed"] == 2 and merged["skipped"] == [], merged
+    text = mlir.read_text()
+    assert len(re.findall(r'"top.Concat"\(%\w+, %\w+\) \{axis = 1 : si32, [^}]*only_merge = true', text)) == 2
+    assert max(_interpret(tools, folder, mlir, result).values()) < 1e-4
+    assert top_passes.passes_for("block") == ("fuse-flash-attention",)  # a prefill block has no cache to merge
