@@ -13,6 +13,7 @@ from graphopt.passes import (  # noqa: F401
     onnx_simplify,
     onnx_tidy,
     rope_table,
+    sink_head_transpose,
     strip_trace_noise,
     views_to_reshapes,
 )

@@ -19,6 +19,7 @@ FX_PIPELINE = (
     "clamp-mask",           # after both: the mask inputs are final; a runtime's fp16 mask bits stay finite in bf16
     "kv-layout",            # before concat-cache: exposes the new token's K/V, not the concatenation
     "concat-cache",         # block_cache only; widens the mask input fixed-mask wired up
+    "sink-head-transpose",  # block_cache only: RoPE before the head transpose, the new K in the cache's layout
     "attention-lower",      # last rewrite: ONNX ≤ 17 has no attention op
     "export-legalize",      # exporter-facing renames, after every pass that matches on ATen ops
 )
