@@ -65,7 +65,9 @@ def test_attention_becomes_one_fattention_with_the_same_outputs(transformed, nam
     # The new K's permute to [1,S,KV,D] is the one the network makes for its past_k output, not a
     # second one (which TPU-MLIR folds into the past_k Store, where its interpreter loses the output).
     permutes = re.findall(r'"top.Permute"\((%\w+)\) \{order = (\[[^\]]*\])', text)
-    assert permutes and len(permutes) == len(set(permutes)), permutes
+    assert len(permutes) == len(set(permutes)), permutes
+    # A decode block's new K and V are already in the cache's layout (sink-head-transpose), so none is left.
+    assert bool(permutes) == (name == "block_0"), permutes
     assert (folder / f"{name}_unfused.mlir").is_file()
     after = _interpret(tools, folder, mlir, result)
     assert max(before.values()) < 1e-4, before
