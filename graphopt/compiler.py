@@ -12,7 +12,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from graphopt import contract as c
 from graphopt.checks import end_to_end_check
+from graphopt.errors import GraphoptError
 from graphopt.export import ExportJob, NetworkResult, export_serially, weight_groups
 from graphopt.export_pool import default_export_jobs, export_in_parallel
 from graphopt.ir import NetworkGraph
@@ -44,10 +46,12 @@ class CompileResult:
 
 
 def prepare(source: ModelSource, target: Target, seq_length: int, options: dict,
-            plugins: PassPlugins | None = None, dump_after: frozenset[str] | None = None) -> Target:
+            plugins: PassPlugins | None = None, dump_after: frozenset[str] | None = None,
+            contract: str | None = None) -> Target:
     """Everything the user can get wrong, checked before any work: the target with the user passes placed."""
     source.check_structure()
     source.check_seq_length(seq_length)
+    check_contract(source, contract)
     if plugins is not None:
         target = with_plugins(target, plugins)
     target.check_dump_after(dump_after)
@@ -56,23 +60,38 @@ def prepare(source: ModelSource, target: Target, seq_length: int, options: dict,
     return target
 
 
+def check_contract(source: ModelSource, contract: str | None) -> None:
+    if contract is None:
+        return
+    if contract not in c.DECODER_CONTRACTS:
+        raise GraphoptError(f"--contract {contract} is not a runtime contract graphopt knows; choose one of "
+                            f"{', '.join(c.DECODER_CONTRACTS)} (README, \"Runtime contracts\").")
+    if source.is_encoder_decoder:
+        raise GraphoptError(f"--contract {contract} is for decoder-only models; {source.name} is an encoder-decoder "
+                            "model, whose networks follow graphopt's own contract (docs/encoder-decoder-networks.md). "
+                            "Leave --contract out.")
+
+
 def compile_model(source: ModelSource, target: Target, seq_length: int, out_dir: Path, *,
                   layers: list[int] | None = None, check: bool = True, keep_fx: bool = False,
                   dump_dir: Path | None = None, show_progress: bool = True,
                   target_options: dict | None = None, jobs: int | None = None,
-                  plugins: PassPlugins | None = None, dump_after: frozenset[str] | None = None) -> CompileResult:
+                  plugins: PassPlugins | None = None, dump_after: frozenset[str] | None = None,
+                  contract: str | None = None) -> CompileResult:
     """Compile `source` for `target` into `out_dir`. `plugins` adds user passes to the target's
-    pipelines; `dump_after` limits the `dump_dir` graphs to those passes (None: after every pass)."""
+    pipelines; `dump_after` limits the `dump_dir` graphs to those passes (None: after every pass);
+    `contract`: the runtime contract of a decoder-only model's networks (graphopt/contract.py)."""
     target_options = target_options or {}
-    target = prepare(source, target, seq_length, target_options, plugins, dump_after)
+    target = prepare(source, target, seq_length, target_options, plugins, dump_after, contract)
     staged = StagedDirectory(out_dir)
     if show_progress:
         detail = f", {target_options['quantize']}" if target.build and "quantize" in target_options else ""
+        runtime = c.contract_for(source.is_encoder_decoder, contract)
         print(f"graphopt: {source.name} ({source.weights.describe()}) -> target {target.name}{detail}, "
-              f"seq {seq_length}", file=sys.stderr)
+              f"seq {seq_length}, contract {runtime.key}", file=sys.stderr)
     try:
         job = ExportJob(source, list(target.fx_pipeline), list(target.onnx_pipeline), seq_length, staged.path, layers,
-                        check, dump_dir, dump_after, plugins)
+                        check, dump_dir, dump_after, plugins, contract)
         result = _export(job, target, keep_fx, show_progress, jobs)
         if target.build:
             result.target = target.build.build(staged.path, result.manifest, source, target_options, check,
@@ -101,7 +120,7 @@ def _export(job: ExportJob, target: Target, keep_fx: bool, show_progress: bool, 
     for r in results:
         for stage, s in r.seconds.items():
             totals[stage] = totals.get(stage, 0.0) + s
-    manifest = build_manifest(source, target, job.seq_length, results)
+    manifest = build_manifest(source, target, job.seq_length, results, job.runtime_contract.key)
     write_manifest(job.folder, manifest)
     result = CompileResult(job.folder, manifest, results, totals, fx_networks=kept if keep_fx else None,
                            export={"processes": jobs, "wall_seconds": round(time.perf_counter() - started, 2)})

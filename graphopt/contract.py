@@ -7,8 +7,9 @@ by them; `graphopt/runtime.py` drives the networks by them; targets compile and 
 It imports numpy only, so a runtime can read it without torch.
 
 A `Contract` is data: the networks (a name, per layer or not, a kind, input and output names), the
-nets that are another network compiled at one token (`embedding_cache`), and the runtime's mask
-rule. A second contract (other net names, a token-out head, extra nets) is a second value.
+nets that are another network compiled at one token (`embedding_cache`), where the final norm is
+computed, and the runtime's mask rule. Three values: LLM_TPU (today's LLM-TPU demos and TPU-MLIR's
+llm_convert), LLAMA3_1_DEMO (LLM-TPU's legacy Llama3_1 demo) and ENCODER_DECODER (graphopt's own).
 
 Masks are additive, MASK_VALUE (−10000) where a query may not look. A chip runtime writes them as
 16-bit bit patterns; `Contract.mask_bits` says which, by the nets' mask dtype.
@@ -128,12 +129,16 @@ class NetworkSpec:
 
 @dataclass(frozen=True)
 class Contract:
-    """A runtime's networks. `mask_bits`: the 16-bit pattern the runtime writes for "masked", by the
-    nets' mask dtype (LLM-TPU's Llama3_1 demo writes fp16 −10000 whatever the dtype)."""
+    """A runtime's networks. `key`: its `--contract` name. `mask_bits`: the 16-bit pattern the runtime
+    writes for "masked", by the nets' mask dtype (LLM-TPU's Llama3_1 demo writes fp16 −10000 whatever
+    the dtype). `final_norm_in_last_block`: the model's final norm ends the last decoder layer's
+    networks instead of starting lm_head."""
 
+    key: str
     name: str
     networks: tuple[NetworkSpec, ...]
     mask_bits: dict[str, int] = field(default_factory=dict)
+    final_norm_in_last_block: bool = False
 
     def spec(self, kind_or_name: str) -> NetworkSpec:
         """A network's spec by kind (the first of that kind that is not a one-token alias) or by name."""
@@ -162,6 +167,14 @@ class Contract:
         """{network compiled for one token: the network whose file it is}."""
         return {s.name: s.one_token_of for s in self.networks if s.one_token_of}
 
+    def has(self, kind: str) -> bool:
+        return any(s.kind == kind for s in self.networks)
+
+    @property
+    def head_outputs_token(self) -> bool:
+        """lm_head ends in TopK(1) and answers the token id itself (no greedy_head)."""
+        return self.spec(LM_HEAD).outputs == (TOKEN,)
+
     def layers(self, networks) -> list[int]:
         """The layer numbers of the per-layer prefill blocks among `networks` (names)."""
         return sorted(l for n in networks if (l := layer_of(self.prefill_block, n)) is not None)
@@ -174,10 +187,31 @@ def layer_of(spec: NetworkSpec, network: str) -> int | None:
 
 
 FP16_MASK_BITS = int(np.float16(MASK_VALUE).view(np.uint16))  # 0xF0E2
+BF16_MASK_BITS = 0xC61C  # bf16 −9984: −10000 is not a bf16 value; the nearest LLM-TPU picked
 
-# LLM-TPU's models/Llama3_1 chat demo (python_demo/chat.cpp at ea05961).
+# Today's LLM-TPU demos (models/Qwen3/python_demo/chat.cpp at d581e7b) and what TPU-MLIR's llm_convert
+# writes (python/llm/LlmConverter.py): the final norm in the last block, lm_head answering the token
+# (TopK 1), the mask bits of the nets' own dtype (the demo reads embedding_cache's output dtype).
+LLM_TPU = Contract(
+    "llm-tpu", "LLM-TPU chat demos (Qwen3 python_demo) / TPU-MLIR llm_convert",
+    networks=(
+        NetworkSpec("embedding", EMBEDDING, (INPUT_IDS,), (INPUT_EMBED,)),
+        NetworkSpec("embedding_cache", EMBEDDING, (INPUT_IDS,), (INPUT_EMBED,), one_token_of="embedding"),
+        NetworkSpec("block_{layer}", BLOCK, (INPUT_STATES, POSITION_IDS, ATTENTION_MASK), (HIDDEN_STATES, PAST_K, PAST_V)),
+        NetworkSpec("block_cache_{layer}", BLOCK_CACHE, (INPUT_STATES, POSITION_IDS, ATTENTION_MASK, HISTORY_K, HISTORY_V),
+                    (HIDDEN_STATES, PAST_K, PAST_V)),
+        NetworkSpec("lm_head", LM_HEAD, (HIDDEN_STATES,), (TOKEN,)),
+    ),
+    mask_bits={"float16": FP16_MASK_BITS, "bfloat16": BF16_MASK_BITS},
+    final_norm_in_last_block=True,
+)
+
+# Heads today's demos look up by name when present (--do_sample) and do not count as layers.
+LLM_TPU_OPTIONAL_HEADS = ("greedy_head", "sample_head")
+
+# LLM-TPU's models/Llama3_1 chat demo (python_demo/chat.cpp at ea05961), deleted from LLM-TPU in May 2025.
 LLAMA3_1_DEMO = Contract(
-    "LLM-TPU Llama3_1 chat demo",
+    "llama3_1", "LLM-TPU Llama3_1 chat demo (legacy)",
     networks=(
         NetworkSpec("embedding", EMBEDDING, (INPUT_IDS,), (INPUT_EMBED,)),
         NetworkSpec("embedding_cache", EMBEDDING, (INPUT_IDS,), (INPUT_EMBED,), one_token_of="embedding"),
@@ -194,7 +228,7 @@ LLAMA3_1_DEMO = Contract(
 
 # graphopt's own encoder-decoder networks (docs/encoder-decoder-networks.md); masks as values of the nets' dtype.
 ENCODER_DECODER = Contract(
-    "encoder-decoder networks, docs/encoder-decoder-networks.md",
+    "encoder-decoder", "encoder-decoder networks, docs/encoder-decoder-networks.md",
     networks=(
         NetworkSpec("encoder", ENCODER, (INPUT_IDS, SOURCE_VALID), (ENCODER_HIDDEN_STATES,)),
         NetworkSpec("cross_kv", CROSS_KV, (ENCODER_HIDDEN_STATES,), ("cross_k_{layer}", "cross_v_{layer}")),
@@ -211,13 +245,33 @@ ENCODER_DECODER = Contract(
 )
 
 
-def contract_for(is_encoder_decoder: bool) -> Contract:
-    return ENCODER_DECODER if is_encoder_decoder else LLAMA3_1_DEMO
+CONTRACTS = {k.key: k for k in (LLM_TPU, LLAMA3_1_DEMO, ENCODER_DECODER)}
+DECODER_CONTRACTS = (LLM_TPU.key, LLAMA3_1_DEMO.key)  # what `--contract` offers a decoder-only model
+DEFAULT_CONTRACT = LLM_TPU.key
+
+
+def contract_for(is_encoder_decoder: bool, key: str | None = None) -> Contract:
+    """The contract of a model's networks: an encoder-decoder model has one; a decoder-only model the
+    `--contract` chosen."""
+    return ENCODER_DECODER if is_encoder_decoder else CONTRACTS[key or DEFAULT_CONTRACT]
 
 
 def contract_of_manifest(manifest: dict) -> Contract:
-    """The contract an output directory's networks follow: an encoder network makes it the encoder-decoder one."""
-    return contract_for(any(n["name"] == ENCODER_DECODER.network(ENCODER) for n in manifest["networks"]))
+    """The contract an output directory's networks follow (manifests before "contract" was recorded:
+    an encoder network makes it the encoder-decoder one, else the Llama3_1 demo's, then the only one)."""
+    if "contract" in manifest:
+        return CONTRACTS[manifest["contract"]]
+    return contract_for(any(n["name"] == ENCODER_DECODER.network(ENCODER) for n in manifest["networks"]),
+                        LLAMA3_1_DEMO.key)
+
+
+def contract_of_nets(names) -> Contract:
+    """The contract a set of compiled net names follows (a bmodel's): an encoder makes it the
+    encoder-decoder one, a greedy_head the Llama3_1 demo's, else today's LLM-TPU."""
+    names = set(names)
+    if ENCODER_DECODER.network(ENCODER) in names:
+        return ENCODER_DECODER
+    return LLAMA3_1_DEMO if LLAMA3_1_DEMO.network(GREEDY_HEAD) in names else LLM_TPU
 
 
 def one_token_shape(shape) -> tuple[int, ...]:

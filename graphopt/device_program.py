@@ -10,10 +10,16 @@ runtime means. A `Program` holds those steps in the runtime's order:
   Write(dst, value, raw)      host -> device. raw: the value's own bytes, as the runtime's host
                               code stores them (int32 ids, fp16 mask bits), whatever the net's
                               dtype; not raw: the value converted to the net's dtype first.
+                              partial: fewer bytes than the tensor holds, at its start
+                              (`bm_memcpy_s2d_partial`); bits: the value is uint16 bit patterns
+                              of that 16-bit float ("bfloat16").
+  Fill(dst)                   zeros, `bm_memset_device_ext` (the Qwen3 demo's `empty`).
   Copy(dst, src, rows...)     device -> device, `bm_memcpy_d2d_byte`: rows along axis 1
                               (a row of [1,SEQ,H] is H values), or the whole source.
-  Launch(net, bind)           run `net` on its own input memory, except the inputs in `bind`,
-                              which read another tensor's memory in place.
+  Launch(net, bind, bind_out) run `net` on its own memory, except the inputs in `bind`, which read
+                              another tensor's memory in place, and the outputs in `bind_out`,
+                              written into another tensor's memory (`At(cache, row)`: the Qwen3
+                              demo's decode writes its new K/V straight into the cache).
   Read(src, name, rows...)    device -> host, returned under `name`.
   Same(a, b)                  what the runtime assumes without doing anything: that tensor `a`
                               is the same memory as `b` (the demo writes positions into block_0's
@@ -62,6 +68,20 @@ class Buffer:
         return f"the runtime's buffer {self.name}"
 
 
+@dataclass(frozen=True)
+class At:
+    """The memory of `ref` from row `row` (along axis 1) on: `bm_mem_from_device(addr + offset, ...)`."""
+
+    ref: "Tensor | Buffer"
+    row: int
+
+    def to_json(self) -> list:
+        return ["at", self.ref.to_json(), self.row]
+
+    def __str__(self) -> str:
+        return f"{self.ref} from row {self.row}"
+
+
 Ref = Tensor | Buffer
 
 
@@ -71,6 +91,15 @@ class Write:
     value: np.ndarray
     raw: bool = True
     what: str = ""  # for messages: "the positions", "the prefill mask"
+    partial: bool = False  # fewer values than dst holds, written at its start
+    bits: str | None = None  # value holds uint16 bit patterns of this float type ("bfloat16")
+
+
+@dataclass(frozen=True)
+class Fill:
+    """Zeros over the whole of `dst`."""
+
+    dst: Ref
 
 
 @dataclass(frozen=True)
@@ -86,6 +115,7 @@ class Copy:
 class Launch:
     net: str
     bind: tuple[tuple[int, Ref], ...] = ()  # (input index, memory it reads instead of its own)
+    bind_out: tuple[tuple[int, "At"], ...] = ()  # (output index, memory it writes instead of its own)
 
 
 @dataclass(frozen=True)
@@ -102,7 +132,7 @@ class Same:
     b: Tensor
 
 
-Step = Write | Copy | Launch | Read | Same
+Step = Write | Fill | Copy | Launch | Read | Same
 
 
 @dataclass
@@ -122,12 +152,16 @@ class Program:
             if isinstance(step, Write):
                 key = f"d{len(data)}"
                 data[key] = np.ascontiguousarray(step.value)
-                steps.append({"op": "write", "dst": step.dst.to_json(), "data": key, "raw": step.raw})
+                steps.append({"op": "write", "dst": step.dst.to_json(), "data": key, "raw": step.raw,
+                              "partial": step.partial})
+            elif isinstance(step, Fill):
+                steps.append({"op": "fill", "dst": step.dst.to_json()})
             elif isinstance(step, Copy):
                 steps.append({"op": "copy", "dst": step.dst.to_json(), "src": step.src.to_json(),
                               "dst_row": step.dst_row, "src_row": step.src_row, "rows": step.rows})
             elif isinstance(step, Launch):
-                steps.append({"op": "launch", "net": step.net, "bind": [[i, r.to_json()] for i, r in step.bind]})
+                steps.append({"op": "launch", "net": step.net, "bind": [[i, r.to_json()] for i, r in step.bind],
+                              "bind_out": [[i, r.to_json()] for i, r in step.bind_out]})
             elif isinstance(step, Read):
                 steps.append({"op": "read", "src": step.src.to_json(), "name": step.name, "row": step.row,
                               "rows": step.rows})
@@ -143,6 +177,34 @@ def rows_of(shape: tuple[int, ...]) -> int:
 class IoSpec:
     shape: tuple[int, ...]
     dtype: np.dtype  # the host backend's dtype (float32, int64)
+
+
+class LayoutQueries:
+    """What a runtime asks a device about its memory, answered from a memory map `self.layout`
+    ({net: {"addr_mode", "in": [{"addr", "dtype", ...}], "out": [...]}}, cmodel_device.Device.layout)."""
+
+    layout: dict
+
+    def io_alone(self, net: str) -> bool:
+        return self.layout[net]["addr_mode"] == 1
+
+    def address(self, tensor: Tensor) -> int | None:
+        return self.layout[tensor.net][tensor.io][tensor.index]["addr"]
+
+    def dtype(self, tensor: Tensor) -> str:
+        return self.layout[tensor.net][tensor.io][tensor.index]["dtype"]
+
+
+def bits_to_float(value: np.ndarray, bits: str | None) -> np.ndarray:
+    """A raw write's value as the numbers it encodes (bf16 bit patterns are not a numpy dtype)."""
+    if bits == "bfloat16":
+        return (np.asarray(value, np.uint16).astype(np.uint32) << 16).view(np.float32)
+    if bits == "float16":
+        return np.asarray(value, np.uint16).view(np.float16)
+    return np.asarray(value)
+
+
+HOST_DTYPES = {"float32": "f32", "float16": "f16", "int64": "i64", "int32": "i32"}
 
 
 class HostDevice:
@@ -161,6 +223,14 @@ class HostDevice:
     def io_alone(self, net: str) -> bool:
         """Whether `net`'s inputs and outputs have memory of their own: on the host, every tensor does."""
         return True
+
+    def address(self, tensor: Tensor) -> int | None:
+        """Where a tensor is on the device: nowhere in particular on the host (no two share memory)."""
+        return None
+
+    def dtype(self, tensor: Tensor) -> str:
+        """The tensor's element type as the chip names it (f32, f16, bf16, i32)."""
+        return HOST_DTYPES.get(self._spec(tensor).dtype.name, self._spec(tensor).dtype.name)
 
     def _spec(self, ref: Ref) -> IoSpec:
         tensor = ref.like if isinstance(ref, Buffer) else ref
@@ -184,10 +254,12 @@ class HostDevice:
                 self.aliases[step.a] = self.aliases.get(step.b, step.b)
             elif isinstance(step, Write):
                 memory = self._flat(step.dst)
-                value = np.asarray(step.value).reshape(-1)
-                if value.size != memory.size:
+                value = bits_to_float(step.value, step.bits).reshape(-1)
+                if value.size > memory.size or (value.size < memory.size and not step.partial):
                     raise ValueError(f"writing {value.size} values into {step.dst}, which holds {memory.size}")
-                memory[:] = value.astype(memory.dtype)
+                memory[:value.size] = value.astype(memory.dtype)
+            elif isinstance(step, Fill):
+                self._flat(step.dst)[:] = 0
             elif isinstance(step, Copy):
                 src, dst = self._flat(step.src), self._flat(step.dst)
                 count = src.size if step.rows is None else step.rows * self._row(step.src)
@@ -198,8 +270,17 @@ class HostDevice:
                 inputs = {name: self._flat(bound.get(i, Tensor(step.net, "in", i))).reshape(spec.shape)
                           for i, (name, spec) in enumerate(self.io[step.net]["in"])}
                 outputs = self.backend.run(step.net, inputs)
+                bound_out = dict(step.bind_out)
                 for i, (name, spec) in enumerate(self.io[step.net]["out"]):
-                    self._flat(Tensor(step.net, "out", i))[:] = np.asarray(outputs[name]).reshape(-1)
+                    value = np.asarray(outputs[name]).reshape(-1)
+                    if i in bound_out:
+                        at = bound_out[i]
+                        memory, offset = self._flat(at.ref), at.row * self._row(at.ref)
+                        if offset + value.size > memory.size:
+                            raise ValueError(f"{step.net} output {i} written at {at} runs past its end")
+                        memory[offset:offset + value.size] = value
+                    else:
+                        self._flat(Tensor(step.net, "out", i))[:] = value
             elif isinstance(step, Read):
                 memory = self._flat(step.src)
                 row = self._row(step.src)

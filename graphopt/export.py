@@ -69,9 +69,14 @@ class ExportJob:
     dump_dir: Path | None
     dump_after: frozenset[str] | None = None
     plugins: PassPlugins | None = None  # user passes, loaded again by each worker
+    contract: str | None = None  # a decoder-only model's --contract (graphopt/contract.py CONTRACTS)
+
+    @property
+    def runtime_contract(self) -> c.Contract:
+        return c.contract_for(self.source.is_encoder_decoder, self.contract)
 
     def plans(self) -> list[NetworkPlan]:
-        return plan_networks(self.source, self.seq_length, self.layers)
+        return plan_networks(self.source, self.seq_length, self.layers, self.runtime_contract)
 
 
 def weight_group(plan: NetworkPlan) -> str:
@@ -184,7 +189,7 @@ def export_serially(job: ExportJob, plans: list[NetworkPlan], keep_fx: bool = Fa
 
 
 def export_networks(source: ModelSource, names: list[str] | None, seq_length: int, folder: Path, target=None,
-                    layers=(0,), check: bool = True) -> dict[str, NetworkResult]:
+                    layers=(0,), check: bool = True, contract: str | None = None) -> dict[str, NetworkResult]:
     """Export (and check) the named networks of `source` (None: all of `layers`') into `folder`, through
     `target`'s pipelines (default: the onnx target); e.g. one block of a full-size model. A decode block
     is checked against its prefill block when both are named. Returns {name: NetworkResult}."""
@@ -193,6 +198,6 @@ def export_networks(source: ModelSource, names: list[str] | None, seq_length: in
     target = target or get_target("onnx")
     Path(folder).mkdir(parents=True, exist_ok=True)
     job = ExportJob(source, list(target.fx_pipeline), list(target.onnx_pipeline), seq_length, Path(folder),
-                    list(layers), check=check, dump_dir=None)
+                    list(layers), check=check, dump_dir=None, contract=contract)
     plans = [p for p in job.plans() if names is None or p.name in names]
     return export_serially(job, plans)[0]

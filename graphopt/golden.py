@@ -169,7 +169,7 @@ def _float_stage(stage: str, golden: Golden, got: dict, tolerances: dict) -> Sta
 
 def _target_stage(build, golden: Golden) -> StageResult:
     """The target's artifact, driven like the chip: bm1684x's bmodel in the simulator."""
-    from graphopt.runtime import run_prompt, runtime_for
+    from graphopt.runtime import head_logits_for, run_prompt, runtime_for
     from graphopt.targets.bm1684x import toolchain
     from graphopt.targets.bm1684x.build import simulator_log
     from graphopt.targets.bm1684x.simulator import SimBackend, Simulator
@@ -177,8 +177,10 @@ def _target_stage(build, golden: Golden) -> StageResult:
 
     bmodel = build.out_dir / build.target.bmodel
     with Simulator(toolchain.require(), simulator_log()) as sim:
-        result = run_prompt(runtime_for(SimBackend(sim, bmodel, build.manifest), build.manifest), golden.prompt,
-                            len(golden.tokens))
+        # A token-out lm_head answers no logits: they are its reference head's over the row the chip fed it.
+        runtime = runtime_for(SimBackend(sim, bmodel, build.manifest), build.manifest,
+                              head_logits_for(build.out_dir, build.manifest))
+        result = run_prompt(runtime, golden.prompt, len(golden.tokens))
     verdict = compare_greedy(golden.tokens, list(golden.logits), result.tokens, result.logits)
     detail = (f"{build.target.quantize}; min logit cosine {verdict['min_logit_cosine']:.5f}" +
               ("" if verdict["tokens_identical"] else f"; differs from token {verdict['first_difference']} "

@@ -14,7 +14,7 @@ MANIFEST = "manifest.json"
 FORMAT = "graphopt-networks/1"
 
 
-def build_manifest(source, target, seq_length: int, results) -> dict:
+def build_manifest(source, target, seq_length: int, results, contract: str) -> dict:
     """The manifest of `results` (export.NetworkResult, in contract order) compiled from `source` for `target`."""
     import torch
     import transformers
@@ -30,6 +30,7 @@ def build_manifest(source, target, seq_length: int, results) -> dict:
         "model": source.describe(),
         "target": target.name,
         "seq_length": seq_length,
+        "contract": contract,
         "pipeline": {stage: list(target.pipeline(stage)) for stage in ("fx", "onnx", "top") if target.pipeline(stage)},
         "networks": [
             {

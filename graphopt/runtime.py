@@ -1,8 +1,9 @@
 """The runtime that drives the emitted networks as the chip runtime does, down to its device memory.
 
-`ChipStyleRuntime` is LLM-TPU's Llama3_1 chat demo: each prefill and decode step is the Program
-(graphopt/device_program.py) of writes, copies, launches and reads that the demo's chat.cpp makes,
-with the bits it writes (int32 ids and positions, fp16 mask bits). A device executes it: the
+`ChipStyleRuntime` is LLM-TPU's Llama3_1 chat demo, `LlmTpuRuntime` today's LLM-TPU demos (Qwen3):
+each prefill and decode step is the Program (graphopt/device_program.py) of writes, copies,
+launches and reads that the demo's chat.cpp makes, with the bits it writes (int32 ids and
+positions, 16-bit mask bits). A device executes it: the
 cmodel simulator on the bmodel's real memory (targets/bm1684x/simulator.py), or `HostDevice`
 over onnxruntime sessions or the rewritten FX graphs (each compiler stage checked with the same
 driver). `Seq2SeqRuntime` drives encoder-decoder networks as docs/encoder-decoder-networks.md says.
@@ -17,7 +18,8 @@ from typing import Protocol
 import numpy as np
 
 from graphopt import contract as c
-from graphopt.device_program import Buffer, Copy, HostDevice, IoSpec, Launch, Program, Read, Same, Tensor, Write
+from graphopt.device_program import (At, Buffer, Copy, Fill, HostDevice, IoSpec, Launch, Program, Read, Same, Tensor,
+                                     Write)
 from graphopt.errors import GraphoptError
 from graphopt.manifest import load_manifest
 
@@ -42,7 +44,7 @@ class OrtBackend:
     """onnxruntime sessions over an output directory's ONNX files, opened on first use."""
 
     def __init__(self, directory: Path, manifest: dict):
-        self.directory = directory
+        self.directory, self.manifest = directory, manifest
         self.files = {n["name"]: n["file"] for n in manifest["networks"]}
         self.files.update({alias: self.files[source] for alias, source in c.contract_of_manifest(manifest).aliases().items()})
         self._sessions: dict = {}
@@ -54,13 +56,16 @@ class OrtBackend:
         names = [o.name for o in session.get_outputs()]
         return dict(zip(names, session.run(names, inputs)))
 
+    def head_logits(self):
+        return head_logits_for(self.directory, self.manifest)
+
 
 class FxBackend:
     """The rewritten FX graphs, run in torch: the stage before ONNX."""
 
     def __init__(self, networks: dict):
         self.networks = networks
-        self.aliases = {**c.LLAMA3_1_DEMO.aliases(), **c.ENCODER_DECODER.aliases()}
+        self.aliases = {alias: source for k in c.CONTRACTS.values() for alias, source in k.aliases().items()}
 
     def run(self, network: str, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         import torch
@@ -68,6 +73,29 @@ class FxBackend:
         net = self.networks[self.aliases.get(network, network)]
         args = [torch.from_numpy(np.ascontiguousarray(inputs[s.name])) for s in net.inputs]
         return {name: out.numpy() for name, out in zip(net.output_names, net.run(*args))}
+
+    def head_logits(self):
+        """For a token-out lm_head: its FX graph up to the TopK's input (see HeadLogits)."""
+        import copy
+
+        import torch
+
+        head = next((n for n in self.networks.values() if n.kind == c.LM_HEAD), None)
+        topk = next((n for n in head.graph.nodes if n.target == torch.ops.aten.topk.default), None) if head else None
+        if topk is None:
+            return None
+        gm = copy.deepcopy(head.gm)
+        node = next(n for n in gm.graph.nodes if n.name == topk.name)
+        output = next(n for n in gm.graph.nodes if n.op == "output")
+        output.args = ((node.args[0],),)
+        gm.graph.eliminate_dead_code()
+        gm.recompile()
+
+        def logits(hidden: np.ndarray) -> np.ndarray:
+            with torch.no_grad():
+                return gm(torch.from_numpy(hidden.reshape(1, -1).astype(np.float32)))[0].numpy().reshape(-1)
+
+        return logits
 
 
 @dataclass
@@ -85,6 +113,11 @@ class Shapes:
     hidden: int
     kv_heads: int
     head_dim: int
+    max_input: int = 0  # the prefill's rows (LLM-TPU's MAX_INPUT_LENGTH); 0: SEQ
+
+    @property
+    def prefill_rows(self) -> int:
+        return self.max_input or self.seq_length
 
     @classmethod
     def from_manifest(cls, manifest: dict) -> "Shapes":
@@ -95,7 +128,7 @@ class Shapes:
         past_k = next(o for o in block["outputs"] if o["name"] == c.PAST_K)["shape"]
         return cls(seq_length=manifest["seq_length"], num_layers=len(layers),
                    hidden=nets[contract.network(c.LM_HEAD)]["inputs"][0]["shape"][-1], kv_heads=past_k[2],
-                   head_dim=past_k[3])
+                   head_dim=past_k[3], max_input=block["inputs"][0]["shape"][1])
 
 
 def network_io(manifest: dict) -> dict[str, dict[str, list[tuple[str, IoSpec]]]]:
@@ -144,7 +177,8 @@ class ChipStyleRuntime:
         self.visited = np.zeros(shapes.seq_length, np.int32)
         self.prefill_spec, self.decode_spec = self.contract.spec(self.prefill_kind), self.contract.spec(self.decode_kind)
         self.embedding, self.embedding_cache = self.contract.network(c.EMBEDDING), self.contract.one_token(c.EMBEDDING)
-        self.lm_head, self.greedy_head = self.contract.network(c.LM_HEAD), self.contract.network(c.GREEDY_HEAD)
+        self.lm_head = self.contract.network(c.LM_HEAD)
+        self.greedy_head = self.contract.network(c.GREEDY_HEAD) if self.contract.has(c.GREEDY_HEAD) else None
         self.history = tuple(self.decode_spec.input_index(name) for name in c.HISTORY_INPUTS)
         self.io_alone = device.io_alone(self.block_cache(0))
         self.cache = [tuple(_in(self.block_cache(i), h) if self.io_alone else
@@ -254,6 +288,111 @@ class ChipStyleRuntime:
         return result
 
 
+class LlmTpuRuntime(ChipStyleRuntime):
+    """Today's LLM-TPU chat demos (`models/Qwen3/python_demo/chat.cpp` at d581e7b, its path for a
+    static bmodel without `block_kv_i`), step for step, on the networks of contract LLM_TPU.
+
+    The cache of layer i is `block_cache_i`'s history_k/history_v memory, zeroed at load. Prefill: the
+    prompt's int32 ids written over a zeroed `embedding` input (only n ids), its output copied into a
+    buffer of the runtime's own, block_0's inputs and outputs zeroed, then n rows of hidden states
+    copied into each block (into block_0 only, where block_0's input and output share an address:
+    the blocks then compute in place), positions and the [L,L] mask into block_0 (every later block
+    reads its own), n rows of each block's K/V into the cache, row n-1 of the last block into
+    lm_head, which answers the token. Decode: the token into `embedding_cache`; each `block_cache_i`
+    reads the previous net's output in place and block_cache_0's position and mask, and writes its
+    new K/V row straight into the cache at row len-1 (no copy). The mask bits follow the nets' dtype
+    (`embedding_cache`'s output): fp16 0xF0E2 or bf16 0xC61C.
+
+    The demo reads no logits; for the checks, `head_logits(hidden_row) -> logits` (when given) turns
+    the row lm_head was fed into the logits the reference head computes from it."""
+
+    contract = c.LLM_TPU
+
+    def __init__(self, device, shapes: Shapes, head_logits=None):
+        super().__init__(device, shapes)
+        self.head_logits = head_logits
+        self.cache = [tuple(_in(self.block_cache(i), h) for h in self.history) for i in range(shapes.num_layers)]
+        self.buffer = Buffer("dev_buffer", _out(self.embedding, 0))
+        first = self.block(0)
+        address = device.address(_in(first, 0))
+        self.in_place = address is not None and address == device.address(_out(first, 0))
+        dtype = device.dtype(_out(self.embedding_cache, 0))
+        self.mask_bits = {"bf16": "bfloat16"}.get(dtype, "float16")
+        self.mask_value = np.uint16(self.contract.mask_bits[self.mask_bits])
+
+    def _mask(self, dst: Tensor, mask: np.ndarray, what: str) -> Write:
+        """The demo's mask: its bit pattern where `mask` is masked, 0 elsewhere."""
+        bits = np.where(mask < 0, self.mask_value, np.uint16(0)).astype(np.uint16)
+        return Write(dst, bits, bits=self.mask_bits, what=what)
+
+    def _head(self) -> list:
+        return [Read(_in(self.lm_head, 0), "hidden"), Launch(self.lm_head), Read(_out(self.lm_head, 0), "next")]
+
+    def _run(self, program: Program) -> tuple[int, np.ndarray]:
+        out = self.device.execute(program)
+        hidden = out["hidden"].reshape(-1).astype(np.float32)
+        logits = self.head_logits(hidden) if self.head_logits else np.zeros(0, np.float32)
+        return int(out["next"].reshape(-1)[0]), logits
+
+    def prefill(self, prompt: list[int]) -> tuple[int, np.ndarray]:
+        rows, n = self.shapes.prefill_rows, len(prompt)
+        if n > rows:
+            raise GraphoptError(f"the prompt has {n} tokens but the prefill networks take {rows} "
+                                "(--max-input-length): give at most that many, or compile with a larger one.")
+        positions = np.zeros(rows, np.int32)
+        positions[:n] = np.arange(n)
+        self.visited[:] = 0
+        self.visited[:n] = prompt
+        spec, first = self.prefill_spec, self.block(0)
+        position, mask_input = (spec.input_index(x) for x in (c.POSITION_IDS, c.ATTENTION_MASK))
+        program = Program([Fill(_in(self.embedding, 0)),
+                           Write(_in(self.embedding, 0), np.asarray(prompt, np.int32), partial=True,
+                                 what="the prompt's ids"),
+                           Launch(self.embedding), Copy(self.buffer, _out(self.embedding, 0))])
+        program += [Fill(_in(first, i)) for i in range(len(spec.inputs))]
+        program += [Fill(_out(first, i)) for i in range(len(spec.outputs))]
+        hidden = self.buffer
+        for layer in range(self.shapes.num_layers):
+            block = self.block(layer)
+            if layer == 0 or not self.in_place:
+                program += Copy(_in(block, 0), hidden, rows=n)
+            else:
+                program += Same(_in(block, 0), _out(self.block(layer - 1), 0))
+            if layer == 0:
+                program += [Write(_in(block, position), positions, what="the positions"),
+                            self._mask(_in(block, mask_input), c.causal_mask(rows, rows, n), "the prefill mask")]
+            else:
+                program += [Same(_in(block, position), _in(first, position)),
+                            Same(_in(block, mask_input), _in(first, mask_input))]
+            program += Launch(block)
+            hidden = _out(block, 0)
+            program += [Copy(self.cache[layer][j], _out(block, 1 + j), rows=n) for j in range(2)]
+        program += Copy(_in(self.lm_head, 0), hidden, src_row=n - 1, rows=1)
+        program += self._head()
+        self.length = n
+        return self._visit(self._run(program))
+
+    def decode(self, token: int) -> tuple[int, np.ndarray]:
+        self.length += 1
+        row = self.length - 1  # the new token's position and its cache row
+        spec, first = self.decode_spec, self.block_cache(0)
+        position, mask_input = (spec.input_index(x) for x in (c.POSITION_IDS, c.ATTENTION_MASK))
+        program = Program([Write(_in(self.embedding_cache, 0), np.array([token], np.int32), what="the token"),
+                           Launch(self.embedding_cache)])
+        program += [Write(_in(first, position), np.array([row], np.int32), what="the position"),
+                    self._mask(_in(first, mask_input), c.decode_mask(self.shapes.seq_length, row), "the decode mask")]
+        hidden = _out(self.embedding_cache, 0)
+        for layer in range(self.shapes.num_layers):
+            block = self.block_cache(layer)
+            bind = ((0, hidden),) if layer == 0 else (
+                (0, hidden), (position, _in(first, position)), (mask_input, _in(first, mask_input)))
+            program += Launch(block, bind=bind, bind_out=tuple((1 + j, At(self.cache[layer][j], row)) for j in range(2)))
+            hidden = _out(block, 0)
+        program += Copy(_in(self.lm_head, 0), hidden)
+        program += self._head()
+        return self._visit(self._run(program))
+
+
 class Seq2SeqRuntime(ChipStyleRuntime):
     """An encoder-decoder model's networks, driven as docs/encoder-decoder-networks.md says.
 
@@ -349,16 +488,52 @@ class Seq2SeqRuntime(ChipStyleRuntime):
         return result
 
 
-def runtime_for(backend, manifest: dict) -> ChipStyleRuntime:
-    """The runtime that drives this manifest's networks (decoder-only or encoder-decoder) on `backend`:
-    a device that executes programs itself (the simulator), or one that runs single networks
-    (onnxruntime, FX), wrapped in a HostDevice."""
+def runtime_for(backend, manifest: dict, head_logits=None) -> ChipStyleRuntime:
+    """The runtime that drives this manifest's networks (by their contract) on `backend`: a device
+    that executes programs itself (the simulator), or one that runs single networks (onnxruntime,
+    FX), wrapped in a HostDevice. `head_logits`: for a token-out head, how the checks get logits
+    (`HeadLogits`; by default the backend's own, where it has one)."""
+    if head_logits is None and hasattr(backend, "head_logits"):
+        head_logits = backend.head_logits()
     device = backend if hasattr(backend, "execute") else HostDevice(backend, network_io(manifest))
     shapes = Shapes.from_manifest(manifest)
-    config = manifest["model"]["config"]
-    if config.get("is_encoder_decoder"):
-        return Seq2SeqRuntime(device, shapes, int(config["decoder_start_token_id"]))
+    contract = c.contract_of_manifest(manifest)
+    if contract is c.ENCODER_DECODER:
+        return Seq2SeqRuntime(device, shapes, int(manifest["model"]["config"]["decoder_start_token_id"]))
+    if contract is c.LLM_TPU:
+        return LlmTpuRuntime(device, shapes, head_logits)
     return ChipStyleRuntime(device, shapes)
+
+
+class HeadLogits:
+    """The logits a token-out lm_head computes before its TopK, from a row of hidden states: the
+    output directory's lm_head ONNX in onnxruntime with the TopK's input made the output. For the
+    checks only (near-ties, logit errors): the chip answers the token alone."""
+
+    def __init__(self, directory: Path, manifest: dict):
+        import onnx
+
+        contract = c.contract_of_manifest(manifest)
+        net = next(n for n in manifest["networks"] if n["name"] == contract.network(c.LM_HEAD))
+        model = onnx.load(str(directory / net["file"]))
+        topk = next(n for n in model.graph.node if n.op_type == "TopK")
+        del model.graph.output[:]
+        model.graph.output.append(onnx.helper.make_tensor_value_info(topk.input[0], onnx.TensorProto.FLOAT, None))
+        import onnxruntime
+
+        options = onnxruntime.SessionOptions()
+        options.log_severity_level = 3
+        self.session = onnxruntime.InferenceSession(model.SerializeToString(), options,
+                                                    providers=["CPUExecutionProvider"])
+        self.input = self.session.get_inputs()[0].name
+
+    def __call__(self, hidden: np.ndarray) -> np.ndarray:
+        return self.session.run(None, {self.input: hidden.reshape(1, -1).astype(np.float32)})[0].reshape(-1)
+
+
+def head_logits_for(directory: Path, manifest: dict):
+    """A HeadLogits where the manifest's lm_head answers tokens, else None (its logits are read)."""
+    return HeadLogits(directory, manifest) if c.contract_of_manifest(manifest).head_outputs_token else None
 
 
 def run_prompt(runtime: ChipStyleRuntime, prompt: list[int], max_new_tokens: int,
@@ -369,5 +544,5 @@ def run_prompt(runtime: ChipStyleRuntime, prompt: list[int], max_new_tokens: int
     return runtime.generate(prompt, max_new_tokens, stop_tokens)
 
 
-__all__ = ["ChipStyleRuntime", "Seq2SeqRuntime", "OrtBackend", "FxBackend", "load_manifest", "runtime_for",
+__all__ = ["ChipStyleRuntime", "LlmTpuRuntime", "Seq2SeqRuntime", "HeadLogits", "head_logits_for", "OrtBackend", "FxBackend", "load_manifest", "runtime_for",
            "run_prompt", "ort_session"]

@@ -35,41 +35,50 @@ def net_cache(tmp_path_factory, tools):
     return {"GRAPHOPT_NET_CACHE": str(tmp_path_factory.mktemp("net-cache"))}
 
 
+# (quantize, contract): today's LLM-TPU contract (the default) in two modes, and the legacy Llama3_1
+# demo's in an f16 mode, the only kind that demo's models were compiled in.
+BUILDS = {"w4bf16": ("w4bf16", "llm-tpu"), "bf16": ("bf16", "llm-tpu"), "w4f16-llama3_1": ("w4f16", "llama3_1")}
+NETS = {"llm-tpu": ["embedding", "embedding_cache", "block_0", "block_cache_0", "block_1", "block_cache_1", "lm_head"],
+        "llama3_1": ["embedding", "embedding_cache", "block_0", "block_cache_0", "block_1", "block_cache_1", "lm_head",
+                     "greedy_head", "penalty_sample_head"]}
+
+
 @pytest.fixture(scope="session")
 def builds(tmp_path_factory, net_cache):
-    """tiny-llama compiled to w4bf16 and bf16 bmodels, with every check the run does."""
+    """tiny-llama compiled to the bmodels of BUILDS, with every check the run does."""
     root = tmp_path_factory.mktemp("bm1684x")
     out = {}
-    for quantize in ("w4bf16", "bf16"):
-        folder = root / quantize
+    for key, (quantize, runtime) in BUILDS.items():
+        folder = root / key
+        contract_flag = [] if runtime == "llm-tpu" else ["--contract", runtime]
         run = graphopt("run", "tiny-llama", "--target", "bm1684x", "--quantize", quantize, "--seq-length", SEQ,
-                       "--out", str(folder), env=net_cache)
-        out[quantize] = (folder, run)
+                       *contract_flag, "--out", str(folder), env=net_cache)
+        out[key] = (folder, run)
     return out
 
 
-@pytest.mark.parametrize("quantize", ["w4bf16", "bf16"])
-def test_compiles_to_one_bmodel_that_passes_the_simulator_checks(builds, quantize):
-    folder, run = builds[quantize]
+@pytest.mark.parametrize("key", list(BUILDS))
+def test_compiles_to_one_bmodel_that_passes_the_simulator_checks(builds, key):
+    folder, run = builds[key]
+    quantize, runtime = BUILDS[key]
     assert "checks: all passed" in run.stdout, run.stdout
     bmodel = folder / f"tiny-llama_{quantize}_seq{SEQ}_bm1684x_1dev.bmodel"
     assert bmodel.is_file()
     report = json.loads((folder / "bm1684x.json").read_text())
     assert report["ok"] and report["bmodel"] == bmodel.name and not report["contract_problems"]
     nets = {n["net"]: n for n in report["nets"]}
-    assert list(nets) == ["embedding", "embedding_cache", "block_0", "block_cache_0", "block_1", "block_cache_1",
-                          "lm_head", "greedy_head", "penalty_sample_head"]
+    assert list(nets) == NETS[runtime]
     for name, net in nets.items():
         # The session's cache starts empty, so everything is compiled for real; the bf16 build
-        # (second) shares the float nets (embedding, heads) with the w4bf16 one, not the blocks.
-        assert not net["cached"] or (quantize == "bf16" and not name.startswith("block")), name
+        # (second) shares the float nets (embedding, lm_head) with the w4bf16 one, not the blocks.
+        assert not net["cached"] or (key == "bf16" and not name.startswith("block")), name
         assert net["worst"] >= contract.MIN_COSINE, net
     blocks = [n for name, n in nets.items() if name.startswith("block")]
     assert all(n["total_cycle"] > 0 for n in blocks)
     # each block's attention went to TPU-MLIR as one FAttention (top pass fuse-flash-attention)
     assert all(n["top_passes"]["fuse-flash-attention"]["changed"] == 1 for n in blocks), blocks
     assert "top pass fuse-flash-attention: changed 4 of 4 nets" in run.stdout, run.stdout
-    if quantize == "w4bf16":
+    if quantize.startswith("w4"):
         # W4 loses against fp32 (the model's own quantization loss) but not against the same
         # weights rounded to 4 bits: the compiler adds no error of its own.
         assert all(n["precision"] == "W4" and n["worst_fp32"] < n["worst"] for n in blocks)
@@ -114,6 +123,23 @@ def test_tiny_qwen2_5_compiles_to_bf16_and_passes_the_simulator_checks(net_cache
     assert agreed >= 4 and generation["tokens"][:agreed] == generation["fp32_tokens"][:agreed]
 
 
+def test_tiny_qwen3_in_todays_contract_compiles_to_w4bf16_and_passes_the_simulator_checks(net_cache, tmp_path):
+    """Qwen3 (q/k norms, the architecture of LLM-TPU's current demo) with the final norm in its last block and
+    lm_head answering the token, driven as that demo drives it: K/V rows written straight into the cache."""
+    folder = tmp_path / "qwen3-w4bf16"
+    run = graphopt("run", "tiny-qwen3", "--target", "bm1684x", "--seq-length", SEQ, "--out", str(folder), env=net_cache)
+    assert "checks: all passed" in run.stdout, run.stdout
+    report = json.loads((folder / "bm1684x.json").read_text())
+    assert report["ok"] and report["contract"].startswith("LLM-TPU chat demos") and not report["contract_problems"]
+    assert [n["net"] for n in report["nets"]] == NETS["llm-tpu"]
+    assert "memory check" in report["seconds"]  # the demo's copies and bound outputs checked on the file's layout
+    for generation in report["generation"]["runs"]:
+        assert generation["ok"] and len(generation["tokens"]) == 16 and generation["min_logit_cosine"] > 0.998
+    _, infos = read_info(toolchain.require(), folder / report["bmodel"])
+    head = next(n for n in infos if n.name == "lm_head")
+    assert [(t.shape, t.dtype) for t in head.outputs] == [((1, 1), "int32")]
+
+
 def test_simulated_generation_from_the_command_line_matches_onnxruntime(builds):
     folder, _ = builds["bf16"]
     golden, _ = load_golden("tiny-llama")
@@ -127,12 +153,16 @@ def test_simulated_generation_from_the_command_line_matches_onnxruntime(builds):
     assert sim == ort == golden["tokens"][:12]
 
 
-def test_inspect_lists_the_nets_and_checks_the_contract(builds, tools):
+def test_inspect_lists_the_nets_and_says_which_contract_they_meet(builds, tools):
     folder, _ = builds["w4bf16"]
     bmodel = next(folder.glob("*.bmodel"))
     out = graphopt("inspect", str(bmodel)).stdout
-    assert "contract (LLM-TPU Llama3_1 chat demo): met (2 layers)" in out
+    assert "contract (llm-tpu: LLM-TPU chat demos (Qwen3 python_demo) / TPU-MLIR llm_convert): met (2 layers)" in out
+    assert "contract (llama3_1: LLM-TPU Llama3_1 chat demo (legacy)): not met (net 'greedy_head' is missing" in out
     assert "history_k" in out and "[1, 64, 2, 32]" in out and "int32" in out and "bfloat16" in out
+    legacy = graphopt("inspect", str(next(builds["w4f16-llama3_1"][0].glob("*.bmodel")))).stdout
+    assert "contract (llama3_1: LLM-TPU Llama3_1 chat demo (legacy)): met (2 layers)" in legacy and "float16" in legacy
+    assert "contract (llm-tpu: LLM-TPU chat demos (Qwen3 python_demo) / TPU-MLIR llm_convert): not met" in legacy
     # A single net is not a runtime's bmodel: inspect says what is missing and exits 1.
     single = _cached_bmodel(folder, "lm_head")
     partial = graphopt("inspect", str(single), check=False)
@@ -217,7 +247,7 @@ def test_tiny_marian_compiles_to_bf16_and_passes_the_simulator_checks(net_cache,
     by_name = {n.name: n for n in infos}
     assert [t.dtype for t in by_name["encoder"].inputs] == ["int32", "int32"]
     assert {t.dtype for n in infos if n.name.startswith("decoder_block") for t in n.inputs + n.outputs} == {"bfloat16"}
-    assert "contract (encoder-decoder networks" in graphopt("inspect", str(folder / report["bmodel"])).stdout
+    assert "contract (encoder-decoder: encoder-decoder networks" in graphopt("inspect", str(folder / report["bmodel"])).stdout
 
     # `graphopt generate --backend bm1684x-sim` translates with the bmodel as transformers does.
     golden, _ = load_golden("tiny-marian")
@@ -239,7 +269,8 @@ def test_embeddings_in_shared_memory_overlap_block_0_and_the_run_says_so(builds,
     monkeypatch.setattr(contract, "EMBEDDING_FLAGS", ("--quant_input", "--quant_output"))
     monkeypatch.setattr(contract, "LM_HEAD_FLAGS", ("--quant_input",))
     result = compile_model(open_model("tiny-llama"), get_target("bm1684x"), int(SEQ), tmp_path / "shared-embedding",
-                           show_progress=False, target_options={"quantize": "w4bf16", "group_size": 64, "jobs": None})
+                           show_progress=False, target_options={"quantize": "w4f16", "group_size": 64, "jobs": None},
+                           contract="llama3_1")
     built = result.target
     assert not result.ok and len(built.problems) == 1, built.problems
     assert built.problems[0].startswith("the runtime copies embedding output 0") and \
@@ -248,5 +279,5 @@ def test_embeddings_in_shared_memory_overlap_block_0_and_the_run_says_so(builds,
     assert short["ok"] and short["tokens_identical"]  # 8 rows: the overlap starts past them
     assert not long["ok"] and long["first_difference"] == 0
     # The same nets with io_alone embeddings and lm_head (the contract): no hazard, both prompts right.
-    report = json.loads((builds["w4bf16"][0] / "bm1684x.json").read_text())
+    report = json.loads((builds["w4f16-llama3_1"][0] / "bm1684x.json").read_text())
     assert not report["contract_problems"] and all(r["ok"] for r in report["generation"]["runs"])

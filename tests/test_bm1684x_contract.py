@@ -184,10 +184,11 @@ def _infos(manifest, dtype_of=lambda net, io, name: None):
 
 
 def test_an_encoder_decoder_bmodel_is_held_to_its_own_contract():
-    from graphopt.targets.bm1684x.inspect_bmodel import ENCODER_DECODER, contract_of, contract_problems
+    from graphopt.contract import ENCODER_DECODER
+    from graphopt.targets.bm1684x.inspect_bmodel import contract_of, contract_problems
 
     infos = _infos(_seq2seq_manifest())
-    assert contract_of(infos) == ENCODER_DECODER and contract_problems(infos) == []
+    assert contract_of(infos) is ENCODER_DECODER and contract_problems(infos) == []
     # What --high_precision did to a post-LN block: its hidden states came out fp32.
     fp32_states = _infos(_seq2seq_manifest(), lambda net, io, name: "float32" if io == "out" and
                          name == "hidden_states" else None)

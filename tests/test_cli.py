@@ -23,7 +23,7 @@ def test_run_then_generate_gives_transformers_tokens(tmp_path):
     run = graphopt("run", "tiny-llama", "--target", "onnx", "--seq-length", "64", "--out", str(out))
     assert "checks: all passed" in run.stdout and "identical" in run.stdout
     manifest = json.loads((out / "manifest.json").read_text())
-    assert manifest["seq_length"] == 64 and len(manifest["networks"]) == 8
+    assert manifest["seq_length"] == 64 and manifest["contract"] == "llm-tpu" and len(manifest["networks"]) == 6
     assert json.loads((out / "report.json").read_text())["ok"] is True
 
     golden, _ = load_golden("tiny-llama")
@@ -38,7 +38,7 @@ def test_num_layers_compiles_the_first_layers_and_still_matches_transformers(tmp
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["model"]["name"] == "tiny-llama-1l" and manifest["model"]["config"]["num_hidden_layers"] == 1
     assert [n["name"] for n in manifest["networks"]][:3] == ["embedding", "block_0", "block_cache_0"]
-    assert len(manifest["networks"]) == 6
+    assert len(manifest["networks"]) == 4  # embedding, block_0, block_cache_0, lm_head
     report = json.loads((out / "report.json").read_text())
     assert report["ok"] is True  # includes greedy generation against the 1-layer transformers model
 

@@ -1,10 +1,16 @@
-"""The emitted networks carry the BM1684X contract's names, shapes and ONNX versions."""
+"""The emitted networks carry their runtime contract's names, shapes and ONNX versions: today's LLM-TPU
+contract (the default) and the legacy Llama3_1 demo's."""
 
 import onnx
+import pytest
+
+from graphopt.compiler import compile_model
+from graphopt.models import open_model
+from graphopt.targets.onnx_target import ONNX_TARGET
 
 SEQ, H, KV, D, V = 64, 128, 2, 32, 1024
 
-CONTRACT = {
+LLAMA3_1 = {
     "embedding": ([("input_ids", ["seq"])], [("input_embed", [1, "seq", H])]),
     "block_0": ([("input_states", [1, SEQ, H]), ("position_ids", [1, SEQ]), ("attention_mask", [1, 1, SEQ, SEQ])],
                 [("hidden_states", [1, SEQ, H]), ("past_k", [1, SEQ, KV, D]), ("past_v", [1, SEQ, KV, D])]),
@@ -18,16 +24,29 @@ CONTRACT = {
 }
 
 
+# Today's: the same embedding and blocks, lm_head answering the token (TopK 1), no heads after it.
+LLM_TPU = {**{k: v for k, v in LLAMA3_1.items() if k not in ("lm_head", "greedy_head", "penalty_sample_head")},
+           "lm_head": ([("hidden_states", [1, H])], [("token", [1, 1])])}
+
+
 def _dims(value):
     return [d.dim_param or d.dim_value for d in value.type.tensor_type.shape.dim]
 
 
-def test_networks_follow_the_contract(tiny_llama_build):
-    names = [n["name"] for n in tiny_llama_build.manifest["networks"]]
-    assert names == ["embedding", "block_0", "block_cache_0", "block_1", "block_cache_1", "lm_head", "greedy_head",
-                     "penalty_sample_head"]
-    for name, (inputs, outputs) in CONTRACT.items():
-        model = onnx.load(str(tiny_llama_build.out_dir / f"{name}.onnx"))
+@pytest.fixture(scope="module")
+def legacy_build(tmp_path_factory):
+    out = tmp_path_factory.mktemp("legacy") / "tiny-llama"
+    return compile_model(open_model("tiny-llama"), ONNX_TARGET, SEQ, out, show_progress=False, contract="llama3_1")
+
+
+@pytest.mark.parametrize("contract", ["llm-tpu", "llama3_1"])
+def test_networks_follow_the_contract(contract, tiny_llama_build, legacy_build):
+    build, expected = (tiny_llama_build, LLM_TPU) if contract == "llm-tpu" else (legacy_build, LLAMA3_1)
+    assert build.manifest["contract"] == contract and build.ok
+    names = [n["name"] for n in build.manifest["networks"]]
+    assert names == list(expected)[:1] + ["block_0", "block_cache_0", "block_1", "block_cache_1"] + list(expected)[3:]
+    for name, (inputs, outputs) in expected.items():
+        model = onnx.load(str(build.out_dir / f"{name}.onnx"))
         assert model.ir_version <= 8 and model.opset_import[0].version <= 17
         got_inputs = [(i.name, _dims(i)) for i in model.graph.input]
         if name == "embedding":

@@ -8,21 +8,24 @@ wrappers over the model's own modules, traced one at a time.
 
 from __future__ import annotations
 
+from graphopt import contract as c
 from graphopt.ir import NetworkGraph
 from graphopt.models.source import ModelSource
 from graphopt.networks.plan import NetworkPlan
 from graphopt.trace import trace_network
 
 
-def plan_networks(source: ModelSource, seq_length: int, layers: list[int] | None = None) -> list[NetworkPlan]:
-    """Every network of `source` (the decoder layers in `layers` only, when given), in contract order."""
+def plan_networks(source: ModelSource, seq_length: int, layers: list[int] | None = None,
+                  contract: c.Contract | None = None) -> list[NetworkPlan]:
+    """Every network of `source` (the decoder layers in `layers` only, when given), in the order of
+    `contract` (a decoder-only model's; an encoder-decoder model has its own)."""
     if source.is_encoder_decoder:
         from graphopt.networks.seq2seq import plan_seq2seq_networks
 
         return plan_seq2seq_networks(source, seq_length, layers)
     from graphopt.networks.decoder import plan_decoder_networks
 
-    return plan_decoder_networks(source, seq_length, layers)
+    return plan_decoder_networks(source, seq_length, layers, contract or c.contract_for(False))
 
 
 def trace_plan(source: ModelSource, plan: NetworkPlan, seq_length: int) -> NetworkGraph:

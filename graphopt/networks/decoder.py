@@ -1,5 +1,5 @@
-"""The networks of a decoder-only model (graphopt.contract.LLAMA3_1_DEMO), as thin wrappers whose
-positional inputs are exactly the network's, in the contract's order.
+"""The networks of a decoder-only model (graphopt.contract.LLM_TPU or LLAMA3_1_DEMO), as thin wrappers
+whose positional inputs are exactly the network's, in the contract's order.
 
 Nothing in transformers is patched: a block is the model's own decoder layer, called the way the
 model's own forward calls it. The traced graph's inputs take the contract's names (trace.py).
@@ -28,11 +28,12 @@ class Embedding(nn.Module):
 
 
 class DecoderBlock(nn.Module):
-    """One decoder layer with its rotary embedding, called as the model's forward calls it."""
+    """One decoder layer with its rotary embedding, called as the model's forward calls it; the last
+    layer's ends in the model's final norm where the contract puts it there."""
 
-    def __init__(self, layer: nn.Module, rotary: nn.Module):
+    def __init__(self, layer: nn.Module, rotary: nn.Module, final_norm: nn.Module | None = None):
         super().__init__()
-        self.layer, self.rotary = layer, rotary
+        self.layer, self.rotary, self.final_norm = layer, rotary, final_norm
         self._takes_position_embeddings = "position_embeddings" in inspect.signature(layer.forward).parameters
 
     def forward(self, input_states, position_ids, attention_mask):
@@ -42,17 +43,23 @@ class DecoderBlock(nn.Module):
         out = self.layer(input_states, attention_mask=attention_mask, position_ids=position_ids, **extra)
         # Decoder layers return the hidden states from transformers 4.54 on; up to 4.53 they
         # return a tuple that starts with them (CI runs the goldens on 4.51 too).
-        return out[0] if isinstance(out, tuple) else out
+        out = out[0] if isinstance(out, tuple) else out
+        return out if self.final_norm is None else self.final_norm(out)
 
 
 class LmHead(nn.Module):
-    def __init__(self, norm: nn.Module, head: nn.Module, logit_multiplier: float = 1.0):
+    """The head over one row of hidden states: the final norm unless the last block has it, the
+    logits, and for a token-out contract their TopK(1), the token id."""
+
+    def __init__(self, norm: nn.Module | None, head: nn.Module, logit_multiplier: float = 1.0,
+                 token_out: bool = False):
         super().__init__()
-        self.norm, self.head, self.logit_multiplier = norm, head, logit_multiplier
+        self.norm, self.head, self.logit_multiplier, self.token_out = norm, head, logit_multiplier, token_out
 
     def forward(self, hidden_states):
-        logits = self.head(self.norm(hidden_states))
-        return logits if self.logit_multiplier == 1.0 else logits * self.logit_multiplier
+        logits = self.head(hidden_states if self.norm is None else self.norm(hidden_states))
+        logits = logits if self.logit_multiplier == 1.0 else logits * self.logit_multiplier
+        return torch.topk(logits, 1).indices if self.token_out else logits
 
 
 class GreedyHead(nn.Module):
@@ -88,10 +95,14 @@ class PenaltySampleHead(nn.Module):
         return logits.softmax(dim=1), token
 
 
-def plan_decoder_networks(source: ModelSource, seq_length: int, layers: list[int] | None = None) -> list[NetworkPlan]:
-    cfg, parts, contract = source.config, source.parts, c.LLAMA3_1_DEMO
+def plan_decoder_networks(source: ModelSource, seq_length: int, layers: list[int] | None = None,
+                          contract: c.Contract = c.LLM_TPU) -> list[NetworkPlan]:
+    cfg, parts = source.config, source.parts
     hidden, vocab = int(cfg.hidden_size), int(cfg.vocab_size)
+    last = len(parts.layers) - 1
     layers = list(range(len(parts.layers))) if layers is None else layers
+    # Where the contract moves the final norm into the last layer's networks, lm_head starts at the logits.
+    norm_in_block = contract.final_norm_in_last_block
 
     def block_inputs(steps: int) -> tuple[torch.Tensor, ...]:  # input_states, position_ids, attention_mask
         return (torch.randn(1, steps, hidden, generator=torch.Generator().manual_seed(0)),
@@ -107,22 +118,38 @@ def plan_decoder_networks(source: ModelSource, seq_length: int, layers: list[int
         layer = parts.layers[i]
         # The decode network is the same layer traced for one new token; concat-cache then adds the history.
         for kind, steps in ((c.BLOCK, seq_length), (c.BLOCK_CACHE, 1)):
-            plans.append(plan(kind, lambda layer=layer, steps=steps: (_block(source, layer), block_inputs(steps)),
-                              lambda layer=layer: (layer,), i))
-    plans += [
-        plan(c.LM_HEAD, lambda: (LmHead(parts.norm, parts.head, parts.logit_multiplier), (torch.zeros(1, hidden),)),
-             lambda: (parts.norm, parts.head)),
-        plan(c.GREEDY_HEAD, lambda: (GreedyHead(), (torch.zeros(1, vocab),)), lambda: ()),
-        plan(c.PENALTY_SAMPLE_HEAD, lambda: (PenaltySampleHead(), (
+            norm = parts.norm if norm_in_block and i == last else None
+            plans.append(plan(kind, lambda layer=layer, steps=steps, norm=norm: (
+                _block(source, layer, norm), block_inputs(steps)), lambda layer=layer, norm=norm: (
+                    (layer,) if norm is None else (layer, norm)), i))
+    head_norm = None if norm_in_block else parts.norm
+    plans.append(plan(c.LM_HEAD, lambda: (LmHead(head_norm, parts.head, parts.logit_multiplier,
+                                                 contract.head_outputs_token), (torch.zeros(1, hidden),)),
+                      lambda: (parts.head,) if head_norm is None else (parts.norm, parts.head)))
+    if contract.has(c.GREEDY_HEAD):
+        plans.append(plan(c.GREEDY_HEAD, lambda: (GreedyHead(), (torch.zeros(1, vocab),)), lambda: ()))
+    if contract.has(c.PENALTY_SAMPLE_HEAD):
+        plans.append(plan(c.PENALTY_SAMPLE_HEAD, lambda: (PenaltySampleHead(), (
             torch.zeros(1, vocab), torch.zeros(1, seq_length, dtype=torch.int64), torch.ones(1), torch.ones(1),
-            torch.ones(1))), lambda: ()),
-    ]
+            torch.ones(1))), lambda: ()))
     return plans
 
 
-def _block(source: ModelSource, layer: nn.Module) -> nn.Module:
+def _block(source: ModelSource, layer: nn.Module, final_norm: nn.Module | None = None) -> nn.Module:
     if source.parts.call_block is not None:  # a user's model says how its block takes the inputs
         from graphopt.models.custom import CustomBlock
 
-        return CustomBlock(layer, source.parts.call_block)
-    return DecoderBlock(layer, source.rotary)
+        block = CustomBlock(layer, source.parts.call_block)
+        return block if final_norm is None else _Normed(block, final_norm)
+    return DecoderBlock(layer, source.rotary, final_norm)
+
+
+class _Normed(nn.Module):
+    """A user's block followed by the model's final norm (the contract's last block)."""
+
+    def __init__(self, block: nn.Module, norm: nn.Module):
+        super().__init__()
+        self.block, self.norm = block, norm
+
+    def forward(self, input_states, position_ids, attention_mask):
+        return self.norm(self.block(input_states, position_ids, attention_mask))

@@ -33,7 +33,7 @@ class Bm1684xResult:
     sim_skipped: str = ""
     memory: dict[str, int] = field(default_factory=dict)  # the combined file's device bytes
     problems: list[str] = field(default_factory=list)  # contract problems of the combined file
-    contract: str = inspect_bmodel.LLM_TPU  # the runtime contract the file is held to
+    contract: str = ""  # the runtime contract the file is held to (its description)
     memory_checked: bool = False  # the runtime's copies were checked on the file's memory layout
 
     @property
@@ -125,15 +125,15 @@ CYCLES_PER_MS = 1_000_000
 def time_estimate(nets: list[dict]) -> dict:
     """Chip time by TPU-MLIR's cycle model: what one prompt (or source) and one new token pass through.
 
-    Prefill: embedding, every prefill block, lm_head, greedy_head. Decode, per token: embedding_cache,
-    every decode block, lm_head, greedy_head. An encoder-decoder model also encodes once per source
-    (encoder, cross_kv). Nets without a cycle count (greedy_head) add nothing."""
+    Prefill: embedding, every prefill block, lm_head (and greedy_head, where the contract has one).
+    Decode, per token: embedding_cache, every decode block, the heads. An encoder-decoder model also
+    encodes once per source (encoder, cross_kv). Nets without a cycle count (greedy_head) add nothing."""
     cycles = {n["net"]: n.get("total_cycle") or 0 for n in nets}
-    runtime = c.contract_for(c.ENCODER_DECODER.network(c.ENCODER) in cycles)
+    runtime = c.contract_of_nets(cycles)
     kinds = {name: runtime.spec(name).kind for name in cycles}
     prefill = [k for k in cycles if kinds[k] in c.PREFILL_BLOCKS]
     decode = [k for k in cycles if kinds[k] in c.DECODE_BLOCKS]
-    head = [runtime.network(c.LM_HEAD), runtime.network(c.GREEDY_HEAD)]
+    head = [runtime.network(k) for k in (c.LM_HEAD, c.GREEDY_HEAD) if runtime.has(k)]
 
     def ms(names) -> float:
         return sum(cycles.get(n, 0) for n in names) / CYCLES_PER_MS
@@ -160,6 +160,7 @@ def build(folder: Path, manifest: dict, source, options: dict[str, Any], check: 
     check its memory layout against the runtime's copies, and simulate it when the model is small."""
     tools = toolchain.require()
     quantize, seconds = options["quantize"], {}
+    runtime = c.contract_of_manifest(manifest)
     specs = contract.deploy_specs(manifest, quantize, options["group_size"], top_pipeline)
     onnx_files = {}
     for net in manifest["networks"]:
@@ -179,8 +180,8 @@ def build(folder: Path, manifest: dict, source, options: dict[str, Any], check: 
              "top_passes": {r["pass"]: {k: r[k] for k in ("changed", "summary", "skipped")} for r in d.top_passes},
              "cache_dir": str(d.directory)} for d in compiled]
     result = Bm1684xResult(bmodel.name, bmodel.stat().st_size, quantize, tools.describe(), options.get("jobs"), nets,
-                           seconds, memory=header.get("memory", {}), problems=inspect_bmodel.contract_problems(infos),
-                           contract=inspect_bmodel.contract_of(infos))
+                           seconds, memory=header.get("memory", {}),
+                           problems=inspect_bmodel.contract_problems(infos, runtime), contract=runtime.name)
 
     with Simulator(tools, simulator_log()) as sim:
         # Whatever the model's size: where the runtime's copies land in the combined file's memory,

@@ -96,6 +96,7 @@ def _libraries(bmodel: str):
     bmlib.bm_memcpy_d2d_byte.argtypes = [handle, DeviceMem, c_size_t, DeviceMem, c_size_t, c_size_t]
     bmlib.bm_malloc_device_byte.argtypes = [handle, POINTER(DeviceMem), c_uint]
     bmlib.bm_thread_sync.argtypes = [handle]
+    bmlib.bm_memset_device_ext.argtypes = [handle, c_void_p, c_int, DeviceMem]
     bmrt.bmrt_create.argtypes, bmrt.bmrt_create.restype = [handle], c_void_p
     bmrt.bmrt_set_flags.argtypes = [c_void_p, c_uint]
     bmrt.bmrt_load_bmodel.argtypes, bmrt.bmrt_load_bmodel.restype = [c_void_p, c_char_p], c_bool
@@ -143,7 +144,14 @@ class Device:
         return stage.output_mems[index], info.output_dtypes[index], stage.output_shapes[index].to_tuple()
 
     def resolve(self, ref: list) -> tuple[DeviceMem, int, tuple[int, ...]]:
-        """A program's reference: [net, io, index], or ["buffer", name, like] for the runtime's own memory."""
+        """A program's reference: [net, io, index], ["buffer", name, like] for the runtime's own memory,
+        or ["at", ref, row]: ref's memory from that row on (`bm_mem_from_device(addr + offset, rest)`)."""
+        if ref[0] == "at":
+            base, dtype, shape = self.resolve(ref[1])
+            offset = ref[2] * (base.size // _rows(shape))
+            mem = DeviceMem()
+            mem.u.device.device_addr, mem.size = base.addr + offset, base.size - offset
+            return mem, dtype, shape
         if ref[0] == "buffer":
             like_mem, dtype, shape = self.resolve(ref[2])
             if ref[1] not in self.buffers:
@@ -167,8 +175,8 @@ class Device:
             out[name] = entry
         return out
 
-    def launch(self, net: str, bind: dict[int, DeviceMem]) -> None:
-        info = self.nets[net]
+    def launch(self, net: str, bind: dict[int, DeviceMem], bind_out: dict[int, DeviceMem] | None = None) -> None:
+        info, bind_out = self.nets[net], bind_out or {}
         stage = info.stages[0]
         inputs, outputs = (TensorDesc * info.input_num)(), (TensorDesc * info.output_num)()
         for i in range(info.input_num):
@@ -176,7 +184,9 @@ class Device:
             inputs[i].device_mem, inputs[i].st_mode = bind.get(i, stage.input_mems[i]), 0
         for i in range(info.output_num):
             outputs[i].dtype, outputs[i].shape = info.output_dtypes[i], stage.output_shapes[i]
-            outputs[i].device_mem, outputs[i].st_mode = stage.output_mems[i], 0
+            outputs[i].device_mem, outputs[i].st_mode = bind_out.get(i, stage.output_mems[i]), 0
+            if i in bind_out:  # the demo's bm_mem_from_device(addr, the output's own size)
+                outputs[i].device_mem.size = stage.output_mems[i].size
         if not self.bmrt.bmrt_launch_tensor_ex(self.runtime, info.name, inputs, info.input_num, outputs,
                                                info.output_num, True, False):
             raise RuntimeError(f"bmrt_launch_tensor_ex failed for net '{net}'")
@@ -191,10 +201,14 @@ class Device:
                 mem, dtype, _ = self.resolve(step["dst"])
                 value = data[step["data"]]
                 blob = np.ascontiguousarray(value if step["raw"] else to_device(value, dtype)).tobytes()
-                if len(blob) != mem.size:
+                if len(blob) > mem.size or (len(blob) < mem.size and not step.get("partial")):
                     raise ValueError(f"the runtime writes {len(blob)} bytes into {step['dst']}, which has {mem.size}")
                 buffer = ctypes.create_string_buffer(blob, len(blob))
                 self._check(self.bmlib.bm_memcpy_s2d_partial_offset(self.handle, mem, buffer, len(blob), 0), "s2d")
+            elif op == "fill":
+                mem, _, _ = self.resolve(step["dst"])
+                self._check(self.bmlib.bm_memset_device_ext(self.handle, ctypes.byref(ctypes.c_int(0)), 1, mem),
+                            "memset")
             elif op == "copy":
                 (dst, _, dst_shape), (src, _, src_shape) = self.resolve(step["dst"]), self.resolve(step["src"])
                 src_row, dst_row = src.size // _rows(src_shape), dst.size // _rows(dst_shape)
@@ -202,7 +216,8 @@ class Device:
                 self._check(self.bmlib.bm_memcpy_d2d_byte(self.handle, dst, step["dst_row"] * dst_row, src,
                                                           step["src_row"] * src_row, size), "d2d")
             elif op == "launch":
-                self.launch(step["net"], {int(i): self.resolve(ref)[0] for i, ref in step["bind"]})
+                self.launch(step["net"], {int(i): self.resolve(ref)[0] for i, ref in step["bind"]},
+                            {int(i): self.resolve(ref)[0] for i, ref in step.get("bind_out", [])})
             elif op == "read":
                 mem, dtype, shape = self.resolve(step["src"])
                 row = mem.size // _rows(shape)

@@ -1,8 +1,11 @@
 """What is inside a .bmodel (`model_tool --info`), and whether it meets the runtime's contract.
 
-For a decoder-only model the contract is what LLM-TPU's Llama3_1 chat demo reads from the file:
-the nets by name, NUM_LAYERS = (nets - 5) / 2, int32 ids and positions, 16-bit activations, a
-[1,SEQ,KV,D] cache in and a [1,1,KV,D] row out for the decode nets, the masks' shapes. For an
+For a decoder-only model there are two contracts (graphopt/contract.py), what each runtime reads
+from the file: today's LLM-TPU demos (LLM_TPU: MAX_INPUT_LENGTH from embedding, SEQ from
+block_cache_0's history_k, layers counted from the nets that are not heads, a token-out lm_head,
+mask bits by embedding_cache's dtype) and the legacy Llama3_1 demo (NUM_LAYERS = (nets - 5) / 2,
+SEQ from embedding, logits into greedy_head); both want int32 ids and positions, 16-bit
+activations, a [1,SEQ,KV,D] cache in and a [1,1,KV,D] row out for the decode nets. For an
 encoder-decoder model it is docs/encoder-decoder-networks.md, with the bmodel's int32 ids and
 16-bit floats. `runtime_problems` adds what names and shapes cannot show: whether the runtime's
 copies between nets are sound on the file's memory layout (memory_check.py), and whether the
@@ -71,13 +74,9 @@ def read_info(toolchain: Toolchain, bmodel: Path) -> tuple[dict, list[NetInfo]]:
 HALF = ("bfloat16", "float16")
 INT = ("int32",)
 
-LLM_TPU = c.LLAMA3_1_DEMO.name
-ENCODER_DECODER = c.ENCODER_DECODER.name
-
-
-def contract_of(nets: list[NetInfo]) -> str:
-    """Which runtime contract a bmodel's nets are held to: an encoder net makes it a translation model."""
-    return ENCODER_DECODER if any(n.name == c.ENCODER_DECODER.network(c.ENCODER) for n in nets) else LLM_TPU
+def contract_of(nets: list[NetInfo]) -> c.Contract:
+    """Which runtime contract a bmodel's nets are held to, from their names (graphopt.contract.contract_of_nets)."""
+    return c.contract_of_nets(n.name for n in nets)
 
 
 def _expecter(contract: c.Contract, by_name: dict[str, NetInfo], problems: list[str]):
@@ -121,30 +120,52 @@ def _missing_nets(contract: c.Contract, by_name: dict[str, NetInfo]) -> tuple[li
     return problems, layers
 
 
-def contract_problems(nets: list[NetInfo]) -> list[str]:
-    """Everything in `nets` their runtime would trip over (see `contract_of`); empty when they meet the contract."""
-    if contract_of(nets) == ENCODER_DECODER:
+def contract_problems(nets: list[NetInfo], contract: c.Contract | None = None) -> list[str]:
+    """Everything in `nets` the runtime of `contract` (default: `contract_of`) would trip over; empty
+    when they meet it."""
+    contract = contract or contract_of(nets)
+    if contract is c.ENCODER_DECODER:
         return encoder_decoder_problems(nets)
-    contract, by_name = c.LLAMA3_1_DEMO, {n.name: n for n in nets}
+    return decoder_problems(contract, nets)
+
+
+def decoder_contracts_met(nets: list[NetInfo]) -> dict[str, list[str]]:
+    """{decoder-only contract key: its problems with `nets`} for every such contract graphopt knows."""
+    return {key: decoder_problems(c.CONTRACTS[key], nets) for key in c.DECODER_CONTRACTS}
+
+
+def decoder_problems(contract: c.Contract, nets: list[NetInfo]) -> list[str]:
+    by_name = {n.name: n for n in nets}
     problems, layers = _missing_nets(contract, by_name)
     fixed = sum(1 for s in contract.networks if not s.per_layer)
-    if len(nets) != fixed + 2 * len(layers):
+    if contract is c.LLAMA3_1_DEMO and len(nets) != fixed + 2 * len(layers):
         problems.append(f"{len(nets)} nets, but the runtime computes NUM_LAYERS = (nets - {fixed}) / 2 and expects "
                         f"{fixed + 2 * len(layers)} for {len(layers)} layers")
+    if contract is c.LLM_TPU:  # today's demos count layers as (nets - 3 - the optional heads present) / 2
+        heads = sum(1 for h in c.LLM_TPU_OPTIONAL_HEADS if h in by_name)
+        counted = (len(nets) - fixed - heads) // 2
+        if counted != len(layers):
+            problems.append(f"{len(nets)} nets: the demo counts (nets - {fixed} - {heads} heads) / 2 = {counted} "
+                            f"layers, not {len(layers)}")
     if problems:
         return problems
     expect = _expecter(contract, by_name, problems)
     embedding_cache = contract.one_token(c.EMBEDDING)
     ids = expect(c.EMBEDDING, "inputs", c.INPUT_IDS, rank=2, dtypes=INT)
-    seq = ids.shape[1] if ids else 0
+    rows = ids.shape[1] if ids else 0  # the prefill's rows: SEQ for the legacy demo, MAX_INPUT_LENGTH today
     expect(embedding_cache, "inputs", c.INPUT_IDS, dtypes=INT, shape=(1, 1))
     embed = expect(c.EMBEDDING, "outputs", c.INPUT_EMBED, rank=3, dtypes=HALF)
     hidden = embed.shape[2] if embed else 0
+    history = by_name[contract.network(c.BLOCK_CACHE, layers[0])].inputs
+    index = contract.spec(c.BLOCK_CACHE).input_index(c.HISTORY_K)
+    seq = history[index].shape[1] if index < len(history) and len(history[index].shape) > 1 else rows
+    if contract is c.LLAMA3_1_DEMO and seq != rows:
+        problems.append(f"the legacy demo reads SEQ from embedding ({rows}), but the decode cache holds {seq} rows")
     for i in layers:
-        expect(c.BLOCK, "inputs", c.INPUT_STATES, i, dtypes=HALF, shape=(1, seq, hidden))
-        expect(c.BLOCK, "inputs", c.POSITION_IDS, i, dtypes=INT, shape=(1, seq))
-        expect(c.BLOCK, "inputs", c.ATTENTION_MASK, i, dtypes=HALF, shape=(1, 1, seq, seq))
-        expect(c.BLOCK, "outputs", c.HIDDEN_STATES, i, dtypes=HALF, shape=(1, seq, hidden))
+        expect(c.BLOCK, "inputs", c.INPUT_STATES, i, dtypes=HALF, shape=(1, rows, hidden))
+        expect(c.BLOCK, "inputs", c.POSITION_IDS, i, dtypes=INT, shape=(1, rows))
+        expect(c.BLOCK, "inputs", c.ATTENTION_MASK, i, dtypes=HALF, shape=(1, 1, rows, rows))
+        expect(c.BLOCK, "outputs", c.HIDDEN_STATES, i, dtypes=HALF, shape=(1, rows, hidden))
         k = expect(c.BLOCK, "outputs", c.PAST_K, i, rank=4, dtypes=HALF)
         expect(c.BLOCK, "outputs", c.PAST_V, i, rank=4, dtypes=HALF, shape=k.shape if k else None)
         kv = tuple(k.shape[2:]) if k else ()
@@ -157,6 +178,9 @@ def contract_problems(nets: list[NetInfo]) -> list[str]:
         for name in c.KV_OUTPUTS:
             expect(c.BLOCK_CACHE, "outputs", name, i, dtypes=HALF, shape=(1, 1, *kv))
     expect(c.LM_HEAD, "inputs", c.HIDDEN_STATES, dtypes=HALF, shape=(1, hidden))
+    if contract.head_outputs_token:  # the demo reads lm_head's output dim 1 == 1 as "lm_head answers the token"
+        expect(c.LM_HEAD, "outputs", c.TOKEN, dtypes=INT, shape=(1, 1))
+        return problems
     logits = expect(c.LM_HEAD, "outputs", c.M_LOGITS, rank=2)
     vocab = logits.shape[1] if logits else 0
     expect(c.GREEDY_HEAD, "inputs", c.M_LOGITS, shape=(1, vocab))
@@ -226,9 +250,11 @@ def mask_problems(nets: list[NetInfo], manifest: dict | None) -> list[str]:
     −5.6e29, which TPU-MLIR's bf16 attention turns into NaN on a row masked everywhere (the prompt's
     padding rows): the demo then generates token 0, unless the blocks clamp the mask (graphopt's
     clamp-mask pass), which the manifest the bmodel was built from says."""
-    if contract_of(nets) != LLM_TPU:
+    contract, by_name = contract_of(nets), {n.name: n for n in nets}
+    if contract is c.ENCODER_DECODER:
         return []
-    contract, by_name = c.LLAMA3_1_DEMO, {n.name: n for n in nets}
+    if contract is c.LLM_TPU:  # the demo writes the bits of embedding_cache's output dtype
+        return _mask_dtype_problems(contract, by_name)
     clamped = {n["name"] for n in (manifest or {}).get("networks", [])
                if any(p["pass"] == MASK_CLAMP_PASS and c.ATTENTION_MASK in p["note"] for p in n["passes"])}
     wrong, meaning = [], {}
@@ -255,6 +281,26 @@ def mask_problems(nets: list[NetInfo], manifest: dict | None) -> list[str]:
             "or in an f16 mode (w4f16, w8f16, f16)"]
 
 
+def _mask_dtype_problems(contract: c.Contract, by_name: dict[str, NetInfo]) -> list[str]:
+    writer = by_name[contract.one_token(c.EMBEDDING)].outputs[0].dtype
+    bits = contract.mask_bits.get(writer)
+    if bits is None:
+        return [f"{contract.one_token(c.EMBEDDING)} outputs {writer}: today's demos stop with \"Invalid attention "
+                "dtype\" unless it is float16 or bfloat16"]
+    wrong = []
+    for spec in (contract.spec(c.BLOCK), contract.spec(c.BLOCK_CACHE)):
+        index = spec.input_index(c.ATTENTION_MASK)
+        for layer in contract.layers(by_name):
+            dtype = by_name[spec.network(layer)].inputs[index].dtype
+            if abs(_read_bits(bits, dtype) - c.MASK_VALUE) > 64:
+                wrong.append(f"{spec.network(layer)} ({dtype})")
+    if not wrong:
+        return []
+    return [f"{', '.join(wrong[:4])}{' ...' if len(wrong) > 4 else ''}: the demo writes 0x{bits:04X} (−10000 in "
+            f"{writer}, embedding_cache's output dtype) into every mask, which these masks read as "
+            f"{_read_bits(bits, wrong[0].split('(')[1][:-1]):.2g}; compile the blocks' I/O in {writer}"]
+
+
 def runtime_problems(layout: dict, nets: list[NetInfo], manifest: dict | None) -> list[str]:
     """What the runtime would trip over that names and shapes do not show: its device copies on this
     memory layout (`Simulator.layout`), and its mask bits in the nets' mask dtype."""
@@ -276,10 +322,14 @@ def render(path: Path, header: dict, nets: list[NetInfo], problems: list[str]) -
     lines.append("")
     contract = contract_of(nets)
     if problems:
-        lines.append(f"contract ({contract}): NOT MET")
+        lines.append(f"contract ({contract.key}: {contract.name}): NOT MET")
         lines += [f"  - {p}" for p in problems]
     else:
-        runtime = c.ENCODER_DECODER if contract == ENCODER_DECODER else c.LLAMA3_1_DEMO
-        layers = len(runtime.layers({n.name for n in nets}))
-        lines.append(f"contract ({contract}): met ({layers} layers)")
+        layers = len(contract.layers({n.name for n in nets}))
+        lines.append(f"contract ({contract.key}: {contract.name}): met ({layers} layers)")
+    if contract is not c.ENCODER_DECODER:
+        for key, others in decoder_contracts_met(nets).items():
+            if key != contract.key:
+                lines.append(f"contract ({key}: {c.CONTRACTS[key].name}): " + (
+                    "met as well" if not others else f"not met ({others[0]}{' ...' if len(others) > 1 else ''})"))
     return "\n".join(lines)

@@ -22,8 +22,8 @@ from __future__ import annotations
 import numpy as np
 
 from graphopt import contract as c
-from graphopt.device_program import Buffer, Copy, Launch, Program, Read, Same, Tensor, Write
-from graphopt.runtime import ChipStyleRuntime, Seq2SeqRuntime, Shapes
+from graphopt.device_program import At, Buffer, Copy, Fill, LayoutQueries, Launch, Program, Read, Same, Tensor, Write
+from graphopt.runtime import ChipStyleRuntime, LlmTpuRuntime, Seq2SeqRuntime, Shapes
 
 
 class _Memory:
@@ -74,34 +74,33 @@ def _merge(pieces):
     return out
 
 
-class _Recorder:
+class _Recorder(LayoutQueries):
     """A device that keeps the programs a runtime would run and answers token 0."""
 
     def __init__(self, layout: dict):
         self.layout, self.programs = layout, []
 
-    def io_alone(self, net: str) -> bool:
-        return self.layout[net]["addr_mode"] == 1
-
     def execute(self, program: Program) -> dict[str, np.ndarray]:
         self.programs.append(program)
-        return {"next": np.zeros(1, np.int32), "logits": np.zeros(1, np.float32)}
+        return {"next": np.zeros(1, np.int32), "logits": np.zeros(1, np.float32), "hidden": np.zeros(1, np.float32)}
 
 
 def session_programs(layout: dict) -> list[Program]:
     """The programs of a chat session (or, for an encoder-decoder model, of three translations),
     with the shapes read off the bmodel's own nets, so a bmodel from anywhere can be checked."""
     recorder = _Recorder(layout)
-    contract = c.contract_for(c.ENCODER_DECODER.network(c.ENCODER) in layout)
-    seq2seq = contract is c.ENCODER_DECODER
+    contract = c.contract_of_nets(layout)
     decode = next(s for s in contract.networks if s.kind in c.DECODE_BLOCKS)
     history = layout[decode.network(0)]["in"][decode.input_index(c.HISTORY_K)]["shape"]
     shapes = Shapes(seq_length=history[1], num_layers=len(contract.layers(layout)),
                     hidden=layout[contract.network(c.LM_HEAD)]["in"][0]["shape"][-1], kv_heads=history[2],
-                    head_dim=history[3])
-    runtime = Seq2SeqRuntime(recorder, shapes, 0) if seq2seq else ChipStyleRuntime(recorder, shapes)
+                    head_dim=history[3], max_input=layout[contract.prefill_block.network(0)]["in"][0]["shape"][1])
+    if contract is c.ENCODER_DECODER:
+        runtime = Seq2SeqRuntime(recorder, shapes, 0)
+    else:
+        runtime = (LlmTpuRuntime if contract is c.LLM_TPU else ChipStyleRuntime)(recorder, shapes)
     seq = shapes.seq_length
-    for length in sorted({1, seq * 3 // 4, seq - 1}):
+    for length in sorted({1, shapes.prefill_rows * 3 // 4, min(seq - 1, shapes.prefill_rows)}):
         prompt = [1] * max(1, length)
         if isinstance(runtime, Seq2SeqRuntime):
             runtime.encode(prompt)
@@ -138,16 +137,19 @@ def hazards(layout: dict, programs: list[Program]) -> list[str]:
     found: list[str] = []
 
     def size(ref) -> int:
-        tensor = ref.like if isinstance(ref, Buffer) else ref
+        tensor = ref.like if isinstance(ref, Buffer) else ref.ref if isinstance(ref, At) else ref
         return layout[tensor.net][tensor.io][tensor.index]["size"]
 
     def rows(ref) -> int:
+        ref = ref.ref if isinstance(ref, At) else ref
         tensor = ref.like if isinstance(ref, Buffer) else ref
         shape = layout[tensor.net][tensor.io][tensor.index]["shape"]
         return shape[1] if len(shape) >= 2 else 1
 
     def at_device(ref) -> int:
         nonlocal top
+        if isinstance(ref, At):
+            return at_device(ref.ref) + ref.row * (size(ref) // rows(ref))
         if isinstance(ref, Buffer):
             if ref.name not in buffers:
                 top = (top + 4095) // 4096 * 4096
@@ -156,6 +158,8 @@ def hazards(layout: dict, programs: list[Program]) -> list[str]:
         return layout[ref.net][ref.io][ref.index]["addr"]
 
     def at_intended(ref) -> int:
+        if isinstance(ref, At):
+            return at_intended(ref.ref) + ref.row * (size(ref) // rows(ref))
         ref = aliases.get(ref, ref)
         return spaces.setdefault(ref, (len(spaces) + 1) << 40)
 
@@ -167,8 +171,10 @@ def hazards(layout: dict, programs: list[Program]) -> list[str]:
         for s, step in enumerate(program.steps):
             if isinstance(step, Same):
                 aliases[step.a] = aliases.get(step.b, step.b)
-            elif isinstance(step, Write):
-                label = [(0, size(step.dst), ("write", step.what, str(step.dst), p, s), 0)]
+            elif isinstance(step, (Write, Fill)):
+                what = step.what if isinstance(step, Write) else "zeros"
+                count = step.value.nbytes if isinstance(step, Write) and step.partial else size(step.dst)
+                label = [(0, count, ("write", what, str(step.dst), p, s), 0)]
                 device.set(at_device(step.dst), label)
                 intended.set(at_intended(step.dst), label)
             elif isinstance(step, Copy):
@@ -189,21 +195,30 @@ def hazards(layout: dict, programs: list[Program]) -> list[str]:
                 bound = dict(step.bind)
                 for i, entry in enumerate(layout[step.net]["in"]):
                     ref = bound.get(i, Tensor(step.net, "in", i))
-                    want = intended.get(at_intended(ref), at_intended(ref) + entry["size"])
-                    got = device.get(at_device(ref), at_device(ref) + entry["size"])
-                    if want != got:
+                    # Only bytes the runtime means something by: what it never wrote (the padding rows
+                    # past a prompt's length in a later block) is whatever memory holds, in either picture.
+                    want = [w for w in intended.get(at_intended(ref), at_intended(ref) + entry["size"])
+                            if w[2] is not None]
+                    got = [g for w in want for g in _shift(device.get(at_device(ref) + w[0], at_device(ref) + w[1]), w[0])]
+                    if want != _merge(got):
                         wrong = next((g for g in got if g not in want), got[0])
                         meant = ", ".join(dict.fromkeys(_describe_origin(w[2], layout) for w in want))
                         note(f"{step.net} input {i} ({entry['name']}, at {at_device(ref):#x}): the runtime means it to "
                              f"hold {meant}, but on this bmodel bytes {wrong[0]}..{wrong[1]} of it hold "
                              f"{_describe_origin(wrong[2], layout)}")
+                bound_out = dict(step.bind_out)
                 for i, entry in enumerate(layout[step.net]["out"]):
                     label = [(0, entry["size"], ("out", step.net, i, p, s), 0)]
-                    device.set(entry["addr"], label)
-                    intended.set(at_intended(Tensor(step.net, "out", i)), label)
+                    ref = bound_out.get(i, Tensor(step.net, "out", i))
+                    device.set(at_device(ref), label)
+                    intended.set(at_intended(ref), label)
             elif isinstance(step, Read):
                 pass  # the host reading bytes changes nothing
     return found
+
+
+def _shift(pieces, by: int):
+    return [(a + by, b + by, origin, offset) for a, b, origin, offset in pieces]
 
 
 def _overlap(a: tuple[int, int], b: tuple[int, int]) -> bool:

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from graphopt.device_program import Launch, Program, Read, Tensor, Write
+from graphopt.device_program import LayoutQueries, Launch, Program, Read, Tensor, Write
 from graphopt.errors import GraphoptError
 from graphopt.targets.bm1684x.toolchain import Toolchain
 
@@ -102,14 +102,15 @@ class Simulator:
         self.close()
 
 
-class SimBackend:
+class SimBackend(LayoutQueries):
     """A device for the chip-style runtime: programs run on the combined bmodel's real device memory."""
 
     def __init__(self, simulator: Simulator, bmodel: Path, manifest: dict | None = None):
         self.simulator, self.bmodel = simulator, bmodel
 
-    def io_alone(self, net: str) -> bool:
-        return self.simulator.layout(self.bmodel)[net]["addr_mode"] == 1
+    @property
+    def layout(self) -> dict:
+        return self.simulator.layout(self.bmodel)
 
     def execute(self, program: Program) -> dict[str, np.ndarray]:
         return self.simulator.execute(self.bmodel, program)

@@ -14,7 +14,7 @@ import numpy as np
 
 from graphopt.checks import end_to_end_prompt, long_prompt, sample_inputs
 from graphopt.ir import TensorSpec
-from graphopt.runtime import OrtBackend, ort_session, run_prompt, runtime_for
+from graphopt.runtime import OrtBackend, head_logits_for, ort_session, run_prompt, runtime_for
 from graphopt.targets.bm1684x.contract import MIN_COSINE, MIN_COSINE_VS_FP32, MIN_LOGIT_COSINE, DeploySpec
 from graphopt.targets.bm1684x.simulator import SimBackend, Simulator
 
@@ -60,8 +60,9 @@ def generation_check(sim: Simulator, bmodel: Path, manifest: dict, folder: Path,
     driver: for a short prompt and one of 3/4 SEQ (sources, for an encoder-decoder model). One runtime
     per backend serves both prompts, as one chat session does on the chip."""
     vocab, seq = manifest["model"]["config"]["vocab_size"], manifest["seq_length"]
-    runtimes = [runtime_for(backend, manifest) for backend in (
-        SimBackend(sim, bmodel), OrtBackend(quantized, manifest), OrtBackend(folder, manifest))]
+    runtimes = [runtime_for(backend, manifest, head_logits_for(directory, manifest)) for backend, directory in (
+        (SimBackend(sim, bmodel), quantized), (OrtBackend(quantized, manifest), quantized),
+        (OrtBackend(folder, manifest), folder))]
     runs = []
     for prompt in (end_to_end_prompt(vocab, seq), long_prompt(vocab, seq)):
         steps = min(new_tokens, runtimes[0].room(prompt))
