@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 
 from graphopt import contract as c
 from graphopt.checks import end_to_end_check
+from graphopt.config_folder import ConfigFolder, write_config_folder
 from graphopt.errors import GraphoptError
 from graphopt.export import ExportJob, NetworkResult, export_serially, weight_groups
 from graphopt.export_pool import default_export_jobs, export_in_parallel
@@ -38,6 +39,7 @@ class CompileResult:
     fx_networks: dict[str, NetworkGraph] | None = None  # kept only when asked (tests)
     target: object | None = None  # the target build's result (a TargetResult), for hardware targets
     export: dict = field(default_factory=dict)  # processes and wall seconds of the export stage
+    config_folder: ConfigFolder | None = None  # config/ for the runtime's demo (tokenizer, generation config)
 
     @property
     def ok(self) -> bool:
@@ -93,6 +95,7 @@ def compile_model(source: ModelSource, target: Target, seq_length: int, out_dir:
         job = ExportJob(source, list(target.fx_pipeline), list(target.onnx_pipeline), seq_length, staged.path, layers,
                         check, dump_dir, dump_after, plugins, contract)
         result = _export(job, target, keep_fx, show_progress, jobs)
+        result.config_folder = write_config_folder(source, staged.path)
         if target.build:
             result.target = target.build.build(staged.path, result.manifest, source, target_options, check,
                                                show_progress, target.top_pipeline)

@@ -74,6 +74,8 @@ def render(result: CompileResult, wall_seconds: float) -> str:
         lines.append(f"  end to end vs the reference (transformers generate, or your model's forward): {len(e2e['tokens'])} greedy tokens "
                      f"{'identical' if e2e['tokens_identical'] else 'DIFFER'}, "
                      f"max logit error {e2e['max_abs_logit_err']:.1e}")
+    if result.config_folder is not None:
+        lines.append(result.config_folder.report_line())
     if result.target is not None:
         lines += result.target.report_lines()
         lines.append("")
@@ -98,6 +100,7 @@ def write_json(result: CompileResult, wall_seconds: float) -> Path:
         "pass_changes": pass_changes(result),
         "end_to_end": result.end_to_end,
         "export": result.export,
+        "config_folder": result.config_folder.to_json() if result.config_folder is not None else None,
         "target": result.target.to_json() if result.target is not None else None,
     }
     path = result.out_dir / "report.json"

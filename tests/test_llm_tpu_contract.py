@@ -172,3 +172,32 @@ def test_the_contract_of_a_set_of_nets_is_read_from_their_names():
     assert c.contract_of_nets(["embedding", "block_0", "lm_head"]) is c.LLM_TPU
     assert c.contract_of_nets(["embedding", "block_0", "lm_head", "greedy_head"]) is c.LLAMA3_1_DEMO
     assert c.contract_of_nets(["encoder", "cross_kv"]) is c.ENCODER_DECODER
+
+
+def test_config_folder_holds_what_the_demo_reads_from_the_model_directory(tmp_path):
+    """pipeline.py -c config: the tokenizer, its chat template and the generation config, no weights or code."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    checkpoint = tmp_path / "tiny-llama-checkpoint"
+    model = open_model("tiny-llama").reference_model()
+    model.save_pretrained(checkpoint)
+    vocab = {f"w{i}": i for i in range(model.config.vocab_size)}
+    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="w0"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token="w2", chat_template="{{ messages }}")
+    fast.save_pretrained(checkpoint)
+    (checkpoint / "modeling_mine.py").write_text("# code: not for the runtime\n")
+    build = compile_model(open_model(str(checkpoint)), ONNX_TARGET, 32, tmp_path / "out", show_progress=False)
+    folder = build.out_dir / "config"
+    assert build.config_folder.missing == [] and build.config_folder.source == str(checkpoint.resolve())
+    assert {"config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json"} <= set(
+        build.config_folder.files)
+    assert not list(folder.glob("*.safetensors")) and not (folder / "modeling_mine.py").exists()
+    again = PreTrainedTokenizerFast.from_pretrained(folder)  # what the demo's pipeline.py does with it
+    assert again("w5 w7")["input_ids"] == [5, 7] and again.chat_template == "{{ messages }}"
+    # A registry model with random weights has no directory: its config, and the report says what is missing.
+    registry = compile_model(open_model("tiny-llama"), ONNX_TARGET, 32, tmp_path / "reg", show_progress=False,
+                             check=False)
+    assert registry.config_folder.files == ["config.json", "generation_config.json"]
+    assert registry.config_folder.missing[0].startswith("a tokenizer (tokenizer.json or tokenizer.model)")
