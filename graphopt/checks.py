@@ -94,10 +94,11 @@ def end_to_end_prompt(vocab: int, seq_length: int) -> list[int]:
     return [t % int(vocab) for t in END_TO_END_PROMPT][: seq_length - 1]
 
 
-def long_prompt(vocab: int, seq_length: int) -> list[int]:
-    """A seeded prompt of 3/4 SEQ tokens: a runtime's copies of the prompt's rows between nets reach
-    far into their tensors, where a short prompt leaves everything past its first rows untouched."""
-    return np.random.default_rng(0).integers(0, int(vocab), seq_length * 3 // 4).tolist()
+def long_prompt(vocab: int, rows: int) -> list[int]:
+    """A seeded prompt of 3/4 of the prefill's rows (SEQ, or --max-input-length): a runtime's copies of
+    the prompt's rows between nets reach far into their tensors, where a short prompt leaves everything
+    past its first rows untouched."""
+    return np.random.default_rng(0).integers(0, int(vocab), rows * 3 // 4).tolist()
 
 
 def decode_rows(seq_length: int) -> list[int]:
@@ -120,10 +121,11 @@ def decode_feeds(decode_inputs: list[TensorSpec], prefill_feeds: dict[str, np.nd
             feeds[name] = c.decode_mask(seq_length, row)
         elif name == c.ENCODER_ATTENTION_MASK:  # one row of the prefill's source mask
             feeds[name] = prefill_feeds[name][:, :, row:row + 1]
-        elif name in c.HISTORY_INPUTS:
-            cache = prefill_outputs[c.KV_OUTPUTS[c.HISTORY_INPUTS.index(name)]].copy()
-            stale = cache[:, row:]
-            cache[:, row:] = rng.standard_normal(stale.shape).astype(cache.dtype) * float(np.std(cache) or 1.0)
+        elif name in c.HISTORY_INPUTS:  # SEQ rows: the prefill's before `row`, stale (noise) from it on
+            prefill = prefill_outputs[c.KV_OUTPUTS[c.HISTORY_INPUTS.index(name)]]
+            shape = (prefill.shape[0], spec.shape[1], *prefill.shape[2:])
+            cache = rng.standard_normal(shape).astype(prefill.dtype) * float(np.std(prefill) or 1.0)
+            cache[:, :row] = prefill[:, :row]
             feeds[name] = cache
         else:  # cross_k, cross_v: the same for every row
             feeds[name] = prefill_feeds[name]
@@ -136,7 +138,7 @@ def decode_check(run_decode, decode_inputs: list[TensorSpec], decode_outputs: li
     """`run_decode(feeds) -> outputs` (in `decode_outputs` order) at every row of `decode_rows`,
     against the prefill's row: the largest error over all of them."""
     rng = np.random.default_rng(0)
-    rows = decode_rows(seq_length)
+    rows = decode_rows(prefill_feeds[c.INPUT_STATES].shape[1])  # the prefill's rows (--max-input-length)
     reference, candidate = [], []
     for row in rows:
         outputs = run_decode(decode_feeds(decode_inputs, prefill_feeds, prefill_outputs, seq_length, row, rng))
@@ -151,8 +153,8 @@ def end_to_end_check(source, folder, manifest: dict, new_tokens: int = 8) -> dic
     (graphopt/models/reference.py)."""
     from graphopt.runtime import OrtBackend, run_prompt, runtime_for
 
-    prompt = end_to_end_prompt(source.config.vocab_size, manifest["seq_length"])
     runtime = runtime_for(OrtBackend(folder, manifest), manifest)
+    prompt = end_to_end_prompt(source.config.vocab_size, manifest["seq_length"])[:runtime.shapes.prefill_rows]
     new_tokens = min(new_tokens, runtime.room(prompt))
     reference = source.greedy(prompt, new_tokens)
     ours = run_prompt(runtime, prompt, new_tokens)

@@ -49,7 +49,7 @@ def cmd_run(args) -> int:
         print(f"graphopt: graphs after {', '.join(sorted(dump_after)) or 'no pass'} go to {dump_dir}", file=sys.stderr)
     result = compile_model(source, target, args.seq_length, out, check=not args.no_check, dump_dir=dump_dir,
                            target_options=options, jobs=args.jobs, plugins=plugins, dump_after=dump_after,
-                           contract=args.contract)
+                           contract=args.contract, max_input_length=args.max_input_length)
     wall = time.perf_counter() - start
     write_json(result, wall)
     print(render(result, wall))
@@ -234,6 +234,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--target", default="onnx", help="target to compile for (default: onnx)")
     run.add_argument("--seq-length", type=int, default=DEFAULT_SEQ_LENGTH, help="SEQ of the network contract (default 512)")
     run.add_argument("--out", help="output directory (default: graphopt-out/MODEL-TARGET-seqN)")
+    run.add_argument("--max-input-length", type=int, help="prompt tokens one prefill takes (embedding and block_i "
+                     "rows), fewer than --seq-length, the tokens the cache holds (default: --seq-length; --contract "
+                     "llm-tpu)")
     run.add_argument("--contract", help="the runtime the networks are for (decoder-only models): llm-tpu (today's "
                      "LLM-TPU demos and llm_convert: token-out lm_head, final norm in the last block) or llama3_1 "
                      "(LLM-TPU's legacy Llama3_1 demo, the default); README \"Runtime contracts\"")

@@ -49,11 +49,12 @@ class CompileResult:
 
 def prepare(source: ModelSource, target: Target, seq_length: int, options: dict,
             plugins: PassPlugins | None = None, dump_after: frozenset[str] | None = None,
-            contract: str | None = None) -> Target:
+            contract: str | None = None, max_input_length: int | None = None) -> Target:
     """Everything the user can get wrong, checked before any work: the target with the user passes placed."""
     source.check_structure()
     source.check_seq_length(seq_length)
     check_contract(source, contract)
+    check_max_input_length(source, contract, seq_length, max_input_length)
     if plugins is not None:
         target = with_plugins(target, plugins)
     target.check_dump_after(dump_after)
@@ -74,26 +75,42 @@ def check_contract(source: ModelSource, contract: str | None) -> None:
                             "Leave --contract out.")
 
 
+def check_max_input_length(source: ModelSource, contract: str | None, seq_length: int,
+                           max_input_length: int | None) -> None:
+    if max_input_length is None:
+        return
+    runtime = c.contract_for(source.is_encoder_decoder, contract)
+    if runtime is not c.LLM_TPU:
+        raise GraphoptError(f"--max-input-length is for --contract {c.LLM_TPU.key}: the {runtime.name}'s runtime reads "
+                            "SEQ from the prefill's length, so its prefill takes --seq-length rows. Leave "
+                            f"--max-input-length out, or compile for --contract {c.LLM_TPU.key}.")
+    if not 1 <= max_input_length <= seq_length:
+        raise GraphoptError(f"--max-input-length {max_input_length} must be between 1 and --seq-length {seq_length}: "
+                            "it is how many prompt tokens one prefill takes, of the SEQ the cache holds.")
+
+
 def compile_model(source: ModelSource, target: Target, seq_length: int, out_dir: Path, *,
                   layers: list[int] | None = None, check: bool = True, keep_fx: bool = False,
                   dump_dir: Path | None = None, show_progress: bool = True,
                   target_options: dict | None = None, jobs: int | None = None,
                   plugins: PassPlugins | None = None, dump_after: frozenset[str] | None = None,
-                  contract: str | None = None) -> CompileResult:
+                  contract: str | None = None, max_input_length: int | None = None) -> CompileResult:
     """Compile `source` for `target` into `out_dir`. `plugins` adds user passes to the target's
     pipelines; `dump_after` limits the `dump_dir` graphs to those passes (None: after every pass);
-    `contract`: the runtime contract of a decoder-only model's networks (graphopt/contract.py)."""
+    `contract`: the runtime contract of a decoder-only model's networks (graphopt/contract.py);
+    `max_input_length`: the prefill's rows, where fewer than SEQ."""
     target_options = target_options or {}
-    target = prepare(source, target, seq_length, target_options, plugins, dump_after, contract)
+    target = prepare(source, target, seq_length, target_options, plugins, dump_after, contract, max_input_length)
     staged = StagedDirectory(out_dir)
     if show_progress:
         detail = f", {target_options['quantize']}" if target.build and "quantize" in target_options else ""
         runtime = c.contract_for(source.is_encoder_decoder, contract)
         print(f"graphopt: {source.name} ({source.weights.describe()}) -> target {target.name}{detail}, "
-              f"seq {seq_length}, contract {runtime.key}", file=sys.stderr)
+              f"seq {seq_length}{f', max input {max_input_length}' if max_input_length else ''}, "
+              f"contract {runtime.key}", file=sys.stderr)
     try:
         job = ExportJob(source, list(target.fx_pipeline), list(target.onnx_pipeline), seq_length, staged.path, layers,
-                        check, dump_dir, dump_after, plugins, contract)
+                        check, dump_dir, dump_after, plugins, contract, max_input_length)
         result = _export(job, target, keep_fx, show_progress, jobs)
         result.config_folder = write_config_folder(source, staged.path)
         if target.build:

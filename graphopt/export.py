@@ -70,13 +70,14 @@ class ExportJob:
     dump_after: frozenset[str] | None = None
     plugins: PassPlugins | None = None  # user passes, loaded again by each worker
     contract: str | None = None  # a decoder-only model's --contract (graphopt/contract.py CONTRACTS)
+    max_input_length: int | None = None  # the prefill's rows, where fewer than SEQ (--max-input-length)
 
     @property
     def runtime_contract(self) -> c.Contract:
         return c.contract_for(self.source.is_encoder_decoder, self.contract)
 
     def plans(self) -> list[NetworkPlan]:
-        return plan_networks(self.source, self.seq_length, self.layers, self.runtime_contract)
+        return plan_networks(self.source, self.seq_length, self.layers, self.runtime_contract, self.max_input_length)
 
 
 def weight_group(plan: NetworkPlan) -> str:

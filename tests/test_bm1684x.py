@@ -125,19 +125,25 @@ def test_tiny_qwen2_5_compiles_to_bf16_and_passes_the_simulator_checks(net_cache
 
 def test_tiny_qwen3_in_todays_contract_compiles_to_w4bf16_and_passes_the_simulator_checks(net_cache, tmp_path):
     """Qwen3 (q/k norms, the architecture of LLM-TPU's current demo) with the final norm in its last block and
-    lm_head answering the token, driven as that demo drives it: K/V rows written straight into the cache."""
+    lm_head answering the token, driven as that demo drives it: K/V rows written straight into the cache; the
+    prefill takes 32 of the 64 rows the cache holds (--max-input-length)."""
     folder = tmp_path / "qwen3-w4bf16"
-    run = graphopt("run", "tiny-qwen3", "--target", "bm1684x", "--seq-length", SEQ, "--out", str(folder), env=net_cache)
+    run = graphopt("run", "tiny-qwen3", "--target", "bm1684x", "--seq-length", SEQ, "--max-input-length", "32",
+                   "--out", str(folder), env=net_cache)
     assert "checks: all passed" in run.stdout, run.stdout
     report = json.loads((folder / "bm1684x.json").read_text())
     assert report["ok"] and report["contract"].startswith("LLM-TPU chat demos") and not report["contract_problems"]
     assert [n["net"] for n in report["nets"]] == NETS["llm-tpu"]
     assert "memory check" in report["seconds"]  # the demo's copies and bound outputs checked on the file's layout
-    for generation in report["generation"]["runs"]:
+    runs = report["generation"]["runs"]
+    assert [r["prompt_length"] for r in runs] == [8, 24]  # the long prompt: 3/4 of the prefill's 32 rows
+    for generation in runs:
         assert generation["ok"] and len(generation["tokens"]) == 16 and generation["min_logit_cosine"] > 0.998
     _, infos = read_info(toolchain.require(), folder / report["bmodel"])
-    head = next(n for n in infos if n.name == "lm_head")
-    assert [(t.shape, t.dtype) for t in head.outputs] == [((1, 1), "int32")]
+    by_name = {n.name: n for n in infos}
+    assert [(t.shape, t.dtype) for t in by_name["lm_head"].outputs] == [((1, 1), "int32")]
+    assert by_name["embedding"].inputs[0].shape == (1, 32) and by_name["block_0"].inputs[2].shape == (1, 1, 32, 32)
+    assert by_name["block_cache_0"].inputs[3].shape[1] == 64  # SEQ: what the demo reads from history_k
 
 
 def test_simulated_generation_from_the_command_line_matches_onnxruntime(builds):

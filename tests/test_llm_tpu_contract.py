@@ -5,6 +5,8 @@ The runtime tests record programs (no toolchain); the compile test runs the ONNX
 end-to-end check, which drives the networks with these programs in onnxruntime.
 """
 
+import re
+
 import numpy as np
 import onnx
 import pytest
@@ -201,3 +203,26 @@ def test_config_folder_holds_what_the_demo_reads_from_the_model_directory(tmp_pa
                              check=False)
     assert registry.config_folder.files == ["config.json", "generation_config.json"]
     assert registry.config_folder.missing[0].startswith("a tokenizer (tokenizer.json or tokenizer.model)")
+
+
+def test_a_prefill_shorter_than_the_cache(tmp_path):
+    """--max-input-length 16 of SEQ 64: embedding and block_i take 16 rows, the decode cache holds 64; decode
+    blocks are held to the prefill at its rows, and generation runs past the prefill's length."""
+    build = compile_model(open_model("tiny-llama"), ONNX_TARGET, SEQ, tmp_path / "out", show_progress=False,
+                          max_input_length=16)
+    nets = {n["name"]: n for n in build.manifest["networks"]}
+    assert [i["shape"] for i in nets["block_0"]["inputs"]] == [[1, 16, 128], [1, 16], [1, 1, 16, 16]]
+    assert nets["block_cache_0"]["inputs"][3]["shape"] == [1, SEQ, 2, 32]
+    decode = [c for n in build.networks for c in n.checks if c.stage.startswith("decode vs prefill")]
+    assert decode and all(c.ok for c in decode) and decode[0].stage == "decode vs prefill (rows 0, 1, 8, 15)"
+    assert build.ok and build.end_to_end["tokens_identical"]
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"max_input_length": 65}, "--max-input-length 65 must be between 1 and --seq-length 64"),
+    ({"max_input_length": 16, "contract": "llama3_1"}, "--max-input-length is for --contract llm-tpu: the LLM-TPU "
+                                                       "Llama3_1 chat demo (legacy)'s runtime reads SEQ")])
+def test_a_prefill_length_is_refused_where_it_cannot_apply(tmp_path, options, message):
+    with pytest.raises(GraphoptError, match=re.escape(message)):
+        compile_model(open_model("tiny-llama"), ONNX_TARGET, SEQ, tmp_path / "o", show_progress=False, **options)
+    assert not (tmp_path / "o").exists()

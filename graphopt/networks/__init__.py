@@ -16,7 +16,7 @@ from graphopt.trace import trace_network
 
 
 def plan_networks(source: ModelSource, seq_length: int, layers: list[int] | None = None,
-                  contract: c.Contract | None = None) -> list[NetworkPlan]:
+                  contract: c.Contract | None = None, max_input_length: int | None = None) -> list[NetworkPlan]:
     """Every network of `source` (the decoder layers in `layers` only, when given), in the order of
     `contract` (a decoder-only model's; an encoder-decoder model has its own)."""
     if source.is_encoder_decoder:
@@ -25,7 +25,7 @@ def plan_networks(source: ModelSource, seq_length: int, layers: list[int] | None
         return plan_seq2seq_networks(source, seq_length, layers)
     from graphopt.networks.decoder import plan_decoder_networks
 
-    return plan_decoder_networks(source, seq_length, layers, contract or c.contract_for(False))
+    return plan_decoder_networks(source, seq_length, layers, contract or c.contract_for(False), max_input_length)
 
 
 def trace_plan(source: ModelSource, plan: NetworkPlan, seq_length: int) -> NetworkGraph:

@@ -96,8 +96,11 @@ class PenaltySampleHead(nn.Module):
 
 
 def plan_decoder_networks(source: ModelSource, seq_length: int, layers: list[int] | None = None,
-                          contract: c.Contract = c.LLM_TPU) -> list[NetworkPlan]:
+                          contract: c.Contract = c.LLM_TPU, max_input_length: int | None = None) -> list[NetworkPlan]:
+    """`max_input_length`: the prefill's rows (embedding, block_i), where they are fewer than SEQ, the
+    decode cache's rows (LLM-TPU's MAX_INPUT_LENGTH; TPU-MLIR's --max_input_length)."""
     cfg, parts = source.config, source.parts
+    rows = max_input_length or seq_length
     hidden, vocab = int(cfg.hidden_size), int(cfg.vocab_size)
     last = len(parts.layers) - 1
     layers = list(range(len(parts.layers))) if layers is None else layers
@@ -113,11 +116,11 @@ def plan_decoder_networks(source: ModelSource, seq_length: int, layers: list[int
         return NetworkPlan.of(contract.spec(kind), make, weights_of, layer)
 
     plans = [plan(c.EMBEDDING, lambda: (Embedding(parts.embed, parts.embedding_multiplier),
-                                        (torch.zeros(1, seq_length, dtype=torch.int64),)), lambda: (parts.embed,))]
+                                        (torch.zeros(1, rows, dtype=torch.int64),)), lambda: (parts.embed,))]
     for i in layers:
         layer = parts.layers[i]
         # The decode network is the same layer traced for one new token; concat-cache then adds the history.
-        for kind, steps in ((c.BLOCK, seq_length), (c.BLOCK_CACHE, 1)):
+        for kind, steps in ((c.BLOCK, rows), (c.BLOCK_CACHE, 1)):
             norm = parts.norm if norm_in_block and i == last else None
             plans.append(plan(kind, lambda layer=layer, steps=steps, norm=norm: (
                 _block(source, layer, norm), block_inputs(steps)), lambda layer=layer, norm=norm: (

@@ -64,7 +64,8 @@ def generation_check(sim: Simulator, bmodel: Path, manifest: dict, folder: Path,
         (SimBackend(sim, bmodel), quantized), (OrtBackend(quantized, manifest), quantized),
         (OrtBackend(folder, manifest), folder))]
     runs = []
-    for prompt in (end_to_end_prompt(vocab, seq), long_prompt(vocab, seq)):
+    rows = runtimes[0].shapes.prefill_rows  # the prefill's rows: SEQ, or --max-input-length
+    for prompt in (end_to_end_prompt(vocab, seq)[:rows], long_prompt(vocab, rows)):
         steps = min(new_tokens, runtimes[0].room(prompt))
         ours, reference, fp32 = (run_prompt(runtime, prompt, steps) for runtime in runtimes)
         runs.append({"prompt_length": len(prompt), "tokens": ours.tokens, "reference_tokens": reference.tokens,
