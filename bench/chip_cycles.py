@@ -44,7 +44,10 @@ def export_layer(seq: int, folder: Path, plugins, without: tuple[str, ...] = ())
 
     target = with_plugins(get_target("bm1684x"), plugins) if plugins else get_target("bm1684x")
     target = dataclasses.replace(target, fx_pipeline=tuple(p for p in target.fx_pipeline if p not in without))
-    source = open_model("llama3.1-8b", random_weights=True, num_layers=1)
+    # Two layers, layer 0 exported: a block that is not the last, so it holds no final norm in either
+    # contract (llm-tpu moves the final norm into the last layer's nets). Weights are seeded per name,
+    # so layer 0 is the same as in a one-layer model.
+    source = open_model("llama3.1-8b", random_weights=True, num_layers=2)
     return export_networks(source, list(NETS), seq, folder, target=target)
 
 

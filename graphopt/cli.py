@@ -41,7 +41,8 @@ def cmd_run(args) -> int:
         raise GraphoptError(f"--jobs {args.jobs} must be at least 1 (or left out: as many as cores and memory allow).")
     source = open_model(args.model, args.model_path, args.random_weights, args.num_layers)
     out = Path(args.out or f"graphopt-out/{source.name}-{target.name}-seq{args.seq_length}")
-    options = {"quantize": args.quantize, "group_size": args.group_size, "jobs": args.jobs}
+    options = {"quantize": args.quantize, "group_size": args.group_size, "jobs": args.jobs,
+               "chunk_length": args.chunk_length}
     # compile_model checks everything the user can get wrong before any work starts.
     dump_dir = Path(args.dump_dir) if args.dump_dir else None
     if dump_after is not None and dump_dir is None:
@@ -256,6 +257,9 @@ def build_parser() -> argparse.ArgumentParser:
                     "the blocks' weights; embedding and lm_head use the matching 16-bit float")
     bm.add_argument("--group-size", type=int, default=DEFAULT_GROUP_SIZE,
                     help=f"weight quantization group size (default {DEFAULT_GROUP_SIZE})")
+    bm.add_argument("--chunk-length", type=int, help="decode stages (--contract llm-tpu): block_cache_i compiled "
+                    "again for every multiple of this many cache rows below SEQ, so a decode step attends over the "
+                    "smallest that holds the context (at most half of --seq-length)")
     run.set_defaults(func=cmd_run)
 
     gen = sub.add_parser("generate", help="greedy generation with the emitted networks, driven like the chip runtime")

@@ -58,8 +58,9 @@ def prepare(source: ModelSource, target: Target, seq_length: int, options: dict,
     if plugins is not None:
         target = with_plugins(target, plugins)
     target.check_dump_after(dump_after)
-    if target.build:
-        target.build.validate(source, options)
+    if target.build:  # the target's options, with the run's SEQ and contract they depend on
+        runtime = c.contract_for(source.is_encoder_decoder, contract)
+        target.build.validate(source, {**options, "seq_length": seq_length, "contract": runtime.key})
     return target
 
 

@@ -41,17 +41,20 @@ import numpy as np
 
 @dataclass(frozen=True)
 class Tensor:
-    """A net's input or output memory (stage 0): `io` is "in" or "out", `index` its position."""
+    """A net's input or output memory: `io` is "in" or "out", `index` its position, `stage` which of
+    the net's stages (the same net compiled for other shapes: decode stages at shorter KV lengths)."""
 
     net: str
     io: str
     index: int
+    stage: int = 0
 
     def to_json(self) -> list:
-        return [self.net, self.io, self.index]
+        return [self.net, self.io, self.index, self.stage]
 
     def __str__(self) -> str:
-        return f"{self.net} {'input' if self.io == 'in' else 'output'} {self.index}"
+        stage = f" (stage {self.stage})" if self.stage else ""
+        return f"{self.net}{stage} {'input' if self.io == 'in' else 'output'} {self.index}"
 
 
 @dataclass(frozen=True)
@@ -116,6 +119,7 @@ class Launch:
     net: str
     bind: tuple[tuple[int, Ref], ...] = ()  # (input index, memory it reads instead of its own)
     bind_out: tuple[tuple[int, "At"], ...] = ()  # (output index, memory it writes instead of its own)
+    stage: int = 0  # which of the net's stages runs (its shapes, its memory)
 
 
 @dataclass(frozen=True)
@@ -161,7 +165,7 @@ class Program:
                               "dst_row": step.dst_row, "src_row": step.src_row, "rows": step.rows})
             elif isinstance(step, Launch):
                 steps.append({"op": "launch", "net": step.net, "bind": [[i, r.to_json()] for i, r in step.bind],
-                              "bind_out": [[i, r.to_json()] for i, r in step.bind_out]})
+                              "bind_out": [[i, r.to_json()] for i, r in step.bind_out], "stage": step.stage})
             elif isinstance(step, Read):
                 steps.append({"op": "read", "src": step.src.to_json(), "name": step.name, "row": step.row,
                               "rows": step.rows})
@@ -193,6 +197,12 @@ class LayoutQueries:
 
     def dtype(self, tensor: Tensor) -> str:
         return self.layout[tensor.net][tensor.io][tensor.index]["dtype"]
+
+    def stage_rows(self, tensor: Tensor) -> list[int]:
+        """The rows (axis 1) of a tensor in each of its net's stages, stage 0 first."""
+        entry = self.layout[tensor.net]
+        stages = [entry, *entry.get("more_stages", [])]
+        return [rows_of(tuple(s[tensor.io][tensor.index]["shape"])) for s in stages]
 
 
 def bits_to_float(value: np.ndarray, bits: str | None) -> np.ndarray:
@@ -227,6 +237,10 @@ class HostDevice:
     def address(self, tensor: Tensor) -> int | None:
         """Where a tensor is on the device: nowhere in particular on the host (no two share memory)."""
         return None
+
+    def stage_rows(self, tensor: Tensor) -> list[int]:
+        """The rows of a tensor in each stage of its net: networks on the host have one stage."""
+        return [rows_of(self._spec(tensor).shape)]
 
     def dtype(self, tensor: Tensor) -> str:
         """The tensor's element type as the chip names it (f32, f16, bf16, i32)."""

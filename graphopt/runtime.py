@@ -301,7 +301,10 @@ class LlmTpuRuntime(ChipStyleRuntime):
     lm_head, which answers the token. Decode: the token into `embedding_cache`; each `block_cache_i`
     reads the previous net's output in place and block_cache_0's position and mask, and writes its
     new K/V row straight into the cache at row len-1 (no copy). The mask bits follow the nets' dtype
-    (`embedding_cache`'s output): fp16 0xF0E2 or bf16 0xC61C.
+    (`embedding_cache`'s output): fp16 0xF0E2 or bf16 0xC61C. Where `block_cache_i` has decode stages
+    (the same net compiled for fewer cache rows, stage 0 holding SEQ), a decode step runs the stage
+    with the fewest rows that hold the history, as the Qwen3 cpp_demo's `select_decode_stage` picks
+    it, and takes that stage's cache input to be the cache (they share addresses).
 
     The demo reads no logits; for the checks, `head_logits(hidden_row) -> logits` (when given) turns
     the row lm_head was fed into the logits the reference head computes from it."""
@@ -319,6 +322,18 @@ class LlmTpuRuntime(ChipStyleRuntime):
         dtype = device.dtype(_out(self.embedding_cache, 0))
         self.mask_bits = {"bf16": "bfloat16"}.get(dtype, "float16")
         self.mask_value = np.uint16(self.contract.mask_bits[self.mask_bits])
+        # Decode stages: the cache rows of each stage of block_cache_0 (stage 0: SEQ, then fewer).
+        self.stage_rows = device.stage_rows(_in(self.block_cache(0), self.history[0]))
+
+    def decode_stage(self, history_length: int) -> int:
+        """The cpp_demo's select_decode_stage: the last stage (in the file's order) whose cache rows are
+        at least `history_length`, the tokens so far with the new one."""
+        stage = 0
+        for rows in self.stage_rows:
+            if history_length > rows:
+                break
+            stage += 1
+        return max(stage - 1, 0)
 
     def _mask(self, dst: Tensor, mask: np.ndarray, what: str) -> Write:
         """The demo's mask: its bit pattern where `mask` is masked, 0 elsewhere."""
@@ -375,19 +390,28 @@ class LlmTpuRuntime(ChipStyleRuntime):
     def decode(self, token: int) -> tuple[int, np.ndarray]:
         self.length += 1
         row = self.length - 1  # the new token's position and its cache row
+        stage = self.decode_stage(self.length)
+        rows = self.stage_rows[stage]
         spec, first = self.decode_spec, self.block_cache(0)
         position, mask_input = (spec.input_index(x) for x in (c.POSITION_IDS, c.ATTENTION_MASK))
+
+        def at(net: str, index: int) -> Tensor:  # an input of `net` in this step's stage
+            return Tensor(net, "in", index, stage)
+
         program = Program([Write(_in(self.embedding_cache, 0), np.array([token], np.int32), what="the token"),
                            Launch(self.embedding_cache)])
-        program += [Write(_in(first, position), np.array([row], np.int32), what="the position"),
-                    self._mask(_in(first, mask_input), c.decode_mask(self.shapes.seq_length, row), "the decode mask")]
+        program += [Write(at(first, position), np.array([row], np.int32), what="the position"),
+                    self._mask(at(first, mask_input), c.decode_mask(rows, row), "the decode mask")]
         hidden = _out(self.embedding_cache, 0)
         for layer in range(self.shapes.num_layers):
             block = self.block_cache(layer)
             bind = ((0, hidden),) if layer == 0 else (
-                (0, hidden), (position, _in(first, position)), (mask_input, _in(first, mask_input)))
-            program += Launch(block, bind=bind, bind_out=tuple((1 + j, At(self.cache[layer][j], row)) for j in range(2)))
-            hidden = _out(block, 0)
+                (0, hidden), (position, at(first, position)), (mask_input, at(first, mask_input)))
+            if stage:  # the stage's cache inputs are taken to be the cache (stage 0's memory)
+                program += [Same(at(block, h), cache) for h, cache in zip(self.history, self.cache[layer])]
+            program += Launch(block, bind=bind, bind_out=tuple((1 + j, At(self.cache[layer][j], row)) for j in range(2)),
+                              stage=stage)
+            hidden = Tensor(block, "out", 0, stage)
         program += Copy(_in(self.lm_head, 0), hidden)
         program += self._head()
         return self._visit(self._run(program))

@@ -126,10 +126,11 @@ def test_tiny_qwen2_5_compiles_to_bf16_and_passes_the_simulator_checks(net_cache
 def test_tiny_qwen3_in_todays_contract_compiles_to_w4bf16_and_passes_the_simulator_checks(net_cache, tmp_path):
     """Qwen3 (q/k norms, the architecture of LLM-TPU's current demo) with the final norm in its last block and
     lm_head answering the token, driven as that demo drives it: K/V rows written straight into the cache; the
-    prefill takes 32 of the 64 rows the cache holds (--max-input-length)."""
+    prefill takes 32 of the 64 rows the cache holds (--max-input-length); decode stages at 64, 48, 32 and 16
+    cache rows (--chunk-length 16), each step on the smallest that holds the history, as the cpp_demo picks."""
     folder = tmp_path / "qwen3-w4bf16"
     run = graphopt("run", "tiny-qwen3", "--target", "bm1684x", "--seq-length", SEQ, "--max-input-length", "32",
-                   "--out", str(folder), env=net_cache)
+                   "--chunk-length", "16", "--out", str(folder), env=net_cache)
     assert "checks: all passed" in run.stdout, run.stdout
     report = json.loads((folder / "bm1684x.json").read_text())
     assert report["ok"] and report["contract"].startswith("LLM-TPU chat demos") and not report["contract_problems"]
@@ -144,6 +145,14 @@ def test_tiny_qwen3_in_todays_contract_compiles_to_w4bf16_and_passes_the_simulat
     assert [(t.shape, t.dtype) for t in by_name["lm_head"].outputs] == [((1, 1), "int32")]
     assert by_name["embedding"].inputs[0].shape == (1, 32) and by_name["block_0"].inputs[2].shape == (1, 1, 32, 32)
     assert by_name["block_cache_0"].inputs[3].shape[1] == 64  # SEQ: what the demo reads from history_k
+    # The stages are stages of block_cache_i in the file, longest first, and the run compiled and reported them;
+    # the generation above (8 and 24 prompt tokens, 16 new) decoded on the 16-, 32- and 48-row stages.
+    assert [s.inputs[3].shape[1] for s in by_name["block_cache_1"].more_stages] == [48, 32, 16]
+    assert [(s["net"], s["cache_rows"]) for s in report["decode_stages"]] == [
+        (f"block_cache_{i}", rows) for i in (0, 1) for rows in (48, 32, 16)]
+    assert all(s["total_cycle"] > 0 for s in report["decode_stages"]) and "decode stages, block_cache_0" in run.stdout
+    inspect = graphopt("inspect", str(folder / report["bmodel"])).stdout
+    assert "block_cache_0 (4 stages)" in inspect and "contract (llm-tpu" in inspect and ": met (2 layers)" in inspect
 
 
 def test_simulated_generation_from_the_command_line_matches_onnxruntime(builds):

@@ -209,3 +209,22 @@ def test_the_time_estimate_sums_what_a_token_passes_through():
     seq2seq = time_estimate([{"net": k, "total_cycle": v} for k, v in
                              {"encoder": 900_000, "cross_kv": 100_000, "decoder_block_cache_0": 50_000}.items()])
     assert seq2seq == {"prefill_ms": 0.0, "decode_ms_per_token": 0.05, "encode_ms": 1.0}
+
+
+def test_decode_stages_are_llm_converts_and_take_the_first_stages_io_addresses():
+    from graphopt.targets.bm1684x.contract import check_chunk_length, decode_stage_rows, stage_specs
+
+    assert decode_stage_rows(64, None) == [64] and decode_stage_rows(64, 16) == [64, 48, 32, 16]
+    assert decode_stage_rows(100, 30) == [100, 90, 60, 30]
+    spec = {s.name: s for s in deploy_specs(_manifest(), "w4bf16", 64, decode_stages=True)}["block_cache_0"]
+    assert spec.flags[-2:] == ("--save_io_alone_config", "io_alone_config.json")
+    inputs = ["input_states", "position_ids", "attention_mask", "history_k", "history_v"]
+    stages = stage_specs(spec, inputs, [64, 32], "/cache/key/io_alone_config.json")
+    assert [(s.name, s.stage) for s in stages] == [("block_cache_0", 1)]
+    assert stages[0].input_shapes == ((1, 1, 128), (1, 1), (1, 1, 1, 33), (1, 32, 2, 32), (1, 32, 2, 32))
+    assert stages[0].flags[-2:] == ("--use_io_alone_config", "/cache/key/io_alone_config.json")
+    assert "--save_io_alone_config" not in stages[0].flags and stages[0].label == "block_cache_0 (stage 1, 32 cache rows)"
+    with pytest.raises(GraphoptError, match="--chunk-length 40 must be between 1 and half of --seq-length 64"):
+        check_chunk_length(40, 64, "llm-tpu")
+    with pytest.raises(GraphoptError, match="only today's LLM-TPU demos select"):
+        check_chunk_length(16, 64, "llama3_1")

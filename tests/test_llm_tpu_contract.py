@@ -25,8 +25,8 @@ SEQ, LAYERS = 64, 2
 class Recorder:
     """Records programs; answers token 7; its nets have the given mask dtype and (optionally) blocks in place."""
 
-    def __init__(self, dtype="bf16", in_place=False):
-        self.programs, self._dtype, self._in_place = [], dtype, in_place
+    def __init__(self, dtype="bf16", in_place=False, stages=(SEQ,)):
+        self.programs, self._dtype, self._in_place, self._stages = [], dtype, in_place, list(stages)
 
     def io_alone(self, net):
         return net.startswith(("block_cache", "embedding", "lm_head"))
@@ -38,6 +38,9 @@ class Recorder:
 
     def dtype(self, tensor):
         return self._dtype
+
+    def stage_rows(self, tensor):
+        return self._stages
 
     def execute(self, program):
         self.programs.append(program)
@@ -113,6 +116,24 @@ def test_decode_writes_the_new_kv_row_straight_into_the_cache():
                                 (2, _t("block_cache_0", "in", 2)))
     assert not any(isinstance(s, Copy) and s.dst.net.startswith("block_cache") for s in steps)  # no cache copies
     assert Copy(_t("lm_head", "in", 0), _t("block_cache_1", "out", 0)) in steps
+
+
+def test_a_decode_step_runs_the_smallest_stage_that_holds_the_history():
+    """Decode stages at 64, 48, 32, 16 cache rows (--chunk-length 16): the cpp_demo's select_decode_stage."""
+    recorder = Recorder(stages=(64, 48, 32, 16))
+    runtime = _runtime(recorder)
+    assert [runtime.decode_stage(n) for n in (1, 16, 17, 32, 33, 48, 49, 64)] == [3, 3, 2, 2, 1, 1, 0, 0]
+    runtime.prefill(list(range(20)))
+    runtime.decode(7)  # 21 tokens with the new one: the 32-row stage
+    steps = recorder.programs[1].steps
+    launch = next(s for s in steps if isinstance(s, Launch) and s.net == "block_cache_1")
+    assert launch.stage == 2 and launch.bind[1:] == ((1, Tensor("block_cache_0", "in", 1, 2)),
+                                                      (2, Tensor("block_cache_0", "in", 2, 2)))
+    assert launch.bind_out[0] == (1, At(_t("block_cache_1", "in", 3), 20))  # into stage 0's cache, at row 20
+    assert Same(Tensor("block_cache_1", "in", 3, 2), _t("block_cache_1", "in", 3)) in steps
+    mask = next(w for w in steps if isinstance(w, Write) and w.dst == Tensor("block_cache_0", "in", 2, 2))
+    bits = mask.value.reshape(-1)
+    assert bits.size == 33 and bits[20] != 0 and bits[19] == 0 and bits[32] == 0
 
 
 def test_host_memory_does_what_fill_partial_writes_and_bound_outputs_mean():

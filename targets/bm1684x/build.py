@@ -35,6 +35,7 @@ class Bm1684xResult:
     problems: list[str] = field(default_factory=list)  # contract problems of the combined file
     contract: str = ""  # the runtime contract the file is held to (its description)
     memory_checked: bool = False  # the runtime's copies were checked on the file's memory layout
+    stages: list[dict] = field(default_factory=list)  # decode stages past stage 0: net, stage, rows, cycles
 
     @property
     def ok(self) -> bool:
@@ -90,6 +91,11 @@ class Bm1684xResult:
                      f"{t['decode_ms_per_token']:.3f} ms per token ({1000 / max(t['decode_ms_per_token'], 1e-9):,.0f} "
                      "tokens/s)")
         lines += self._top_pass_lines()
+        if self.stages:
+            first = [n for n in self.nets if n["net"] == self.stages[0]["net"]][0]
+            per = ", ".join(f"{s['cache_rows']}: {s['total_cycle']:,}" for s in self.stages if s["net"] == first["net"])
+            lines.append(f"  decode stages, {first['net']} (cache rows: cycles): {first['cache_rows']}: "
+                         f"{first['total_cycle']:,}, {per}; the runtime runs the smallest that holds the history")
         if self.sim_skipped:
             lines.append(f"  simulator checks skipped: {self.sim_skipped}")
         for run in (self.generation or {}).get("runs", []):
@@ -115,7 +121,7 @@ class Bm1684xResult:
                 "ok": self.ok, "seconds": self.seconds, "memory": self.memory, "estimate": time_estimate(self.nets),
                 "nets": self.nets, "generation": self.generation,
                 "sim_skipped": self.sim_skipped, "contract": self.contract, "contract_problems": self.problems,
-                "memory_checked": self.memory_checked}
+                "memory_checked": self.memory_checked, "decode_stages": self.stages}
 
 
 # TPU-MLIR's profile converts cycles to time at 1 GHz (`total_cycle` 12,784 -> `runtime: 0.012784ms`).
@@ -151,6 +157,7 @@ def simulator_log() -> Path:
 
 def validate(source, options: dict[str, Any]) -> None:
     contract.check_quantizable(source.config, options["quantize"], options["group_size"])
+    contract.check_chunk_length(options.get("chunk_length"), options["seq_length"], options["contract"])
     toolchain.require()
 
 
@@ -161,7 +168,8 @@ def build(folder: Path, manifest: dict, source, options: dict[str, Any], check: 
     tools = toolchain.require()
     quantize, seconds = options["quantize"], {}
     runtime = c.contract_of_manifest(manifest)
-    specs = contract.deploy_specs(manifest, quantize, options["group_size"], top_pipeline)
+    stage_rows = contract.decode_stage_rows(manifest["seq_length"], options.get("chunk_length"))
+    specs = contract.deploy_specs(manifest, quantize, options["group_size"], top_pipeline, len(stage_rows) > 1)
     onnx_files = {}
     for net in manifest["networks"]:
         files = [folder / net["file"], *(folder / f for f in net["external_data"])]
@@ -169,19 +177,28 @@ def build(folder: Path, manifest: dict, source, options: dict[str, Any], check: 
 
     start = time.perf_counter()
     compiled = deploy.deploy_all(tools, specs, onnx_files, options.get("jobs"), show_progress)
+    staged = _compile_decode_stages(tools, compiled, manifest, runtime, stage_rows, onnx_files, options, show_progress)
     seconds["bm1684x compile"] = time.perf_counter() - start
 
     start = time.perf_counter()
-    bmodel = deploy.combine(tools, compiled, folder / contract.bmodel_name(source.name, quantize, manifest["seq_length"]))
+    # Each decode block's further stages right after it: model_tool --combine makes them stages of that net.
+    order = [d for net in compiled for d in (net, *staged.get(net.spec.name, ()))]
+    bmodel = deploy.combine(tools, order, folder / contract.bmodel_name(source.name, quantize, manifest["seq_length"]))
     header, infos = inspect_bmodel.read_info(tools, bmodel)
     seconds["combine"] = time.perf_counter() - start
     nets = [{"net": d.spec.name, "quantize": d.spec.quantize, "flags": list(d.spec.flags), "cached": d.cached,
              "seconds": d.seconds, "total_cycle": d.total_cycle, "memory": d.memory,
              "top_passes": {r["pass"]: {k: r[k] for k in ("changed", "summary", "skipped")} for r in d.top_passes},
              "cache_dir": str(d.directory)} for d in compiled]
+    for n in nets:
+        if n["net"] in staged:
+            n["cache_rows"] = stage_rows[0]
     result = Bm1684xResult(bmodel.name, bmodel.stat().st_size, quantize, tools.describe(), options.get("jobs"), nets,
                            seconds, memory=header.get("memory", {}),
-                           problems=inspect_bmodel.contract_problems(infos, runtime), contract=runtime.name)
+                           problems=inspect_bmodel.contract_problems(infos, runtime), contract=runtime.name,
+                           stages=[{"net": d.spec.name, "stage": d.spec.stage, "cache_rows": d.spec.input_shapes[-1][1],
+                                    "total_cycle": d.total_cycle, "cached": d.cached, "seconds": d.seconds}
+                                   for ds in staged.values() for d in ds])
 
     with Simulator(tools, simulator_log()) as sim:
         # Whatever the model's size: where the runtime's copies land in the combined file's memory,
@@ -200,6 +217,23 @@ def build(folder: Path, manifest: dict, source, options: dict[str, Any], check: 
             _simulate(sim, bmodel, specs, manifest, folder, result, options["group_size"], show_progress)
     (folder / REPORT).write_text(json.dumps(result.to_json(), indent=2) + "\n")
     return result
+
+
+def _compile_decode_stages(tools, compiled, manifest: dict, runtime, stage_rows: list[int], onnx_files, options,
+                           show_progress: bool) -> dict[str, list]:
+    """{decode block: its further stages, compiled} (--chunk-length): each stage gets the io_alone addresses
+    its stage 0 saved, so all stages of a net read and write the same cache."""
+    if len(stage_rows) < 2:
+        return {}
+    inputs = {n["name"]: [i["name"] for i in n["inputs"]] for n in manifest["networks"]}
+    specs = [s for d in compiled if runtime.spec(d.spec.name).kind in c.DECODE_BLOCKS
+             for s in contract.stage_specs(d.spec, inputs[d.spec.onnx_network], stage_rows,
+                                           str(d.directory / contract.IO_ALONE_CONFIG))]
+    done = deploy.deploy_all(tools, specs, onnx_files, options.get("jobs"), show_progress)
+    staged: dict[str, list] = {}
+    for d in done:
+        staged.setdefault(d.spec.name, []).append(d)
+    return staged
 
 
 def _simulate(sim, bmodel, specs, manifest, folder, result, group_size, show_progress) -> None:

@@ -130,15 +130,17 @@ class Device:
         self.buffers: dict[str, DeviceMem] = {}
 
     # ---- memory, by the stage-0 tensors of a net -----------------------------------------
-    def tensor(self, net: str, io: str, index: int) -> tuple[DeviceMem, int, tuple[int, ...]]:
-        """(memory, bm dtype, shape) of a net's input or output."""
+    def tensor(self, net: str, io: str, index: int, stage: int = 0) -> tuple[DeviceMem, int, tuple[int, ...]]:
+        """(memory, bm dtype, shape) of a net's input or output in one of its stages."""
         if net not in self.nets:
             raise KeyError(f"the bmodel has no net '{net}' (it has {', '.join(self.nets)})")
         info = self.nets[net]
         count = info.input_num if io == "in" else info.output_num
         if not 0 <= index < count:
             raise KeyError(f"net '{net}' has {count} {'inputs' if io == 'in' else 'outputs'}, not {index + 1}")
-        stage = info.stages[0]
+        if not 0 <= stage < info.stage_num:
+            raise KeyError(f"net '{net}' has {info.stage_num} stages, not {stage + 1}")
+        stage = info.stages[stage]
         if io == "in":
             return stage.input_mems[index], info.input_dtypes[index], stage.input_shapes[index].to_tuple()
         return stage.output_mems[index], info.output_dtypes[index], stage.output_shapes[index].to_tuple()
@@ -163,21 +165,29 @@ class Device:
         return self.tensor(*ref)
 
     def layout(self) -> dict:
-        """Every net's address mode and where its inputs and outputs are: the memory map a runtime sees."""
+        """Every net's address mode and where its inputs and outputs are: the memory map a runtime sees
+        (stage 0; a net with more stages lists theirs under "more_stages")."""
         out = {}
         for name, info in self.nets.items():
-            entry = {"addr_mode": int(info.addr_mode), "stages": int(info.stage_num), "in": [], "out": []}
-            for io, count, names in (("in", info.input_num, info.input_names), ("out", info.output_num, info.output_names)):
-                for i in range(count):
-                    mem, dtype, shape = self.tensor(name, io, i)
-                    entry[io].append({"name": names[i].decode(), "dtype": DTYPES[dtype][0], "shape": list(shape),
-                                      "addr": mem.addr, "size": int(mem.size)})
-            out[name] = entry
+            stages = [self._stage_layout(name, info, s) for s in range(info.stage_num)]
+            out[name] = {"addr_mode": int(info.addr_mode), "stages": int(info.stage_num), **stages[0]}
+            if len(stages) > 1:
+                out[name]["more_stages"] = stages[1:]
         return out
 
-    def launch(self, net: str, bind: dict[int, DeviceMem], bind_out: dict[int, DeviceMem] | None = None) -> None:
+    def _stage_layout(self, name: str, info, stage: int) -> dict:
+        entry = {"in": [], "out": []}
+        for io, count, names in (("in", info.input_num, info.input_names), ("out", info.output_num, info.output_names)):
+            for i in range(count):
+                mem, dtype, shape = self.tensor(name, io, i, stage)
+                entry[io].append({"name": names[i].decode(), "dtype": DTYPES[dtype][0], "shape": list(shape),
+                                  "addr": mem.addr, "size": int(mem.size)})
+        return entry
+
+    def launch(self, net: str, bind: dict[int, DeviceMem], bind_out: dict[int, DeviceMem] | None = None,
+               stage_index: int = 0) -> None:
         info, bind_out = self.nets[net], bind_out or {}
-        stage = info.stages[0]
+        stage = info.stages[stage_index]
         inputs, outputs = (TensorDesc * info.input_num)(), (TensorDesc * info.output_num)()
         for i in range(info.input_num):
             inputs[i].dtype, inputs[i].shape = info.input_dtypes[i], stage.input_shapes[i]
@@ -217,7 +227,7 @@ class Device:
                                                           step["src_row"] * src_row, size), "d2d")
             elif op == "launch":
                 self.launch(step["net"], {int(i): self.resolve(ref)[0] for i, ref in step["bind"]},
-                            {int(i): self.resolve(ref)[0] for i, ref in step.get("bind_out", [])})
+                            {int(i): self.resolve(ref)[0] for i, ref in step.get("bind_out", [])}, step.get("stage", 0))
             elif op == "read":
                 mem, dtype, shape = self.resolve(step["src"])
                 row = mem.size // _rows(shape)

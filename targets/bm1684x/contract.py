@@ -56,6 +56,12 @@ class DeploySpec:
     quantize: str  # model_deploy --quantize
     flags: tuple[str, ...]  # the rest of model_deploy's flags
     top_passes: tuple[str, ...] = ()  # rewrites of model_transform's MLIR before model_deploy (top_passes/)
+    stage: int = 0  # a further stage of net `name` (the same net for other shapes), combined into it
+
+    @property
+    def label(self) -> str:
+        """The net, and its stage when it is not the first: for progress lines and results."""
+        return f"{self.name} (stage {self.stage}, {self.input_shapes[-1][1]} cache rows)" if self.stage else self.name
 
     @property
     def precision(self) -> str:
@@ -96,10 +102,37 @@ EMBEDDING_FLAGS = ("--quant_input", "--quant_output", *DECODE_FLAGS)
 LM_HEAD_FLAGS = ("--quant_input", *DECODE_FLAGS)
 
 
+# Decode stages (--chunk-length): block_cache_i compiled again for fewer cache rows, as further stages of
+# the same net. model_deploy saves the first compile's io_alone addresses and gives every stage the same,
+# so each stage's cache input is the cache the runtime keeps (TPU-MLIR's llm_convert does the same).
+IO_ALONE_CONFIG = "io_alone_config.json"
+
+
+def decode_stage_rows(seq_length: int, chunk_length: int | None) -> list[int]:
+    """The cache rows of each decode stage, as llm_convert makes them: SEQ (stage 0), then every multiple
+    of the chunk below SEQ, longest first (the order LLM-TPU's cpp_demo selects a stage in)."""
+    if not chunk_length:
+        return [seq_length]
+    return [seq_length, *sorted(range(chunk_length, seq_length, chunk_length), reverse=True)]
+
+
+def stage_specs(spec: DeploySpec, inputs: list[str], rows: list[int], io_config: str) -> list[DeploySpec]:
+    """The further stages of decode block `spec` (inputs named `inputs`) for the cache rows `rows[1:]`."""
+    flags = tuple(f for f in spec.flags if f not in ("--save_io_alone_config", IO_ALONE_CONFIG))
+    out = []
+    for stage, n in enumerate(rows[1:], start=1):
+        shapes = tuple((*s[:-1], n + 1) if name == c.ATTENTION_MASK else (s[0], n, *s[2:]) if name in c.HISTORY_INPUTS
+                       else s for name, s in zip(inputs, spec.input_shapes))
+        out.append(DeploySpec(spec.name, spec.onnx_network, shapes, spec.quantize,
+                              flags + ("--use_io_alone_config", io_config), spec.top_passes, stage))
+    return out
+
+
 def deploy_specs(manifest: dict, quantize: str, group_size: int,
-                 top_pipeline: tuple[str, ...] = TOP_PIPELINE) -> list[DeploySpec]:
+                 top_pipeline: tuple[str, ...] = TOP_PIPELINE, decode_stages: bool = False) -> list[DeploySpec]:
     """The runtime contract's nets (graphopt/contract.py), each with its mode, flags and top passes, in the
-    contract's order (a layer's nets together), which is the order LLM-TPU's compile script combines them."""
+    contract's order (a layer's nets together), which is the order LLM-TPU's compile script combines them.
+    `decode_stages`: the decode blocks save their io_alone addresses for stages compiled after them."""
     contract = c.contract_of_manifest(manifest)
     weights, half = QUANT_MODES[quantize]
     blocks = block_flags(quantize, group_size)
@@ -111,7 +144,8 @@ def deploy_specs(manifest: dict, quantize: str, group_size: int,
     # The encoder and cross_kv hold Linear weights like the blocks and take their mode; their outputs stay
     # in the blocks' 16-bit float, so nothing is converted between the nets. The heads stay fp32.
     modes = {c.EMBEDDING: (half, EMBEDDING_FLAGS), c.LM_HEAD: (half, LM_HEAD_FLAGS),
-             c.BLOCK: (weights, blocks), c.BLOCK_CACHE: (weights, blocks + DECODE_FLAGS),
+             c.BLOCK: (weights, blocks), c.BLOCK_CACHE: (weights, blocks + DECODE_FLAGS + (
+                 ("--save_io_alone_config", IO_ALONE_CONFIG) if decode_stages else ())),
              c.DECODER_BLOCK: (weights, blocks), c.DECODER_BLOCK_CACHE: (weights, blocks + DECODE_FLAGS),
              c.ENCODER: (weights, blocks), c.CROSS_KV: (weights, blocks),
              c.GREEDY_HEAD: ("F32", ()), c.PENALTY_SAMPLE_HEAD: ("F32", ())}
@@ -136,6 +170,18 @@ def deploy_specs(manifest: dict, quantize: str, group_size: int,
         if network is not None:
             specs.append(spec_of(network, None))
     return specs
+
+
+def check_chunk_length(chunk_length: int | None, seq_length: int, runtime: str) -> None:
+    if chunk_length is None:
+        return
+    if runtime != c.LLM_TPU.key:
+        raise GraphoptError(f"--chunk-length makes decode stages, which only today's LLM-TPU demos select (--contract "
+                            f"{c.LLM_TPU.key}); the {c.CONTRACTS[runtime].name}'s runtime runs stage 0 alone. "
+                            "Leave --chunk-length out.")
+    if not 1 <= chunk_length <= seq_length // 2:
+        raise GraphoptError(f"--chunk-length {chunk_length} must be between 1 and half of --seq-length {seq_length} "
+                            f"({seq_length // 2}), as llm_convert requires: the decode stages are its multiples below SEQ.")
 
 
 def check_quantizable(config, quantize: str, group_size: int) -> None:

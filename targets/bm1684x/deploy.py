@@ -187,12 +187,12 @@ def deploy_all(toolchain: Toolchain, specs: list[DeploySpec], onnx_files: dict[s
             bar.update(1)
             if show_progress:
                 how = "cached" if done.cached else " + ".join(f"{k} {v:.1f}s" for k, v in done.seconds.items())
-                bar.write(f"  {spec.name:<22} {spec.quantize:<7} {how:<44} (elapsed {time.perf_counter() - started:6.1f}s)",
+                bar.write(f"  {spec.label:<22} {spec.quantize:<7} {how:<44} (elapsed {time.perf_counter() - started:6.1f}s)",
                           file=sys.stderr)
         return done
 
     with ThreadPoolExecutor(max_workers=jobs) as pool:
-        futures = {pool.submit(job, spec): spec.name for spec in order}
+        futures = {pool.submit(job, spec): spec.label for spec in order}
         finished, pending = wait(futures, return_when=FIRST_EXCEPTION)
         for future in pending:
             future.cancel()
@@ -202,8 +202,8 @@ def deploy_all(toolchain: Toolchain, specs: list[DeploySpec], onnx_files: dict[s
             bar.close()
             raise errors[0]
     bar.close()
-    by_name = {f.result().spec.name: f.result() for f in futures}
-    return [by_name[s.name] for s in specs]
+    by_label = {f.result().spec.label: f.result() for f in futures}
+    return [by_label[s.label] for s in specs]
 
 
 def combine(toolchain: Toolchain, nets: list[DeployedNet], out: Path) -> Path:

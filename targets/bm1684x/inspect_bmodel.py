@@ -27,6 +27,7 @@ from graphopt.targets.bm1684x.toolchain import Toolchain
 
 _NET = re.compile(r"^net \d+: \[(?P<name>[^\]]+)\]")
 _TENSOR = re.compile(r"^(?P<io>input|output): (?P<name>[^,]+), \[(?P<shape>[^\]]*)\], (?P<dtype>\w+)")
+_STAGE = re.compile(r"^stage (?P<index>\d+)")
 _MEMORY = re.compile(r"^device mem size: (?P<total>\d+) \(weight: (?P<weight>\d+), instruct: (?P<instruct>\d+), "
                      r"runtime: (?P<runtime>\d+)\)")
 
@@ -41,8 +42,9 @@ class Tensor:
 @dataclass
 class NetInfo:
     name: str
-    inputs: list[Tensor] = field(default_factory=list)
+    inputs: list[Tensor] = field(default_factory=list)  # stage 0's
     outputs: list[Tensor] = field(default_factory=list)
+    more_stages: list["NetInfo"] = field(default_factory=list)  # the same net for other shapes (decode stages)
 
 
 def read_info(toolchain: Toolchain, bmodel: Path) -> tuple[dict, list[NetInfo]]:
@@ -59,10 +61,14 @@ def read_info(toolchain: Toolchain, bmodel: Path) -> tuple[dict, list[NetInfo]]:
         line = line.strip()
         if m := _NET.match(line):
             nets.append(NetInfo(m["name"]))
+            stage = nets[-1]
+        elif (m := _STAGE.match(line)) and nets and int(m["index"]) > 0:
+            stage = NetInfo(nets[-1].name)
+            nets[-1].more_stages.append(stage)
         elif (m := _TENSOR.match(line)) and nets:
             # A dynamic net prints its largest shape as [max:1, max:1024].
             shape = tuple(int(d.strip().removeprefix("max:")) for d in m["shape"].split(",") if d.strip())
-            (nets[-1].inputs if m["io"] == "input" else nets[-1].outputs).append(Tensor(m["name"], shape, m["dtype"]))
+            (stage.inputs if m["io"] == "input" else stage.outputs).append(Tensor(m["name"], shape, m["dtype"]))
         elif m := _MEMORY.match(line):
             header["memory"] = {k: int(v) for k, v in m.groupdict().items()}
         elif not nets and ": " in line:
@@ -161,6 +167,7 @@ def decoder_problems(contract: c.Contract, nets: list[NetInfo]) -> list[str]:
     seq = history[index].shape[1] if index < len(history) and len(history[index].shape) > 1 else rows
     if contract is c.LLAMA3_1_DEMO and seq != rows:
         problems.append(f"the legacy demo reads SEQ from embedding ({rows}), but the decode cache holds {seq} rows")
+    problems += _stage_problems(contract, by_name, layers, index)
     for i in layers:
         expect(c.BLOCK, "inputs", c.INPUT_STATES, i, dtypes=HALF, shape=(1, rows, hidden))
         expect(c.BLOCK, "inputs", c.POSITION_IDS, i, dtypes=INT, shape=(1, rows))
@@ -189,6 +196,28 @@ def decoder_problems(contract: c.Contract, nets: list[NetInfo]) -> list[str]:
     expect(c.PENALTY_SAMPLE_HEAD, "inputs", c.INPUT_IDS, dtypes=INT, shape=(1, seq))
     expect(c.PENALTY_SAMPLE_HEAD, "outputs", c.PROBS, shape=(1, 50))
     expect(c.PENALTY_SAMPLE_HEAD, "outputs", c.TOKEN, dtypes=INT, shape=(1, 50))
+    return problems
+
+
+def stage_rows(net: NetInfo, index: int) -> list[int]:
+    """The cache rows (input `index`, axis 1) of each stage of a decode net, stage 0 first."""
+    return [s.inputs[index].shape[1] for s in (net, *net.more_stages) if len(s.inputs) > index]
+
+
+def _stage_problems(contract: c.Contract, by_name: dict[str, NetInfo], layers: list[int], index: int) -> list[str]:
+    """Decode stages: the legacy demo runs stage 0 only; today's cpp_demo picks the smallest stage that holds
+    the history, walking them in order, and asserts every layer has the same."""
+    nets = [by_name[contract.network(c.BLOCK_CACHE, i)] for i in layers]
+    first = stage_rows(nets[0], index)
+    if len(first) == 1:
+        return []
+    if contract is c.LLAMA3_1_DEMO:
+        return [f"{nets[0].name} has {len(first)} stages; the legacy demo runs stage 0 only"]
+    problems = []
+    if first != sorted(first, reverse=True) or len(set(first)) != len(first):
+        problems.append(f"{nets[0].name}'s stages hold {first} cache rows: the demo needs them longest first")
+    problems += [f"{n.name}'s stages hold {stage_rows(n, index)} cache rows, {nets[0].name}'s {first}: the demo "
+                 "needs every layer's the same" for n in nets[1:] if stage_rows(n, index) != first]
     return problems
 
 
@@ -315,10 +344,13 @@ def render(path: Path, header: dict, nets: list[NetInfo], problems: list[str]) -
         lines.append(f"device memory {mem['total'] / 1e6:.1f} MB (weight {mem['weight'] / 1e6:.1f}, instructions "
                      f"{mem['instruct'] / 1e6:.1f}, runtime {mem['runtime'] / 1e6:.1f})")
     for net in nets:
-        lines.append(f"\n  {net.name}")
-        for io, tensors in (("in ", net.inputs), ("out", net.outputs)):
-            for t in tensors:
-                lines.append(f"    {io} {t.name:<28} {str(list(t.shape)):<22} {t.dtype}")
+        lines.append(f"\n  {net.name}" + (f" ({1 + len(net.more_stages)} stages)" if net.more_stages else ""))
+        for number, stage in enumerate((net, *net.more_stages)):
+            if number:
+                lines.append(f"    stage {number}:")
+            for io, tensors in (("in ", stage.inputs), ("out", stage.outputs)):
+                for t in tensors:
+                    lines.append(f"    {io} {t.name:<28} {str(list(t.shape)):<22} {t.dtype}")
     lines.append("")
     contract = contract_of(nets)
     if problems:

@@ -123,7 +123,7 @@ def _describe_origin(origin, layout: dict) -> str:
 def _tensor_name(ref, layout: dict) -> str:
     if isinstance(ref, Buffer):
         return str(ref)
-    entry = layout[ref.net][ref.io][ref.index]
+    entry = _entry(layout, ref)
     return f"{ref} ({entry['name']}, {entry['size']} bytes at {entry['addr']:#x})"
 
 
@@ -138,12 +138,12 @@ def hazards(layout: dict, programs: list[Program]) -> list[str]:
 
     def size(ref) -> int:
         tensor = ref.like if isinstance(ref, Buffer) else ref.ref if isinstance(ref, At) else ref
-        return layout[tensor.net][tensor.io][tensor.index]["size"]
+        return _entry(layout, tensor)["size"]
 
     def rows(ref) -> int:
         ref = ref.ref if isinstance(ref, At) else ref
         tensor = ref.like if isinstance(ref, Buffer) else ref
-        shape = layout[tensor.net][tensor.io][tensor.index]["shape"]
+        shape = _entry(layout, tensor)["shape"]
         return shape[1] if len(shape) >= 2 else 1
 
     def at_device(ref) -> int:
@@ -155,7 +155,7 @@ def hazards(layout: dict, programs: list[Program]) -> list[str]:
                 top = (top + 4095) // 4096 * 4096
                 buffers[ref.name], top = top, top + size(ref)
             return buffers[ref.name]
-        return layout[ref.net][ref.io][ref.index]["addr"]
+        return _entry(layout, ref)["addr"]
 
     def at_intended(ref) -> int:
         if isinstance(ref, At):
@@ -193,8 +193,8 @@ def hazards(layout: dict, programs: list[Program]) -> list[str]:
                 intended.set(at_intended(step.dst) + step.dst_row * row_dst, intended.get(src_i, src_i + count))
             elif isinstance(step, Launch):
                 bound = dict(step.bind)
-                for i, entry in enumerate(layout[step.net]["in"]):
-                    ref = bound.get(i, Tensor(step.net, "in", i))
+                for i, entry in enumerate(_stage(layout, step.net, step.stage)["in"]):
+                    ref = bound.get(i, Tensor(step.net, "in", i, step.stage))
                     # Only bytes the runtime means something by: what it never wrote (the padding rows
                     # past a prompt's length in a later block) is whatever memory holds, in either picture.
                     want = [w for w in intended.get(at_intended(ref), at_intended(ref) + entry["size"])
@@ -207,14 +207,23 @@ def hazards(layout: dict, programs: list[Program]) -> list[str]:
                              f"hold {meant}, but on this bmodel bytes {wrong[0]}..{wrong[1]} of it hold "
                              f"{_describe_origin(wrong[2], layout)}")
                 bound_out = dict(step.bind_out)
-                for i, entry in enumerate(layout[step.net]["out"]):
+                for i, entry in enumerate(_stage(layout, step.net, step.stage)["out"]):
                     label = [(0, entry["size"], ("out", step.net, i, p, s), 0)]
-                    ref = bound_out.get(i, Tensor(step.net, "out", i))
+                    ref = bound_out.get(i, Tensor(step.net, "out", i, step.stage))
                     device.set(at_device(ref), label)
                     intended.set(at_intended(ref), label)
             elif isinstance(step, Read):
                 pass  # the host reading bytes changes nothing
     return found
+
+
+def _stage(layout: dict, net: str, stage: int) -> dict:
+    """One stage's inputs and outputs of a net in the layout (stage 0 is the net's own entry)."""
+    return layout[net] if stage == 0 else layout[net]["more_stages"][stage - 1]
+
+
+def _entry(layout: dict, tensor: Tensor) -> dict:
+    return _stage(layout, tensor.net, tensor.stage)[tensor.io][tensor.index]
 
 
 def _shift(pieces, by: int):
