@@ -189,19 +189,21 @@ def layer_of(spec: NetworkSpec, network: str) -> int | None:
 FP16_MASK_BITS = int(np.float16(MASK_VALUE).view(np.uint16))  # 0xF0E2
 BF16_MASK_BITS = 0xC61C  # bf16 −9984: −10000 is not a bf16 value; the nearest LLM-TPU picked
 
+# The embedding and the blocks: the same in LLM-TPU's legacy demo and today's.
+LLM_TPU_BLOCKS = (
+    NetworkSpec("embedding", EMBEDDING, (INPUT_IDS,), (INPUT_EMBED,)),
+    NetworkSpec("embedding_cache", EMBEDDING, (INPUT_IDS,), (INPUT_EMBED,), one_token_of="embedding"),
+    NetworkSpec("block_{layer}", BLOCK, (INPUT_STATES, POSITION_IDS, ATTENTION_MASK), (HIDDEN_STATES, PAST_K, PAST_V)),
+    NetworkSpec("block_cache_{layer}", BLOCK_CACHE, (INPUT_STATES, POSITION_IDS, ATTENTION_MASK, HISTORY_K, HISTORY_V),
+                (HIDDEN_STATES, PAST_K, PAST_V)),
+)
+
 # Today's LLM-TPU demos (models/Qwen3/python_demo/chat.cpp at d581e7b) and what TPU-MLIR's llm_convert
 # writes (python/llm/LlmConverter.py): the final norm in the last block, lm_head answering the token
 # (TopK 1), the mask bits of the nets' own dtype (the demo reads embedding_cache's output dtype).
 LLM_TPU = Contract(
     "llm-tpu", "LLM-TPU chat demos (Qwen3 python_demo) / TPU-MLIR llm_convert",
-    networks=(
-        NetworkSpec("embedding", EMBEDDING, (INPUT_IDS,), (INPUT_EMBED,)),
-        NetworkSpec("embedding_cache", EMBEDDING, (INPUT_IDS,), (INPUT_EMBED,), one_token_of="embedding"),
-        NetworkSpec("block_{layer}", BLOCK, (INPUT_STATES, POSITION_IDS, ATTENTION_MASK), (HIDDEN_STATES, PAST_K, PAST_V)),
-        NetworkSpec("block_cache_{layer}", BLOCK_CACHE, (INPUT_STATES, POSITION_IDS, ATTENTION_MASK, HISTORY_K, HISTORY_V),
-                    (HIDDEN_STATES, PAST_K, PAST_V)),
-        NetworkSpec("lm_head", LM_HEAD, (HIDDEN_STATES,), (TOKEN,)),
-    ),
+    networks=(*LLM_TPU_BLOCKS, NetworkSpec("lm_head", LM_HEAD, (HIDDEN_STATES,), (TOKEN,))),
     mask_bits={"float16": FP16_MASK_BITS, "bfloat16": BF16_MASK_BITS},
     final_norm_in_last_block=True,
 )
@@ -213,11 +215,7 @@ LLM_TPU_OPTIONAL_HEADS = ("greedy_head", "sample_head")
 LLAMA3_1_DEMO = Contract(
     "llama3_1", "LLM-TPU Llama3_1 chat demo (legacy)",
     networks=(
-        NetworkSpec("embedding", EMBEDDING, (INPUT_IDS,), (INPUT_EMBED,)),
-        NetworkSpec("embedding_cache", EMBEDDING, (INPUT_IDS,), (INPUT_EMBED,), one_token_of="embedding"),
-        NetworkSpec("block_{layer}", BLOCK, (INPUT_STATES, POSITION_IDS, ATTENTION_MASK), (HIDDEN_STATES, PAST_K, PAST_V)),
-        NetworkSpec("block_cache_{layer}", BLOCK_CACHE, (INPUT_STATES, POSITION_IDS, ATTENTION_MASK, HISTORY_K, HISTORY_V),
-                    (HIDDEN_STATES, PAST_K, PAST_V)),
+        *LLM_TPU_BLOCKS,
         NetworkSpec("lm_head", LM_HEAD, (HIDDEN_STATES,), (M_LOGITS,)),
         NetworkSpec("greedy_head", GREEDY_HEAD, (M_LOGITS,), (TOKEN,)),
         NetworkSpec("penalty_sample_head", PENALTY_SAMPLE_HEAD, (M_LOGITS, INPUT_IDS, TOP_P, TEMPERATURE, PENALTY),
