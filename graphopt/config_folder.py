@@ -53,10 +53,15 @@ def write_config_folder(source, out_dir: Path) -> ConfigFolder:
             if path.is_file() and not path.name.endswith(SKIPPED_SUFFIXES) and path.name not in SKIPPED_NAMES:
                 shutil.copyfile(path, folder / path.name)
         result.source = str(directory.resolve())
-    if not (folder / "config.json").exists():
-        source.config.to_json_file(str(folder / "config.json"), use_diff=False)
-    if not (folder / "generation_config.json").exists():
-        _generation_config(source.config).save_pretrained(str(folder))
+    from transformers import PretrainedConfig
+
+    if isinstance(source.config, PretrainedConfig):  # a user's own module has a config of its own making
+        if not (folder / "config.json").exists():
+            source.config.to_json_file(str(folder / "config.json"), use_diff=False)
+        if not (folder / "generation_config.json").exists():
+            _generation_config(source.config).save_pretrained(str(folder))
+    else:
+        result.missing.append("config.json and generation_config.json (the model has no Hugging Face config)")
     result.source = result.source or "the model's config (no model directory)"
     result.files = sorted(p.name for p in folder.iterdir())
     if not any((folder / name).exists() for name in TOKENIZER_FILES):
