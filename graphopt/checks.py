@@ -62,9 +62,10 @@ def sample_inputs(inputs: list[TensorSpec], seq_length: int, vocab: int, seed: i
             values.append(torch.from_numpy(c.source_mask(spec.shape[-1], spec.shape[-1] * 3 // 4, spec.shape[2])))
         elif spec.name == c.ATTENTION_MASK:
             steps, keys = spec.shape[2], spec.shape[3]
-            # prefill: every row a prompt row; decode: a new token halfway into the cache
+            # prefill: every row a prompt row; decode: a new token halfway into the cache (of keys - 1 rows:
+            # SEQ, or a decode stage's fewer)
             values.append(torch.from_numpy(c.causal_mask(steps, keys, steps) if steps == keys else
-                                           c.decode_mask(seq, seq // 2)))
+                                           c.decode_mask(keys - 1, (keys - 1) // 2)))
         elif spec.name in sampling:
             values.append(torch.full(spec.shape, sampling[spec.name]))
         else:

@@ -151,6 +151,9 @@ def test_tiny_qwen3_in_todays_contract_compiles_to_w4bf16_and_passes_the_simulat
     assert [(s["net"], s["cache_rows"]) for s in report["decode_stages"]] == [
         (f"block_cache_{i}", rows) for i in (0, 1) for rows in (48, 32, 16)]
     assert all(s["total_cycle"] > 0 for s in report["decode_stages"]) and "decode stages, block_cache_0" in run.stdout
+    # Each stage in the simulator against onnxruntime at the stage's shapes, held to the nets' bar.
+    assert all(s["ok"] and s["worst"] >= contract.MIN_COSINE for s in report["decode_stages"])
+    assert "decode stages in the simulator vs onnxruntime at their shapes: 6 stages" in run.stdout
     inspect = graphopt("inspect", str(folder / report["bmodel"])).stdout
     assert "block_cache_0 (4 stages)" in inspect and "contract (llm-tpu" in inspect and ": met (2 layers)" in inspect
 

@@ -40,7 +40,7 @@ class Bm1684xResult:
     @property
     def ok(self) -> bool:
         generation_ok = self.generation is None or self.generation["ok"]
-        return not self.problems and all(n.get("ok", True) for n in self.nets) and generation_ok
+        return (not self.problems and all(n.get("ok", True) for n in self.nets + self.stages) and generation_ok)
 
     def pass_changes(self) -> dict[str, list[int]]:
         """{top pass: what it changed on each net it ran on}."""
@@ -96,6 +96,12 @@ class Bm1684xResult:
             per = ", ".join(f"{s['cache_rows']}: {s['total_cycle']:,}" for s in self.stages if s["net"] == first["net"])
             lines.append(f"  decode stages, {first['net']} (cache rows: cycles): {first['cache_rows']}: "
                          f"{first['total_cycle']:,}, {per}; the runtime runs the smallest that holds the history")
+            checked = [s for s in self.stages if "worst" in s]
+            if checked:
+                worst = min(checked, key=lambda s: s["worst"])
+                lines.append(f"  decode stages in the simulator vs onnxruntime at their shapes: {len(checked)} stages, "
+                             f"worst output cosine {worst['worst']:.5f} ({worst['net']}, {worst['cache_rows']} rows)"
+                             + ("" if all(s["ok"] for s in checked) else "  FAIL"))
         if self.sim_skipped:
             lines.append(f"  simulator checks skipped: {self.sim_skipped}")
         for run in (self.generation or {}).get("runs", []):
@@ -214,7 +220,8 @@ def build(folder: Path, manifest: dict, source, options: dict[str, Any], check: 
             result.sim_skipped = (f"{source.parameter_count / 1e9:.1f}B parameters is too large for the cmodel "
                                   "simulator; verify small shapes of the same architecture instead")
         else:
-            _simulate(sim, bmodel, specs, manifest, folder, result, options["group_size"], show_progress)
+            _simulate(sim, bmodel, specs, manifest, folder, result, options["group_size"], show_progress,
+                      [d.spec for ds in staged.values() for d in ds])
     (folder / REPORT).write_text(json.dumps(result.to_json(), indent=2) + "\n")
     return result
 
@@ -236,13 +243,17 @@ def _compile_decode_stages(tools, compiled, manifest: dict, runtime, stage_rows:
     return staged
 
 
-def _simulate(sim, bmodel, specs, manifest, folder, result, group_size, show_progress) -> None:
+def _simulate(sim, bmodel, specs, manifest, folder, result, group_size, show_progress, stage_specs=()) -> None:
     start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="graphopt-quantized-reference-") as quantized:
         quantized = fake_quant.quantized_reference(folder, manifest, specs, group_size, Path(quantized))
         by_name = {n["net"]: n for n in result.nets}
         for spec in specs:
             by_name[spec.name].update(verify.network_similarity(sim, bmodel, spec, manifest, folder, quantized))
+        by_stage = {(s["net"], s["stage"]): s for s in result.stages}
+        for spec in stage_specs:  # every decode stage against onnxruntime at the stage's shapes
+            similarity = verify.network_similarity(sim, bmodel, spec, manifest, folder, quantized)
+            by_stage[(spec.name, spec.stage)].update({k: similarity[k] for k in ("worst", "ok")})
         result.seconds["simulator nets"] = time.perf_counter() - start
         if show_progress:
             print(f"  simulator: {len(specs)} nets checked against onnxruntime in "

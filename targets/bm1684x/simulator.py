@@ -75,12 +75,15 @@ class Simulator:
         steps, data = program.to_json()
         return self._request(bmodel, what, {"__program__": np.array(json.dumps(steps)), **data})
 
-    def run(self, bmodel: Path, net: str, inputs: dict[str, np.ndarray]) -> list[np.ndarray]:
-        """One net on its own: each input converted to the net's dtype, written, the net run, its outputs read."""
-        layout = self.layout(bmodel)[net]
-        program = Program([Write(Tensor(net, "in", i), inputs[t["name"]], raw=False) for i, t in enumerate(layout["in"])])
-        program += Launch(net)
-        program += [Read(Tensor(net, "out", i), f"out{i}") for i in range(len(layout["out"]))]
+    def run(self, bmodel: Path, net: str, inputs: dict[str, np.ndarray], stage: int = 0) -> list[np.ndarray]:
+        """One net (one of its stages) on its own: each input converted to the net's dtype, written, the net
+        run, its outputs read."""
+        entry = self.layout(bmodel)[net]
+        layout = entry if stage == 0 else entry["more_stages"][stage - 1]
+        program = Program([Write(Tensor(net, "in", i, stage), inputs[t["name"]], raw=False)
+                           for i, t in enumerate(layout["in"])])
+        program += Launch(net, stage=stage)
+        program += [Read(Tensor(net, "out", i, stage), f"out{i}") for i in range(len(layout["out"]))]
         reply = self.execute(bmodel, program, f"running net '{net}'")
         return [reply[f"out{i}"].reshape(t["shape"]) for i, t in enumerate(layout["out"])]
 

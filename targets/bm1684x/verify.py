@@ -36,9 +36,10 @@ def network_similarity(sim: Simulator, bmodel: Path, spec: DeploySpec, manifest:
               for i, shape in zip(net["inputs"], spec.input_shapes)]
     vocab = int(manifest["model"]["config"]["vocab_size"])
     feeds = {i.name: v.numpy() for i, v in zip(inputs, sample_inputs(inputs, manifest["seq_length"], vocab))}
-    simulated = sim.run(bmodel, spec.name, feeds)
-    reference = ort_session(quantized / net["file"]).run(None, feeds)
-    fp32 = ort_session(folder / net["file"]).run(None, feeds) if spec.weight_bits else reference
+    simulated = sim.run(bmodel, spec.name, feeds, spec.stage)
+    session = ort_session if not spec.stage else lambda path: ort_session_for(path, spec.input_shapes)
+    reference = session(quantized / net["file"]).run(None, feeds)
+    fp32 = session(folder / net["file"]).run(None, feeds) if spec.weight_bits else reference
     outputs = {}
     for out, ref, full, got in zip(net["outputs"], reference, fp32, simulated):
         if np.issubdtype(ref.dtype, np.floating):
@@ -51,6 +52,26 @@ def network_similarity(sim: Simulator, bmodel: Path, spec: DeploySpec, manifest:
     return {"precision": spec.precision, "threshold": MIN_COSINE, "threshold_fp32": floor or None,
             "outputs": outputs, "worst": worst, "worst_fp32": worst_fp32,
             "ok": worst >= MIN_COSINE and worst_fp32 >= floor}
+
+
+def ort_session_for(path: Path, shapes) -> object:
+    """An onnxruntime session of `path` with its inputs at `shapes`: a decode stage's shorter cache (the
+    network's Reshapes hold no sequence length, which is why TPU-MLIR compiles the same file for it)."""
+    import onnx
+    import onnxruntime
+
+    model = onnx.load(str(path))
+    for value, shape in zip(model.graph.input, shapes):
+        for dim, size in zip(value.type.tensor_type.shape.dim, shape):
+            dim.Clear()
+            dim.dim_value = int(size)
+    for value in model.graph.output:
+        for dim in value.type.tensor_type.shape.dim:
+            dim.Clear()
+    del model.graph.value_info[:]
+    options = onnxruntime.SessionOptions()
+    options.log_severity_level = 3
+    return onnxruntime.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
 
 
 def generation_check(sim: Simulator, bmodel: Path, manifest: dict, folder: Path, quantized: Path,
