@@ -154,7 +154,8 @@ def end_to_end_check(source, folder, manifest: dict, new_tokens: int = 8) -> dic
     (graphopt/models/reference.py)."""
     from graphopt.runtime import OrtBackend, run_prompt, runtime_for
 
-    runtime = runtime_for(OrtBackend(folder, manifest), manifest)
+    backend = OrtBackend(folder, manifest)
+    runtime = runtime_for(backend, manifest, backend.head_logits())
     prompt = end_to_end_prompt(source.config.vocab_size, manifest["seq_length"])[:runtime.shapes.prefill_rows]
     new_tokens = min(new_tokens, runtime.room(prompt))
     reference = source.greedy(prompt, new_tokens)

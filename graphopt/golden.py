@@ -151,7 +151,7 @@ def check(model: str, directory: Path, *, name: str | None = None, model_path: s
         build = compile_model(source, get_target(target), seq_length, Path(scratch) / "out", keep_fx=True,
                               show_progress=False, plugins=plugins, target_options=options)
         for stage, backend in (("fx", FxBackend(build.fx_networks)), ("onnx", OrtBackend(build.out_dir, build.manifest))):
-            result = run_prompt(runtime_for(backend, build.manifest), golden.prompt, new_tokens)
+            result = run_prompt(runtime_for(backend, build.manifest, backend.head_logits()), golden.prompt, new_tokens)
             stages.append(_float_stage(stage, golden, {"tokens": result.tokens, "logits": result.logits}, tolerances))
         if build.target is not None:
             stages.append(_target_stage(build, golden))

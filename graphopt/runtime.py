@@ -31,13 +31,14 @@ class Backend(Protocol):
     def run(self, network: str, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]: ...
 
 
-def ort_session(path: Path):
-    """A quiet CPU onnxruntime session."""
+def ort_session(model: Path | bytes):
+    """A quiet CPU onnxruntime session of an ONNX file, or of a model serialized in memory."""
     import onnxruntime
 
     options = onnxruntime.SessionOptions()
     options.log_severity_level = 3
-    return onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    return onnxruntime.InferenceSession(model if isinstance(model, bytes) else str(model), options,
+                                        providers=["CPUExecutionProvider"])
 
 
 class OrtBackend:
@@ -515,10 +516,9 @@ class Seq2SeqRuntime(ChipStyleRuntime):
 def runtime_for(backend, manifest: dict, head_logits=None) -> ChipStyleRuntime:
     """The runtime that drives this manifest's networks (by their contract) on `backend`: a device
     that executes programs itself (the simulator), or one that runs single networks (onnxruntime,
-    FX), wrapped in a HostDevice. `head_logits`: for a token-out head, how the checks get logits
-    (`HeadLogits`; by default the backend's own, where it has one)."""
-    if head_logits is None and hasattr(backend, "head_logits"):
-        head_logits = backend.head_logits()
+    FX), wrapped in a HostDevice. `head_logits`: for a token-out head, how a check gets logits (a
+    backend's `head_logits()`, or `HeadLogits`); without it such a head's generation has tokens only,
+    as the demo does, and costs no second run of the head per token."""
     device = backend if hasattr(backend, "execute") else HostDevice(backend, network_io(manifest))
     shapes = Shapes.from_manifest(manifest)
     contract = c.contract_of_manifest(manifest)
@@ -543,12 +543,7 @@ class HeadLogits:
         topk = next(n for n in model.graph.node if n.op_type == "TopK")
         del model.graph.output[:]
         model.graph.output.append(onnx.helper.make_tensor_value_info(topk.input[0], onnx.TensorProto.FLOAT, None))
-        import onnxruntime
-
-        options = onnxruntime.SessionOptions()
-        options.log_severity_level = 3
-        self.session = onnxruntime.InferenceSession(model.SerializeToString(), options,
-                                                    providers=["CPUExecutionProvider"])
+        self.session = ort_session(model.SerializeToString())
         self.input = self.session.get_inputs()[0].name
 
     def __call__(self, hidden: np.ndarray) -> np.ndarray:

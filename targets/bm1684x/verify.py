@@ -58,7 +58,6 @@ def ort_session_for(path: Path, shapes) -> object:
     """An onnxruntime session of `path` with its inputs at `shapes`: a decode stage's shorter cache (the
     network's Reshapes hold no sequence length, which is why TPU-MLIR compiles the same file for it)."""
     import onnx
-    import onnxruntime
 
     model = onnx.load(str(path))
     for value, shape in zip(model.graph.input, shapes):
@@ -69,9 +68,7 @@ def ort_session_for(path: Path, shapes) -> object:
         for dim in value.type.tensor_type.shape.dim:
             dim.Clear()
     del model.graph.value_info[:]
-    options = onnxruntime.SessionOptions()
-    options.log_severity_level = 3
-    return onnxruntime.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    return ort_session(model.SerializeToString())
 
 
 def generation_check(sim: Simulator, bmodel: Path, manifest: dict, folder: Path, quantized: Path,

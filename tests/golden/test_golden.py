@@ -90,7 +90,8 @@ def test_stage_matches_golden(golden_build, name, stage):
     golden, _ = load_golden(name)
     build = golden_build(name)
     backend = FxBackend(build.fx_networks) if stage == "fx" else OrtBackend(build.out_dir, build.manifest)
-    result = run_prompt(runtime_for(backend, build.manifest), golden["prompt"], golden["new_tokens"])
+    result = run_prompt(runtime_for(backend, build.manifest, backend.head_logits()), golden["prompt"],
+                        golden["new_tokens"])
     assert_matches_golden(result.tokens, result.logits, name)
 
 
@@ -123,6 +124,7 @@ def test_save_pretrained_directory_gives_the_same_golden(tmp_path, name):
 
     build = compile_model(open_model(str(checkpoint)), ONNX_TARGET, GOLDEN_SEQ, tmp_path / "out", show_progress=False)
     assert build.ok
-    result = run_prompt(runtime_for(OrtBackend(build.out_dir, build.manifest), build.manifest), golden["prompt"],
+    backend = OrtBackend(build.out_dir, build.manifest)
+    result = run_prompt(runtime_for(backend, build.manifest, backend.head_logits()), golden["prompt"],
                         golden["new_tokens"])
     assert_matches_golden(result.tokens, result.logits, name)
