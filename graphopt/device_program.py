@@ -183,9 +183,21 @@ class IoSpec:
     dtype: np.dtype  # the host backend's dtype (float32, int64)
 
 
+# A memory map, as cmodel_device.Device.layout reads it off a loaded bmodel: {net: {"addr_mode", "stages",
+# "in": [{"name", "dtype", "shape", "addr", "size"}], "out": [...], "more_stages": [{"in", "out"}, ...]}},
+# stage 0's inputs and outputs at the top level and a multi-stage net's further stages under "more_stages".
+def layout_stages(layout: dict, net: str) -> list[dict]:
+    """Every stage's {"in", "out"} of `net` in a memory map, stage 0 first."""
+    return [layout[net], *layout[net].get("more_stages", [])]
+
+
+def layout_entry(layout: dict, tensor: Tensor) -> dict:
+    """A tensor's {"name", "dtype", "shape", "addr", "size"} in a memory map, in its stage."""
+    return layout_stages(layout, tensor.net)[tensor.stage][tensor.io][tensor.index]
+
+
 class LayoutQueries:
-    """What a runtime asks a device about its memory, answered from a memory map `self.layout`
-    ({net: {"addr_mode", "in": [{"addr", "dtype", ...}], "out": [...]}}, cmodel_device.Device.layout)."""
+    """What a runtime asks a device about its memory, answered from a memory map `self.layout`."""
 
     layout: dict
 
@@ -193,16 +205,14 @@ class LayoutQueries:
         return self.layout[net]["addr_mode"] == 1
 
     def address(self, tensor: Tensor) -> int | None:
-        return self.layout[tensor.net][tensor.io][tensor.index]["addr"]
+        return layout_entry(self.layout, tensor)["addr"]
 
     def dtype(self, tensor: Tensor) -> str:
-        return self.layout[tensor.net][tensor.io][tensor.index]["dtype"]
+        return layout_entry(self.layout, tensor)["dtype"]
 
     def stage_rows(self, tensor: Tensor) -> list[int]:
         """The rows (axis 1) of a tensor in each of its net's stages, stage 0 first."""
-        entry = self.layout[tensor.net]
-        stages = [entry, *entry.get("more_stages", [])]
-        return [rows_of(tuple(s[tensor.io][tensor.index]["shape"])) for s in stages]
+        return [rows_of(tuple(s[tensor.io][tensor.index]["shape"])) for s in layout_stages(self.layout, tensor.net)]
 
 
 def bits_to_float(value: np.ndarray, bits: str | None) -> np.ndarray:

@@ -92,7 +92,7 @@ class Bm1684xResult:
                      "tokens/s)")
         lines += self._top_pass_lines()
         if self.stages:
-            first = [n for n in self.nets if n["net"] == self.stages[0]["net"]][0]
+            first = next(n for n in self.nets if n["net"] == self.stages[0]["net"])
             per = ", ".join(f"{s['cache_rows']}: {s['total_cycle']:,}" for s in self.stages if s["net"] == first["net"])
             lines.append(f"  decode stages, {first['net']} (cache rows: cycles): {first['cache_rows']}: "
                          f"{first['total_cycle']:,}, {per}; the runtime runs the smallest that holds the history")

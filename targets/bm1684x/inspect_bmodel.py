@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from graphopt import contract as c
+from graphopt.device_program import bits_to_float
 from graphopt.errors import GraphoptError
 from graphopt.targets.bm1684x.toolchain import Toolchain
 
@@ -267,10 +268,14 @@ MASK_CLAMP_PASS = "clamp-mask"
 
 
 def _read_bits(bits: int, dtype: str) -> float:
-    """What a 16-bit pattern means to a net whose input has `dtype`."""
-    if dtype == "bfloat16":
-        return float((np.array([bits], np.uint32) << 16).view(np.float32)[0])
-    return float(np.array([bits], np.uint16).view(np.float16)[0])
+    """What a 16-bit pattern means to a net whose input has `dtype` (a 16-bit float, as the contract wants)."""
+    return float(bits_to_float(np.array([bits], np.uint16), "bfloat16" if dtype == "bfloat16" else "float16")[0])
+
+
+def _masks(contract: c.Contract, by_name: dict[str, NetInfo]) -> list[tuple[str, str]]:
+    """(net, its mask input's dtype) of every prefill and decode block."""
+    return [(spec.network(layer), by_name[spec.network(layer)].inputs[spec.input_index(c.ATTENTION_MASK)].dtype)
+            for spec in (contract.spec(c.BLOCK), contract.spec(c.BLOCK_CACHE)) for layer in contract.layers(by_name)]
 
 
 def mask_problems(nets: list[NetInfo], manifest: dict | None) -> list[str]:
@@ -287,16 +292,12 @@ def mask_problems(nets: list[NetInfo], manifest: dict | None) -> list[str]:
     clamped = {n["name"] for n in (manifest or {}).get("networks", [])
                if any(p["pass"] == MASK_CLAMP_PASS and c.ATTENTION_MASK in p["note"] for p in n["passes"])}
     wrong, meaning = [], {}
-    for spec in (contract.spec(c.BLOCK), contract.spec(c.BLOCK_CACHE)):
-        index = spec.input_index(c.ATTENTION_MASK)
-        for layer in contract.layers(by_name):
-            name = spec.network(layer)
-            dtype = by_name[name].inputs[index].dtype
-            bits = contract.mask_bits.get(dtype)
-            value = _read_bits(bits, dtype) if bits is not None else None
-            if (value is None or abs(value - c.MASK_VALUE) > 64) and name not in clamped:
-                wrong.append(name)
-                meaning[dtype] = (bits, value)
+    for name, dtype in _masks(contract, by_name):
+        bits = contract.mask_bits.get(dtype)
+        value = _read_bits(bits, dtype) if bits is not None else None
+        if (value is None or abs(value - c.MASK_VALUE) > 64) and name not in clamped:
+            wrong.append(name)
+            meaning[dtype] = (bits, value)
     if not wrong:
         return []
     evidence = ("No manifest.json beside this bmodel says" if manifest is None else
@@ -316,18 +317,14 @@ def _mask_dtype_problems(contract: c.Contract, by_name: dict[str, NetInfo]) -> l
     if bits is None:
         return [f"{contract.one_token(c.EMBEDDING)} outputs {writer}: today's demos stop with \"Invalid attention "
                 "dtype\" unless it is float16 or bfloat16"]
-    wrong = []
-    for spec in (contract.spec(c.BLOCK), contract.spec(c.BLOCK_CACHE)):
-        index = spec.input_index(c.ATTENTION_MASK)
-        for layer in contract.layers(by_name):
-            dtype = by_name[spec.network(layer)].inputs[index].dtype
-            if abs(_read_bits(bits, dtype) - c.MASK_VALUE) > 64:
-                wrong.append(f"{spec.network(layer)} ({dtype})")
+    wrong = [(name, dtype) for name, dtype in _masks(contract, by_name)
+             if abs(_read_bits(bits, dtype) - c.MASK_VALUE) > 64]
     if not wrong:
         return []
-    return [f"{', '.join(wrong[:4])}{' ...' if len(wrong) > 4 else ''}: the demo writes 0x{bits:04X} (−10000 in "
+    names = ", ".join(f"{name} ({dtype})" for name, dtype in wrong[:4])
+    return [f"{names}{' ...' if len(wrong) > 4 else ''}: the demo writes 0x{bits:04X} (−10000 in "
             f"{writer}, embedding_cache's output dtype) into every mask, which these masks read as "
-            f"{_read_bits(bits, wrong[0].split('(')[1][:-1]):.2g}; compile the blocks' I/O in {writer}"]
+            f"{_read_bits(bits, wrong[0][1]):.2g}; compile the blocks' I/O in {writer}"]
 
 
 def runtime_problems(layout: dict, nets: list[NetInfo], manifest: dict | None) -> list[str]:

@@ -22,7 +22,8 @@ from __future__ import annotations
 import numpy as np
 
 from graphopt import contract as c
-from graphopt.device_program import At, Buffer, Copy, Fill, LayoutQueries, Launch, Program, Read, Same, Tensor, Write
+from graphopt.device_program import (At, Buffer, Copy, Fill, LayoutQueries, Launch, Program, Read, Same, Tensor, Write,
+                                     layout_entry, layout_stages, rows_of)
 from graphopt.runtime import ChipStyleRuntime, LlmTpuRuntime, Seq2SeqRuntime, Shapes
 
 
@@ -123,7 +124,7 @@ def _describe_origin(origin, layout: dict) -> str:
 def _tensor_name(ref, layout: dict) -> str:
     if isinstance(ref, Buffer):
         return str(ref)
-    entry = _entry(layout, ref)
+    entry = layout_entry(layout, ref)
     return f"{ref} ({entry['name']}, {entry['size']} bytes at {entry['addr']:#x})"
 
 
@@ -131,20 +132,20 @@ def hazards(layout: dict, programs: list[Program]) -> list[str]:
     """Every way the programs' copies and reads would mean something else on this layout than intended."""
     device, intended = _Memory(), _Memory()
     buffers: dict[str, int] = {}
-    top = max((t["addr"] + t["size"] for n in layout.values() for io in ("in", "out") for t in n[io]), default=0)
+    top = max((t["addr"] + t["size"] for net in layout for stage in layout_stages(layout, net)
+               for io in ("in", "out") for t in stage[io]), default=0)
     aliases: dict[Tensor, Tensor] = {}
     spaces: dict[object, int] = {}
     found: list[str] = []
 
     def size(ref) -> int:
         tensor = ref.like if isinstance(ref, Buffer) else ref.ref if isinstance(ref, At) else ref
-        return _entry(layout, tensor)["size"]
+        return layout_entry(layout, tensor)["size"]
 
     def rows(ref) -> int:
         ref = ref.ref if isinstance(ref, At) else ref
         tensor = ref.like if isinstance(ref, Buffer) else ref
-        shape = _entry(layout, tensor)["shape"]
-        return shape[1] if len(shape) >= 2 else 1
+        return rows_of(tuple(layout_entry(layout, tensor)["shape"]))
 
     def at_device(ref) -> int:
         nonlocal top
@@ -155,7 +156,7 @@ def hazards(layout: dict, programs: list[Program]) -> list[str]:
                 top = (top + 4095) // 4096 * 4096
                 buffers[ref.name], top = top, top + size(ref)
             return buffers[ref.name]
-        return _entry(layout, ref)["addr"]
+        return layout_entry(layout, ref)["addr"]
 
     def at_intended(ref) -> int:
         if isinstance(ref, At):
@@ -193,7 +194,7 @@ def hazards(layout: dict, programs: list[Program]) -> list[str]:
                 intended.set(at_intended(step.dst) + step.dst_row * row_dst, intended.get(src_i, src_i + count))
             elif isinstance(step, Launch):
                 bound = dict(step.bind)
-                for i, entry in enumerate(_stage(layout, step.net, step.stage)["in"]):
+                for i, entry in enumerate(layout_stages(layout, step.net)[step.stage]["in"]):
                     ref = bound.get(i, Tensor(step.net, "in", i, step.stage))
                     # Only bytes the runtime means something by: what it never wrote (the padding rows
                     # past a prompt's length in a later block) is whatever memory holds, in either picture.
@@ -207,7 +208,7 @@ def hazards(layout: dict, programs: list[Program]) -> list[str]:
                              f"hold {meant}, but on this bmodel bytes {wrong[0]}..{wrong[1]} of it hold "
                              f"{_describe_origin(wrong[2], layout)}")
                 bound_out = dict(step.bind_out)
-                for i, entry in enumerate(_stage(layout, step.net, step.stage)["out"]):
+                for i, entry in enumerate(layout_stages(layout, step.net)[step.stage]["out"]):
                     label = [(0, entry["size"], ("out", step.net, i, p, s), 0)]
                     ref = bound_out.get(i, Tensor(step.net, "out", i, step.stage))
                     device.set(at_device(ref), label)
@@ -215,15 +216,6 @@ def hazards(layout: dict, programs: list[Program]) -> list[str]:
             elif isinstance(step, Read):
                 pass  # the host reading bytes changes nothing
     return found
-
-
-def _stage(layout: dict, net: str, stage: int) -> dict:
-    """One stage's inputs and outputs of a net in the layout (stage 0 is the net's own entry)."""
-    return layout[net] if stage == 0 else layout[net]["more_stages"][stage - 1]
-
-
-def _entry(layout: dict, tensor: Tensor) -> dict:
-    return _stage(layout, tensor.net, tensor.stage)[tensor.io][tensor.index]
 
 
 def _shift(pieces, by: int):

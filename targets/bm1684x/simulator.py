@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from graphopt.device_program import LayoutQueries, Launch, Program, Read, Tensor, Write
+from graphopt.device_program import LayoutQueries, Launch, Program, Read, Tensor, Write, layout_stages
 from graphopt.errors import GraphoptError
 from graphopt.targets.bm1684x.toolchain import Toolchain
 
@@ -78,8 +78,7 @@ class Simulator:
     def run(self, bmodel: Path, net: str, inputs: dict[str, np.ndarray], stage: int = 0) -> list[np.ndarray]:
         """One net (one of its stages) on its own: each input converted to the net's dtype, written, the net
         run, its outputs read."""
-        entry = self.layout(bmodel)[net]
-        layout = entry if stage == 0 else entry["more_stages"][stage - 1]
+        layout = layout_stages(self.layout(bmodel), net)[stage]
         program = Program([Write(Tensor(net, "in", i, stage), inputs[t["name"]], raw=False)
                            for i, t in enumerate(layout["in"])])
         program += Launch(net, stage=stage)
