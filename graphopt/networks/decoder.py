@@ -28,12 +28,11 @@ class Embedding(nn.Module):
 
 
 class DecoderBlock(nn.Module):
-    """One decoder layer with its rotary embedding, called as the model's forward calls it; the last
-    layer's ends in the model's final norm where the contract puts it there."""
+    """One decoder layer with its rotary embedding, called as the model's forward calls it."""
 
-    def __init__(self, layer: nn.Module, rotary: nn.Module, final_norm: nn.Module | None = None):
+    def __init__(self, layer: nn.Module, rotary: nn.Module):
         super().__init__()
-        self.layer, self.rotary, self.final_norm = layer, rotary, final_norm
+        self.layer, self.rotary = layer, rotary
         self._takes_position_embeddings = "position_embeddings" in inspect.signature(layer.forward).parameters
 
     def forward(self, input_states, position_ids, attention_mask):
@@ -43,8 +42,7 @@ class DecoderBlock(nn.Module):
         out = self.layer(input_states, attention_mask=attention_mask, position_ids=position_ids, **extra)
         # Decoder layers return the hidden states from transformers 4.54 on; up to 4.53 they
         # return a tuple that starts with them (CI runs the goldens on 4.51 too).
-        out = out[0] if isinstance(out, tuple) else out
-        return out if self.final_norm is None else self.final_norm(out)
+        return out[0] if isinstance(out, tuple) else out
 
 
 class LmHead(nn.Module):
@@ -143,12 +141,13 @@ def _block(source: ModelSource, layer: nn.Module, final_norm: nn.Module | None =
         from graphopt.models.custom import CustomBlock
 
         block = CustomBlock(layer, source.parts.call_block)
-        return block if final_norm is None else _Normed(block, final_norm)
-    return DecoderBlock(layer, source.rotary, final_norm)
+    else:
+        block = DecoderBlock(layer, source.rotary)
+    return block if final_norm is None else _Normed(block, final_norm)
 
 
 class _Normed(nn.Module):
-    """A user's block followed by the model's final norm (the contract's last block)."""
+    """A block followed by the model's final norm: the last layer's, where the contract puts it there."""
 
     def __init__(self, block: nn.Module, norm: nn.Module):
         super().__init__()
