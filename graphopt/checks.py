@@ -63,9 +63,10 @@ def sample_inputs(inputs: list[TensorSpec], seq_length: int, vocab: int, seed: i
         elif spec.name == c.ATTENTION_MASK:
             steps, keys = spec.shape[2], spec.shape[3]
             # prefill: every row a prompt row; decode: a new token halfway into the cache (of keys - 1 rows:
-            # SEQ, or a decode stage's fewer)
+            # SEQ, or a decode stage's fewer); a history-KV chunk: every row new, after half a cache
             values.append(torch.from_numpy(c.causal_mask(steps, keys, steps) if steps == keys else
-                                           c.decode_mask(keys - 1, (keys - 1) // 2)))
+                                           c.decode_mask(keys - 1, (keys - 1) // 2) if steps == 1 else
+                                           c.chunk_mask(steps, keys - steps, steps, (keys - steps) // 2)))
         elif spec.name in sampling:
             values.append(torch.full(spec.shape, sampling[spec.name]))
         else:
@@ -149,9 +150,101 @@ def decode_check(run_decode, decode_inputs: list[TensorSpec], decode_outputs: li
     return compare(f"decode vs prefill (rows {', '.join(map(str, rows))})", reference, candidate)
 
 
+def history_splits(rows: int) -> list[int]:
+    """The cache rows a history-KV chunk is checked after: one, and half of the prefill's rows."""
+    return sorted({min(1, rows - 1), rows // 2} - {0}) or [0]
+
+
+def history_feeds(inputs: list[TensorSpec], prefill_feeds: dict[str, np.ndarray], prefill_outputs: dict[str, np.ndarray],
+                  history: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
+    """The inputs a runtime gives block_kv_i for the prefill's rows from `history` on, as one chunk, after
+    prefilling the rows before: the chunk at the top of its rows (the rest padding: zero positions, noise),
+    the cache's first `history` rows the prefill's, the rest of it noise."""
+    rows = prefill_feeds[c.INPUT_STATES].shape[1]
+    chunk = rows - history
+    feeds = {}
+    for spec in inputs:
+        name = spec.name
+        if name == c.INPUT_STATES:
+            value = rng.standard_normal(spec.shape).astype(prefill_feeds[name].dtype)
+            value[:, :chunk] = prefill_feeds[name][:, history:]
+            feeds[name] = value
+        elif name == c.POSITION_IDS:
+            value = np.zeros(spec.shape, prefill_feeds[name].dtype)
+            value[:, :chunk] = np.arange(history, rows)
+            feeds[name] = value
+        elif name == c.ATTENTION_MASK:
+            steps, keys = spec.shape[2], spec.shape[3]
+            feeds[name] = c.chunk_mask(steps, keys - steps, chunk, history)
+        elif name in c.HISTORY_INPUTS:
+            prefill = prefill_outputs[c.KV_OUTPUTS[c.HISTORY_INPUTS.index(name)]]
+            cache = rng.standard_normal(spec.shape).astype(prefill.dtype) * float(np.std(prefill) or 1.0)
+            cache[:, :history] = prefill[:, :history]
+            feeds[name] = cache
+    return feeds
+
+
+def history_check(run_chunk, inputs: list[TensorSpec], outputs: list[str], prefill_feeds: dict[str, np.ndarray],
+                  prefill_outputs: dict[str, np.ndarray]) -> Check:
+    """`run_chunk(feeds) -> outputs` (block_kv_i) for the prefill's rows after each of `history_splits`, as a
+    chunk against the cache the prefill made of the rows before: its rows are the prefill's."""
+    rng = np.random.default_rng(0)
+    rows = prefill_feeds[c.INPUT_STATES].shape[1]
+    splits = history_splits(rows)
+    reference, candidate = [], []
+    for history in splits:
+        got = run_chunk(history_feeds(inputs, prefill_feeds, prefill_outputs, history, rng))
+        for name, value in zip(outputs, got):
+            reference.append(prefill_outputs[name][:, history:])
+            candidate.append(np.asarray(value)[:, :rows - history])
+    return compare(f"history chunk vs prefill (after {', '.join(map(str, splits))} rows)", reference, candidate)
+
+
+CHAT_NEW_TOKENS = 4  # answered per turn of the chat check
+
+
+def chat_prompts(vocab: int, rows: int, seq_length: int) -> list[list[int]]:
+    """Three seeded turns of a chat for a history-KV session: the first longer than a prefill chunk (`rows`),
+    so it runs as two chunks (block_i, then block_kv_i after the first), the others short; all of them with
+    their answers fit in SEQ."""
+    rng = np.random.default_rng(1)
+    lengths = [min(rows + max(1, rows // 2), seq_length // 3), max(1, min(6, seq_length // 8)),
+               max(1, min(5, seq_length // 8))]
+    return [rng.integers(0, int(vocab), n).tolist() for n in lengths]
+
+
+def chat_turns(runtime, prompts: list[list[int]], new_tokens: int = CHAT_NEW_TOKENS):
+    """A history-KV chat on `runtime` (cleared first): each prompt continues the session. Yields (the
+    conversation so far, as an exactly counted cache holds it with this turn's prompt, the turn's
+    Generation); the answer's last token never enters the cache, so the next turn follows the others."""
+    runtime.clear()
+    conversation: list[int] = []
+    for prompt in prompts:
+        generation = runtime.generate(prompt, new_tokens)
+        conversation += prompt
+        yield list(conversation), generation
+        conversation += generation.tokens[:-1]
+
+
+def chat_check(runtime, greedy, prompts: list[list[int]], new_tokens: int = CHAT_NEW_TOKENS) -> dict:
+    """Three turns of a history-KV chat against one full prefill of the whole conversation at each turn
+    (`greedy(tokens, n) -> {"tokens", "logits"}`: the model's own generation). The runtime counts the
+    cache's rows here (`exact_history`), not as LLM-TPU's cpp_demo does, one past them after a second turn."""
+    runtime.exact_history = True
+    turns = []
+    for conversation, ours in chat_turns(runtime, prompts, new_tokens):
+        reference = greedy(conversation, len(ours.tokens))
+        err = max(float(np.max(np.abs(a - b))) for a, b in zip(reference["logits"], ours.logits))
+        same = reference["tokens"] == ours.tokens
+        turns.append({"prompt_length": len(conversation), "tokens": ours.tokens, "reference_tokens": reference["tokens"],
+                      "tokens_identical": same, "max_abs_logit_err": err, "ok": same and err <= 1e-3})
+    return {"turns": turns, "ok": all(t["ok"] for t in turns)}
+
+
 def end_to_end_check(source, folder, manifest: dict, new_tokens: int = 8) -> dict:
     """Greedy tokens of the ONNX networks (driven like the chip) against the model's own generation
-    (graphopt/models/reference.py)."""
+    (graphopt/models/reference.py); with history-KV networks, a three-turn chat as well, each turn
+    against a full prefill of the conversation so far."""
     from graphopt.runtime import OrtBackend, run_prompt, runtime_for
 
     backend = OrtBackend(folder, manifest)
@@ -162,5 +255,10 @@ def end_to_end_check(source, folder, manifest: dict, new_tokens: int = 8) -> dic
     ours = run_prompt(runtime, prompt, new_tokens)
     err = max(float(np.max(np.abs(a - b))) for a, b in zip(reference["logits"], ours.logits))
     same = reference["tokens"] == ours.tokens
-    return {"prompt": prompt, "tokens": ours.tokens, "reference_tokens": reference["tokens"],
-            "tokens_identical": same, "max_abs_logit_err": err, "ok": same and err <= 1e-3}
+    result = {"prompt": prompt, "tokens": ours.tokens, "reference_tokens": reference["tokens"],
+              "tokens_identical": same, "max_abs_logit_err": err, "ok": same and err <= 1e-3}
+    if runtime.contract.has(c.BLOCK_KV):
+        prompts = chat_prompts(source.config.vocab_size, runtime.shapes.prefill_rows, manifest["seq_length"])
+        result["chat"] = chat_check(runtime, source.greedy, prompts)
+        result["ok"] = result["ok"] and result["chat"]["ok"]
+    return result

@@ -41,8 +41,9 @@ def cmd_run(args) -> int:
         raise GraphoptError(f"--jobs {args.jobs} must be at least 1 (or left out: as many as cores and memory allow).")
     source = open_model(args.model, args.model_path, args.random_weights, args.num_layers)
     out = Path(args.out or f"graphopt-out/{source.name}-{target.name}-seq{args.seq_length}")
+    max_input_length, chunk_length = _history_kv_lengths(args)
     options = {"quantize": args.quantize, "group_size": args.group_size, "jobs": args.jobs,
-               "chunk_length": args.chunk_length}
+               "chunk_length": chunk_length}
     # compile_model checks everything the user can get wrong before any work starts.
     dump_dir = Path(args.dump_dir) if args.dump_dir else None
     if dump_after is not None and dump_dir is None:
@@ -50,11 +51,34 @@ def cmd_run(args) -> int:
         print(f"graphopt: graphs after {', '.join(sorted(dump_after)) or 'no pass'} go to {dump_dir}", file=sys.stderr)
     result = compile_model(source, target, args.seq_length, out, check=not args.no_check, dump_dir=dump_dir,
                            target_options=options, jobs=args.jobs, plugins=plugins, dump_after=dump_after,
-                           contract=args.contract, max_input_length=args.max_input_length)
+                           contract=args.contract, max_input_length=max_input_length,
+                           contract_options=_contract_options(args))
     wall = time.perf_counter() - start
     write_json(result, wall)
     print(render(result, wall))
     return 0 if result.ok else 1
+
+
+def _contract_options(args) -> tuple[str, ...]:
+    from graphopt.contract import DYNAMIC, HISTORY_KV
+
+    return tuple(o for o, on in ((DYNAMIC, args.dynamic), (HISTORY_KV, args.history_kv)) if on)
+
+
+def _history_kv_lengths(args) -> tuple[int | None, int | None]:
+    """(--max-input-length, --chunk-length) as the run takes them: with --history-kv the prefill takes one
+    chunk, and the chunk defaults to a quarter of SEQ (llm_convert's --use_history_kv)."""
+    if not args.history_kv:
+        return args.max_input_length, args.chunk_length
+    if args.max_input_length is not None:
+        raise GraphoptError("--max-input-length cannot be given with --history-kv: the prefill then takes one chunk "
+                            "of --chunk-length tokens at a time (a longer prompt runs as several chunks). Give "
+                            "--chunk-length instead.")
+    chunk = args.chunk_length or args.seq_length // 4
+    if chunk < 1:
+        raise GraphoptError(f"--history-kv needs a chunk of at least one token, and a quarter of --seq-length "
+                            f"{args.seq_length} is 0: give --chunk-length, or a larger --seq-length.")
+    return chunk, chunk
 
 
 def _sim_backend(directory: Path, manifest: dict, stack):
@@ -239,8 +263,13 @@ def build_parser() -> argparse.ArgumentParser:
                      "rows), fewer than --seq-length, the tokens the cache holds (default: --seq-length; --contract "
                      "llm-tpu)")
     run.add_argument("--contract", help="the runtime the networks are for (decoder-only models): llm-tpu (today's "
-                     "LLM-TPU demos and llm_convert: token-out lm_head, final norm in the last block) or llama3_1 "
-                     "(LLM-TPU's legacy Llama3_1 demo, the default); README \"Runtime contracts\"")
+                     "LLM-TPU demos and llm_convert: token-out lm_head, final norm in the last block; the default) or "
+                     "llama3_1 (LLM-TPU's legacy Llama3_1 demo); README \"Runtime contracts\"")
+    run.add_argument("--dynamic", action="store_true", help="--contract llm-tpu: block_i runs at the prompt's length "
+                     "(the runtime sets it per launch) and computes its causal mask itself, as llm_convert --dynamic")
+    run.add_argument("--history-kv", action="store_true", help="--contract llm-tpu: add block_kv_i, which prefills a "
+                     "chunk of --chunk-length tokens against the cache, so a chat's later turn costs its own tokens "
+                     "(llm_convert --use_history_kv; implies --dynamic; the prefill takes the chunk's rows)")
     run.add_argument("--model-path", help="checkpoint directory for a registry model (config.json + *.safetensors)")
     run.add_argument("--random-weights", action="store_true", help="seeded random weights instead of a checkpoint")
     run.add_argument("--num-layers", type=int, help="keep only the first N decoder layers (dry runs, benchmarks)")
@@ -259,7 +288,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help=f"weight quantization group size (default {DEFAULT_GROUP_SIZE})")
     bm.add_argument("--chunk-length", type=int, help="decode stages (--contract llm-tpu): block_cache_i compiled "
                     "again for every multiple of this many cache rows below SEQ, so a decode step attends over the "
-                    "smallest that holds the context (at most half of --seq-length)")
+                    "smallest that holds the context (at most half of --seq-length); with --history-kv also the "
+                    "chunk a prefill takes (default there: a quarter of --seq-length, as llm_convert)")
     run.set_defaults(func=cmd_run)
 
     gen = sub.add_parser("generate", help="greedy generation with the emitted networks, driven like the chip runtime")

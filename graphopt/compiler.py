@@ -49,31 +49,38 @@ class CompileResult:
 
 def prepare(source: ModelSource, target: Target, seq_length: int, options: dict,
             plugins: PassPlugins | None = None, dump_after: frozenset[str] | None = None,
-            contract: str | None = None, max_input_length: int | None = None) -> Target:
+            contract: str | None = None, max_input_length: int | None = None,
+            contract_options: tuple[str, ...] = ()) -> Target:
     """Everything the user can get wrong, checked before any work: the target with the user passes placed."""
     source.check_structure()
     source.check_seq_length(seq_length)
-    check_contract(source, contract)
+    check_contract(source, contract, contract_options)
     check_max_input_length(source, contract, seq_length, max_input_length)
     if plugins is not None:
         target = with_plugins(target, plugins)
     target.check_dump_after(dump_after)
     if target.build:  # the target's options, with the run's SEQ and contract they depend on
-        runtime = c.contract_for(source.is_encoder_decoder, contract)
-        target.build.validate(source, {**options, "seq_length": seq_length, "contract": runtime.key})
+        runtime = c.contract_for(source.is_encoder_decoder, contract, contract_options)
+        target.build.validate(source, {**options, "seq_length": seq_length, "contract": runtime.key,
+                                       "contract_options": tuple(sorted(runtime.options))})
     return target
 
 
-def check_contract(source: ModelSource, contract: str | None) -> None:
-    if contract is None:
-        return
-    if contract not in c.DECODER_CONTRACTS:
+def check_contract(source: ModelSource, contract: str | None, options: tuple[str, ...] = ()) -> None:
+    if contract is not None and contract not in c.DECODER_CONTRACTS:
         raise GraphoptError(f"--contract {contract} is not a runtime contract graphopt knows; choose one of "
                             f"{', '.join(c.DECODER_CONTRACTS)} (README, \"Runtime contracts\").")
-    if source.is_encoder_decoder:
+    if contract is not None and source.is_encoder_decoder:
         raise GraphoptError(f"--contract {contract} is for decoder-only models; {source.name} is an encoder-decoder "
                             "model, whose networks follow graphopt's own contract (docs/encoder-decoder-networks.md). "
                             "Leave --contract out.")
+    runtime = c.contract_for(source.is_encoder_decoder, contract)
+    for option in options:
+        if runtime is not c.LLM_TPU:
+            raise GraphoptError(f"--{option} is an option of --contract {c.LLM_TPU.key} (today's LLM-TPU demos and "
+                                f"llm_convert); {source.name}'s networks follow the {runtime.name}, whose runtime has no "
+                                f"such mode. Leave --{option} out" + (", or compile for --contract llm-tpu." if
+                                                                      not source.is_encoder_decoder else "."))
 
 
 def check_max_input_length(source: ModelSource, contract: str | None, seq_length: int,
@@ -95,23 +102,25 @@ def compile_model(source: ModelSource, target: Target, seq_length: int, out_dir:
                   dump_dir: Path | None = None, show_progress: bool = True,
                   target_options: dict | None = None, jobs: int | None = None,
                   plugins: PassPlugins | None = None, dump_after: frozenset[str] | None = None,
-                  contract: str | None = None, max_input_length: int | None = None) -> CompileResult:
+                  contract: str | None = None, max_input_length: int | None = None,
+                  contract_options: tuple[str, ...] = ()) -> CompileResult:
     """Compile `source` for `target` into `out_dir`. `plugins` adds user passes to the target's
     pipelines; `dump_after` limits the `dump_dir` graphs to those passes (None: after every pass);
     `contract`: the runtime contract of a decoder-only model's networks (graphopt/contract.py);
-    `max_input_length`: the prefill's rows, where fewer than SEQ."""
+    `max_input_length`: the prefill's rows, where fewer than SEQ; `contract_options`: --dynamic, --history-kv."""
     target_options = target_options or {}
-    target = prepare(source, target, seq_length, target_options, plugins, dump_after, contract, max_input_length)
+    target = prepare(source, target, seq_length, target_options, plugins, dump_after, contract, max_input_length,
+                     contract_options)
     staged = StagedDirectory(out_dir)
     if show_progress:
         detail = f", {target_options['quantize']}" if target.build and "quantize" in target_options else ""
-        runtime = c.contract_for(source.is_encoder_decoder, contract)
+        runtime = c.contract_for(source.is_encoder_decoder, contract, contract_options)
         print(f"graphopt: {source.name} ({source.weights.describe()}) -> target {target.name}{detail}, "
               f"seq {seq_length}{f', max input {max_input_length}' if max_input_length else ''}, "
-              f"contract {runtime.key}", file=sys.stderr)
+              f"contract {runtime.describe}", file=sys.stderr)
     try:
         job = ExportJob(source, list(target.fx_pipeline), list(target.onnx_pipeline), seq_length, staged.path, layers,
-                        check, dump_dir, dump_after, plugins, contract, max_input_length)
+                        check, dump_dir, dump_after, plugins, contract, max_input_length, tuple(contract_options))
         result = _export(job, target, keep_fx, show_progress, jobs)
         result.config_folder = write_config_folder(source, staged.path)
         if target.build:
@@ -141,7 +150,7 @@ def _export(job: ExportJob, target: Target, keep_fx: bool, show_progress: bool, 
     for r in results:
         for stage, s in r.seconds.items():
             totals[stage] = totals.get(stage, 0.0) + s
-    manifest = build_manifest(source, target, job.seq_length, results, job.runtime_contract.key)
+    manifest = build_manifest(source, target, job.seq_length, results, job.runtime_contract)
     write_manifest(job.folder, manifest)
     result = CompileResult(job.folder, manifest, results, totals, fx_networks=kept if keep_fx else None,
                            export={"processes": jobs, "wall_seconds": round(time.perf_counter() - started, 2)})

@@ -18,7 +18,7 @@ Masks are additive, MASK_VALUE (−10000) where a query may not look. A chip run
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -26,6 +26,7 @@ import numpy as np
 EMBEDDING = "embedding"
 BLOCK = "block"  # a decoder layer over SEQ rows (prefill)
 BLOCK_CACHE = "block_cache"  # the same layer for one new row, with the K/V cache as inputs (decode)
+BLOCK_KV = "block_kv"  # the same layer for a chunk of new rows that also attend to the cache (history-KV prefill)
 LM_HEAD = "lm_head"
 GREEDY_HEAD = "greedy_head"
 PENALTY_SAMPLE_HEAD = "penalty_sample_head"
@@ -36,7 +37,8 @@ DECODER_BLOCK_CACHE = "decoder_block_cache"
 
 PREFILL_BLOCKS = frozenset({BLOCK, DECODER_BLOCK})
 DECODE_BLOCKS = frozenset({BLOCK_CACHE, DECODER_BLOCK_CACHE})
-BLOCKS = PREFILL_BLOCKS | DECODE_BLOCKS
+HISTORY_BLOCKS = DECODE_BLOCKS | {BLOCK_KV}  # networks whose attention reads the cache as inputs (concat-cache)
+BLOCKS = PREFILL_BLOCKS | HISTORY_BLOCKS
 ALL_KINDS = BLOCKS | frozenset({EMBEDDING, LM_HEAD, GREEDY_HEAD, PENALTY_SAMPLE_HEAD, ENCODER, CROSS_KV})
 DECODE_OF = {BLOCK: BLOCK_CACHE, DECODER_BLOCK: DECODER_BLOCK_CACHE}  # a prefill block's decode twin
 
@@ -76,6 +78,28 @@ def causal_mask(steps: int, keys: int, length: int) -> np.ndarray:
     return mask
 
 
+def chunk_mask(steps: int, history_rows: int, length: int, history: int) -> np.ndarray:
+    """A history-KV chunk's mask [1,1,steps,history_rows+steps]: query i (< length) sees the first `history`
+    cache rows and the chunk's keys j <= i; the rest of the cache and the padding rows are masked."""
+    mask = np.full((1, 1, steps, history_rows + steps), MASK_VALUE, np.float32)
+    mask[0, 0, :length, :history] = 0.0
+    mask[..., history_rows:] = causal_mask(steps, steps, length)
+    return mask
+
+
+def baked_mask(steps: int, history_rows: int = 0) -> np.ndarray:
+    """The mask a dynamic net computes itself at its largest shape: the whole cache and a causal chunk
+    (TPU-MLIR's FAttention with its small mask: query i sees key j <= i + history_rows)."""
+    return chunk_mask(steps, history_rows, steps, history_rows)
+
+
+def launch_mask(shape, rows: int, history: int) -> np.ndarray:
+    """What a dynamic net's baked mask (of the ONNX network's `shape` [1,1,steps,history_rows+steps]) means
+    when it is launched at `rows` rows after `history` cache rows, written out at the full shape."""
+    steps, keys = shape[2], shape[3]
+    return chunk_mask(steps, keys - steps, rows, history)
+
+
 def decode_mask(seq_length: int, row: int) -> np.ndarray:
     """The runtime's decode mask [1,1,1,SEQ+1] for a new token at `row`: history rows < row
     are valid, rows from `row` on are not written yet, and the last column is the token itself."""
@@ -103,6 +127,14 @@ class NetworkSpec:
     inputs: tuple[str, ...]
     outputs: tuple[str, ...]
     one_token_of: str | None = None
+    # Inputs a dynamic net computes on the device itself (its causal mask, `baked_mask`): the ONNX network
+    # takes them, the compiled net does not, and the runtime writes nothing into them.
+    baked: tuple[str, ...] = ()
+
+    @property
+    def device_inputs(self) -> tuple[str, ...]:
+        """The inputs of the compiled net, in order: what a runtime's input indices count."""
+        return tuple(n for n in self.inputs if n not in self.baked)
 
     @property
     def per_layer(self) -> bool:
@@ -139,6 +171,7 @@ class Contract:
     networks: tuple[NetworkSpec, ...]
     mask_bits: dict[str, int] = field(default_factory=dict)
     final_norm_in_last_block: bool = False
+    options: frozenset[str] = frozenset()  # of CONTRACT_OPTIONS, which change its networks (llm_tpu_with)
 
     def spec(self, kind_or_name: str) -> NetworkSpec:
         """A network's spec by kind (the first of that kind that is not a one-token alias) or by name."""
@@ -169,6 +202,15 @@ class Contract:
 
     def has(self, kind: str) -> bool:
         return any(s.kind == kind for s in self.networks)
+
+    @property
+    def dynamic(self) -> bool:
+        """The prefill blocks run at the prompt's length (the runtime sets it per launch), their mask baked."""
+        return any(s.baked for s in self.networks)
+
+    @property
+    def describe(self) -> str:
+        return self.key + "".join(f" --{o}" for o in sorted(self.options))
 
     @property
     def head_outputs_token(self) -> bool:
@@ -211,6 +253,32 @@ LLM_TPU = Contract(
 # Heads today's demos look up by name when present (--do_sample) and do not count as layers.
 LLM_TPU_OPTIONAL_HEADS = ("greedy_head", "sample_head")
 
+# What llm_convert's --dynamic and --use_history_kv change in the LLM_TPU networks, graphopt's
+# --dynamic and --history-kv. Dynamic: block_i runs at the prompt's rows (the demo's net_launch_dyn)
+# and computes its causal mask itself. History-KV (forces dynamic): block_kv_i, a chunk of new rows
+# against the first rows of the cache (net_launch_kv_dyn sets both lengths), so a chat's later turn
+# costs its own tokens; the Qwen3 demos' forward_first_with_kv drives it.
+DYNAMIC, HISTORY_KV = "dynamic", "history-kv"
+CONTRACT_OPTIONS = (DYNAMIC, HISTORY_KV)
+BLOCK_KV_SPEC = NetworkSpec("block_kv_{layer}", BLOCK_KV, (INPUT_STATES, POSITION_IDS, ATTENTION_MASK, HISTORY_K, HISTORY_V),
+                            (HIDDEN_STATES, PAST_K, PAST_V), baked=(ATTENTION_MASK,))
+
+
+def llm_tpu_with(options) -> Contract:
+    """LLM_TPU with `options` (of CONTRACT_OPTIONS); history-KV makes the blocks dynamic too."""
+    options = frozenset(options)
+    if unknown := options - set(CONTRACT_OPTIONS):
+        raise ValueError(f"unknown contract options {sorted(unknown)}")
+    if not options:
+        return LLM_TPU
+    options |= {DYNAMIC}
+    networks = []
+    for spec in LLM_TPU.networks:
+        networks.append(replace(spec, baked=(ATTENTION_MASK,)) if spec.kind == BLOCK else spec)
+        if spec.kind == BLOCK_CACHE and HISTORY_KV in options:
+            networks.append(BLOCK_KV_SPEC)
+    return replace(LLM_TPU, networks=tuple(networks), options=options)
+
 # LLM-TPU's models/Llama3_1 chat demo (python_demo/chat.cpp at ea05961), deleted from LLM-TPU in May 2025.
 LLAMA3_1_DEMO = Contract(
     "llama3_1", "LLM-TPU Llama3_1 chat demo (legacy)",
@@ -248,28 +316,38 @@ DECODER_CONTRACTS = (LLM_TPU.key, LLAMA3_1_DEMO.key)  # what `--contract` offers
 DEFAULT_CONTRACT = LLM_TPU.key
 
 
-def contract_for(is_encoder_decoder: bool, key: str | None = None) -> Contract:
+def contract_for(is_encoder_decoder: bool, key: str | None = None, options=()) -> Contract:
     """The contract of a model's networks: an encoder-decoder model has one; a decoder-only model the
-    `--contract` chosen."""
-    return ENCODER_DECODER if is_encoder_decoder else CONTRACTS[key or DEFAULT_CONTRACT]
+    `--contract` chosen, with its options (`--dynamic`, `--history-kv`: LLM_TPU's only)."""
+    if is_encoder_decoder:
+        return ENCODER_DECODER
+    key = key or DEFAULT_CONTRACT
+    return llm_tpu_with(options) if key == LLM_TPU.key else CONTRACTS[key]
 
 
 def contract_of_manifest(manifest: dict) -> Contract:
     """The contract an output directory's networks follow (manifests before "contract" was recorded:
     an encoder network makes it the encoder-decoder one, else the Llama3_1 demo's, then the only one)."""
     if "contract" in manifest:
-        return CONTRACTS[manifest["contract"]]
+        return contract_for(False, manifest["contract"], manifest.get("contract_options", ())) \
+            if manifest["contract"] in DECODER_CONTRACTS else CONTRACTS[manifest["contract"]]
     return contract_for(any(n["name"] == ENCODER_DECODER.network(ENCODER) for n in manifest["networks"]),
                         LLAMA3_1_DEMO.key)
 
 
-def contract_of_nets(names) -> Contract:
+def contract_of_nets(names, block_inputs: int | None = None) -> Contract:
     """The contract a set of compiled net names follows (a bmodel's): an encoder makes it the
-    encoder-decoder one, a greedy_head the Llama3_1 demo's, else today's LLM-TPU."""
+    encoder-decoder one, a greedy_head the Llama3_1 demo's, else today's LLM-TPU: with history-KV where
+    block_kv_0 is there, dynamic where block_0 takes no mask (`block_inputs`: how many it takes)."""
     names = set(names)
     if ENCODER_DECODER.network(ENCODER) in names:
         return ENCODER_DECODER
-    return LLAMA3_1_DEMO if LLAMA3_1_DEMO.network(GREEDY_HEAD) in names else LLM_TPU
+    if LLAMA3_1_DEMO.network(GREEDY_HEAD) in names:
+        return LLAMA3_1_DEMO
+    if BLOCK_KV_SPEC.network(0) in names:
+        return llm_tpu_with((HISTORY_KV,))
+    dynamic = block_inputs is not None and block_inputs < len(LLM_TPU.spec(BLOCK).inputs)
+    return llm_tpu_with((DYNAMIC,) if dynamic else ())
 
 
 def one_token_shape(shape) -> tuple[int, ...]:

@@ -20,6 +20,9 @@ runtime means. A `Program` holds those steps in the runtime's order:
                               another tensor's memory in place, and the outputs in `bind_out`,
                               written into another tensor's memory (`At(cache, row)`: the Qwen3
                               demo's decode writes its new K/V straight into the cache).
+                              dims: a dynamic net's lengths for this launch, (input, axis, length)
+                              as `net_launch_dyn` sets them: it reads that many rows of each input
+                              from the start of its memory and writes as many output rows.
   Read(src, name, rows...)    device -> host, returned under `name`.
   Same(a, b)                  what the runtime assumes without doing anything: that tensor `a`
                               is the same memory as `b` (the demo writes positions into block_0's
@@ -59,13 +62,15 @@ class Tensor:
 
 @dataclass(frozen=True)
 class Buffer:
-    """Device memory the runtime allocates itself, as large as `like` (bm_malloc_device_byte)."""
+    """Device memory the runtime allocates itself (bm_malloc_device_byte), as large as `like`, or as
+    `rows` rows of it (the Qwen3 cpp_demo's history-KV dev_buffer holds SEQ rows of hidden states)."""
 
     name: str
     like: Tensor
+    rows: int | None = None
 
     def to_json(self) -> list:
-        return ["buffer", self.name, self.like.to_json()]
+        return ["buffer", self.name, self.like.to_json(), self.rows]
 
     def __str__(self) -> str:
         return f"the runtime's buffer {self.name}"
@@ -120,6 +125,11 @@ class Launch:
     bind: tuple[tuple[int, Ref], ...] = ()  # (input index, memory it reads instead of its own)
     bind_out: tuple[tuple[int, "At"], ...] = ()  # (output index, memory it writes instead of its own)
     stage: int = 0  # which of the net's stages runs (its shapes, its memory)
+    dims: tuple[tuple[int, int, int], ...] = ()  # (input index, axis, length): a dynamic net's lengths
+
+    def length(self, index: int, default: int) -> int:
+        """The rows (axis 1) input `index` runs at: its dims, else `default` (its compiled rows)."""
+        return next((n for i, axis, n in self.dims if i == index and axis == 1), default)
 
 
 @dataclass(frozen=True)
@@ -165,7 +175,8 @@ class Program:
                               "dst_row": step.dst_row, "src_row": step.src_row, "rows": step.rows})
             elif isinstance(step, Launch):
                 steps.append({"op": "launch", "net": step.net, "bind": [[i, r.to_json()] for i, r in step.bind],
-                              "bind_out": [[i, r.to_json()] for i, r in step.bind_out], "stage": step.stage})
+                              "bind_out": [[i, r.to_json()] for i, r in step.bind_out], "stage": step.stage,
+                              "dims": [list(d) for d in step.dims]})
             elif isinstance(step, Read):
                 steps.append({"op": "read", "src": step.src.to_json(), "name": step.name, "row": step.row,
                               "rows": step.rows})
@@ -258,7 +269,10 @@ class HostDevice:
 
     def _spec(self, ref: Ref) -> IoSpec:
         tensor = ref.like if isinstance(ref, Buffer) else ref
-        return self.io[tensor.net][tensor.io][tensor.index][1]
+        spec = self.io[tensor.net][tensor.io][tensor.index][1]
+        if isinstance(ref, Buffer) and ref.rows is not None:
+            spec = IoSpec((spec.shape[0], ref.rows, *spec.shape[2:]), spec.dtype)
+        return spec
 
     def _flat(self, ref: Ref) -> np.ndarray:
         ref = self.aliases.get(ref, ref)
@@ -291,12 +305,17 @@ class HostDevice:
                 dst[offset:offset + count] = src[start:start + count]
             elif isinstance(step, Launch):
                 bound = dict(step.bind)
+                io = self.io[step.net]
                 inputs = {name: self._flat(bound.get(i, Tensor(step.net, "in", i))).reshape(spec.shape)
-                          for i, (name, spec) in enumerate(self.io[step.net]["in"])}
+                          for i, (name, spec) in enumerate(io["in"])}
+                inputs.update({name: bake(step) for name, bake in io.get("baked", {}).items()})
                 outputs = self.backend.run(step.net, inputs)
                 bound_out = dict(step.bind_out)
-                for i, (name, spec) in enumerate(self.io[step.net]["out"]):
-                    value = np.asarray(outputs[name]).reshape(-1)
+                rows = step.length(0, rows_of(io["in"][0][1].shape)) if step.dims else None
+                for i, (name, spec) in enumerate(io["out"]):
+                    value = np.asarray(outputs[name])
+                    # A dynamic launch writes its rows only; the rest of the output memory keeps what it held.
+                    value = (value[:, :rows] if rows is not None and value.ndim >= 2 else value).reshape(-1)
                     if i in bound_out:
                         at = bound_out[i]
                         memory, offset = self._flat(at.ref), at.row * self._row(at.ref)
@@ -304,7 +323,7 @@ class HostDevice:
                             raise ValueError(f"{step.net} output {i} written at {at} runs past its end")
                         memory[offset:offset + value.size] = value
                     else:
-                        self._flat(Tensor(step.net, "out", i))[:] = value
+                        self._flat(Tensor(step.net, "out", i))[:value.size] = value
             elif isinstance(step, Read):
                 memory = self._flat(step.src)
                 row = self._row(step.src)

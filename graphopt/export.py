@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from graphopt import contract as c
-from graphopt.checks import Check, check_inputs, compare, decode_check
+from graphopt.checks import Check, check_inputs, compare, decode_check, history_check
 from graphopt.errors import GraphoptError
 from graphopt.ir import TensorSpec
 from graphopt.models.source import ModelSource
@@ -29,7 +29,7 @@ from graphopt.runtime import ort_session
 
 # Networks whose rewritten form has other inputs than the traced one (decode blocks gain the cache,
 # decoder blocks trade encoder_hidden_states for cross_k/cross_v): no "fx-rewritten vs traced" check.
-INPUTS_REWRITTEN = c.DECODE_BLOCKS | {c.DECODER_BLOCK}
+INPUTS_REWRITTEN = c.HISTORY_BLOCKS | {c.DECODER_BLOCK}
 
 
 @dataclass
@@ -71,10 +71,11 @@ class ExportJob:
     plugins: PassPlugins | None = None  # user passes, loaded again by each worker
     contract: str | None = None  # a decoder-only model's --contract (graphopt/contract.py CONTRACTS)
     max_input_length: int | None = None  # the prefill's rows, where fewer than SEQ (--max-input-length)
+    contract_options: tuple[str, ...] = ()  # --dynamic, --history-kv (contract.CONTRACT_OPTIONS)
 
     @property
     def runtime_contract(self) -> c.Contract:
-        return c.contract_for(self.source.is_encoder_decoder, self.contract)
+        return c.contract_for(self.source.is_encoder_decoder, self.contract, self.contract_options)
 
     def plans(self) -> list[NetworkPlan]:
         return plan_networks(self.source, self.seq_length, self.layers, self.runtime_contract, self.max_input_length)
@@ -99,7 +100,10 @@ def export_in_group(job: ExportJob, plan: NetworkPlan, shared: SharedData, prefi
                     on_stage=lambda stage: None):
     """export_network, handing a layer's prefill run (kept in `prefills` by weight group) to its decode
     twin, which comes after it in the same group."""
-    prefill = prefills.pop(weight_group(plan), None) if plan.kind in c.DECODE_BLOCKS else None
+    # block_kv_i comes after block_cache_i and is checked against the same prefill run: that one keeps it.
+    keep = plan.kind == c.BLOCK_CACHE and job.runtime_contract.has(c.BLOCK_KV)
+    group = weight_group(plan)
+    prefill = (prefills.get(group) if keep else prefills.pop(group, None)) if plan.kind in c.HISTORY_BLOCKS else None
     result, net = export_network(job, plan, shared, on_stage, prefill)
     if result.prefill_run is not None:
         prefills[weight_group(plan)], result.prefill_run = result.prefill_run, None
@@ -152,6 +156,9 @@ def export_network(job: ExportJob, plan: NetworkPlan, shared: SharedData, on_sta
         elif plan.kind in c.DECODE_BLOCKS and prefill is not None:
             checks.append(timed("decode check", decode_check, lambda f: session.run(list(net.output_names), f),
                                 net.inputs, net.output_names, prefill.feeds, prefill.outputs, job.seq_length))
+        elif plan.kind == c.BLOCK_KV and prefill is not None:
+            checks.append(timed("history check", history_check, lambda f: session.run(list(net.output_names), f),
+                                net.inputs, net.output_names, prefill.feeds, prefill.outputs))
         del session
     digest = timed("hash", shared.digest, files)
     result = NetworkResult(plan.name, plan.kind, files, net.inputs, net.outputs, dynamic_axes, records, seconds,
@@ -190,7 +197,8 @@ def export_serially(job: ExportJob, plans: list[NetworkPlan], keep_fx: bool = Fa
 
 
 def export_networks(source: ModelSource, names: list[str] | None, seq_length: int, folder: Path, target=None,
-                    layers=(0,), check: bool = True, contract: str | None = None) -> dict[str, NetworkResult]:
+                    layers=(0,), check: bool = True, contract: str | None = None, contract_options: tuple[str, ...] = (),
+                    max_input_length: int | None = None) -> dict[str, NetworkResult]:
     """Export (and check) the named networks of `source` (None: all of `layers`') into `folder`, through
     `target`'s pipelines (default: the onnx target); e.g. one block of a full-size model. A decode block
     is checked against its prefill block when both are named. Returns {name: NetworkResult}."""
@@ -199,6 +207,7 @@ def export_networks(source: ModelSource, names: list[str] | None, seq_length: in
     target = target or get_target("onnx")
     Path(folder).mkdir(parents=True, exist_ok=True)
     job = ExportJob(source, list(target.fx_pipeline), list(target.onnx_pipeline), seq_length, Path(folder),
-                    list(layers), check=check, dump_dir=None, contract=contract)
+                    list(layers), check=check, dump_dir=None, contract=contract, max_input_length=max_input_length,
+                    contract_options=tuple(contract_options))
     plans = [p for p in job.plans() if names is None or p.name in names]
     return export_serially(job, plans)[0]

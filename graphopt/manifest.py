@@ -14,7 +14,7 @@ MANIFEST = "manifest.json"
 FORMAT = "graphopt-networks/1"
 
 
-def build_manifest(source, target, seq_length: int, results, contract: str) -> dict:
+def build_manifest(source, target, seq_length: int, results, contract) -> dict:
     """The manifest of `results` (export.NetworkResult, in contract order) compiled from `source` for `target`."""
     import torch
     import transformers
@@ -30,7 +30,8 @@ def build_manifest(source, target, seq_length: int, results, contract: str) -> d
         "model": source.describe(),
         "target": target.name,
         "seq_length": seq_length,
-        "contract": contract,
+        "contract": contract.key,
+        **({"contract_options": sorted(contract.options)} if contract.options else {}),
         "pipeline": {stage: list(target.pipeline(stage)) for stage in ("fx", "onnx", "top") if target.pipeline(stage)},
         "networks": [
             {

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
 
-from graphopt.contract import ALL_KINDS, BLOCKS, DECODE_BLOCKS, PREFILL_BLOCKS  # noqa: F401 (the pass API's kinds)
+from graphopt.contract import ALL_KINDS, BLOCKS, DECODE_BLOCKS, HISTORY_BLOCKS, PREFILL_BLOCKS  # noqa: F401 (the pass API's kinds)
 from graphopt.errors import GraphoptError
 
 STAGES = ("fx", "onnx", "top")

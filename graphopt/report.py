@@ -62,18 +62,25 @@ def render(result: CompileResult, wall_seconds: float) -> str:
     lines += _pass_lines(result)
     lines.append("  stages: " + ", ".join(f"{stage} {s:.1f}s" for stage, s in result.seconds.items())
                  + f"; total {wall_seconds:.1f}s")
-    decode = [(net.name, c) for net in result.networks for c in net.checks if c.stage.startswith("decode vs prefill")]
-    if decode:
-        worst_name, worst = max(decode, key=lambda nc: (not nc[1].ok, nc[1].max_abs_err))
-        failed = [name for name, c in decode if not c.ok]
-        lines.append(f"  decode blocks vs their prefill blocks, same weights, {worst.stage[len('decode vs prefill ('):-1]}: "
-                     f"{len(decode) - len(failed)} of {len(decode)} ok, max abs err {worst.max_abs_err:.1e} ({worst_name})"
-                     + (f"; FAIL: {', '.join(failed)}" if failed else ""))
+    for prefix, what in (("decode vs prefill (", "decode blocks vs their prefill blocks, same weights"),
+                         ("history chunk vs prefill (", "history-KV chunks (block_kv_i) vs their prefill blocks")):
+        checked = [(net.name, c) for net in result.networks for c in net.checks if c.stage.startswith(prefix)]
+        if checked:
+            worst_name, worst = max(checked, key=lambda nc: (not nc[1].ok, nc[1].max_abs_err))
+            failed = [name for name, c in checked if not c.ok]
+            lines.append(f"  {what}, {worst.stage[len(prefix):-1]}: {len(checked) - len(failed)} of {len(checked)} ok, "
+                         f"max abs err {worst.max_abs_err:.1e} ({worst_name})" + (f"; FAIL: {', '.join(failed)}" if failed else ""))
     if result.end_to_end:
         e2e = result.end_to_end
         lines.append(f"  end to end vs the reference (transformers generate, or your model's forward): {len(e2e['tokens'])} greedy tokens "
                      f"{'identical' if e2e['tokens_identical'] else 'DIFFER'}, "
                      f"max logit error {e2e['max_abs_logit_err']:.1e}")
+        if chat := e2e.get("chat"):
+            turns = chat["turns"]
+            lines.append(f"  three-turn chat (history-KV) vs a full prefill of the conversation at each turn: "
+                         f"{sum(t['tokens_identical'] for t in turns)} of {len(turns)} turns' tokens identical "
+                         f"(conversation {', '.join(str(t['prompt_length']) for t in turns)} tokens), max logit error "
+                         f"{max(t['max_abs_logit_err'] for t in turns):.1e}")
     if result.config_folder is not None:
         lines.append(result.config_folder.report_line())
     if result.target is not None:

@@ -140,10 +140,29 @@ def network_io(manifest: dict) -> dict[str, dict[str, list[tuple[str, IoSpec]]]]
                                    np.dtype(t["dtype"]))) for t in net[io]]
 
     nets = {n["name"]: n for n in manifest["networks"]}
+    contract = c.contract_of_manifest(manifest)
     io = {name: {"in": specs(n, "inputs", False), "out": specs(n, "outputs", False)} for name, n in nets.items()}
-    for alias, source in c.contract_of_manifest(manifest).aliases().items():
+    for alias, source in contract.aliases().items():
         io[alias] = {"in": specs(nets[source], "inputs", True), "out": specs(nets[source], "outputs", True)}
+    for name, entry in io.items():  # a dynamic net's baked inputs: not the runtime's to write, made per launch
+        spec = contract.spec(name)
+        if spec.baked:
+            entry["baked"] = {n: _baker(spec, dict(entry["in"])[n].shape) for n in spec.baked}
+            entry["in"] = [(n, s) for n, s in entry["in"] if n not in spec.baked]
     return io
+
+
+def _baker(spec: c.NetworkSpec, shape: tuple[int, ...]):
+    """The baked mask of `spec`'s net for a launch: its rows and cache rows from the launch's dims."""
+    inputs = spec.device_inputs
+    history = inputs.index(c.HISTORY_K) if c.HISTORY_K in inputs else None
+
+    def bake(launch: Launch) -> np.ndarray:
+        rows = launch.length(0, shape[2])
+        cache = launch.length(history, shape[3] - shape[2]) if history is not None else 0
+        return c.launch_mask(shape, rows, cache)
+
+    return bake
 
 
 def _in(net: str, index: int) -> Tensor:
@@ -307,24 +326,59 @@ class LlmTpuRuntime(ChipStyleRuntime):
     with the fewest rows that hold the history, as the Qwen3 cpp_demo's `select_decode_stage` picks
     it, and takes that stage's cache input to be the cache (they share addresses).
 
+    Dynamic blocks (`--dynamic`, the demo's `is_dynamic` without a prefill mask input): block_i computes
+    its causal mask itself and runs at the prompt's n rows (`net_launch_dyn`); nothing is written for
+    the mask. History-KV (`block_kv_i`, the cpp_demo's `forward_first_with_kv`, its newer and chunked
+    form of the python demo's): a prompt continues the session. Its ids are embedded a chunk
+    (MAX_INPUT_LENGTH) at a time into a buffer of SEQ rows; each chunk runs through block_i on a fresh
+    session, else through block_kv_i with the cache's rows so far copied into its history inputs
+    (`net_launch_kv_dyn` sets the chunk's and the cache's lengths), and its K/V is copied into the cache
+    after them. `clear()` is the demo's `clear_kv`. After a turn that followed another, the cpp_demo
+    counts `history_length` one past the cache: it adds the turn's tokens to a count that already held
+    the previous answer's last token, which never enters the cache, so the turn's decode steps attend
+    one row nobody wrote, at positions one too far. This runtime counts as the demo does (the tokens a
+    user of the demo gets: equal to the real demo's on the simulator, README "Checked against the
+    runtime"); `exact_history=True` counts the cache's rows instead, which is what makes a chat's
+    turns equal to one prefill of the whole conversation (checks.chat_check).
+
     The demo reads no logits; for the checks, `head_logits(hidden_row) -> logits` (when given) turns
     the row lm_head was fed into the logits the reference head computes from it."""
 
     contract = c.LLM_TPU
 
-    def __init__(self, device, shapes: Shapes, head_logits=None):
+    def __init__(self, device, shapes: Shapes, head_logits=None, contract: c.Contract = c.LLM_TPU,
+                 exact_history: bool = False):
+        self.contract = contract
         super().__init__(device, shapes)
-        self.head_logits = head_logits
+        self.head_logits, self.exact_history = head_logits, exact_history
         self.cache = [tuple(_in(self.block_cache(i), h) for h in self.history) for i in range(shapes.num_layers)]
-        self.buffer = Buffer("dev_buffer", _out(self.embedding, 0))
-        first = self.block(0)
+        self.dynamic = bool(self.prefill_spec.baked)
+        self.kv_spec = contract.spec(c.BLOCK_KV) if contract.has(c.BLOCK_KV) else None
+        # With history-KV the buffer holds the hidden states of a whole prompt (SEQ rows), chunk after chunk.
+        self.buffer = Buffer("dev_buffer", _out(self.embedding, 0), shapes.seq_length if self.kv_spec else None)
+        first = self.block_kv(0) if self.kv_spec else self.block(0)  # the net the demo asks is_same_addr of
         address = device.address(_in(first, 0))
         self.in_place = address is not None and address == device.address(_out(first, 0))
+        if self.kv_spec:  # the demo's init zeroes the cache, as clear_kv does
+            self.clear()
         dtype = device.dtype(_out(self.embedding_cache, 0))
         self.mask_bits = {"bf16": "bfloat16"}.get(dtype, "float16")
         self.mask_value = np.uint16(self.contract.mask_bits[self.mask_bits])
         # Decode stages: the cache rows of each stage of block_cache_0 (stage 0: SEQ, then fewer).
         self.stage_rows = device.stage_rows(_in(self.block_cache(0), self.history[0]))
+
+    def block_kv(self, layer: int) -> str:
+        return self.kv_spec.network(layer)
+
+    def room(self, prompt: list[int]) -> int:
+        """With history-KV, a prompt follows the session's cache."""
+        return super().room(prompt) - (self.length if self.kv_spec else 0)
+
+    def clear(self) -> None:
+        """The demo's clear_kv: a new session (the cache zeroed)."""
+        if self.kv_spec:
+            self.device.execute(Program([Fill(cache) for layer in self.cache for cache in layer]))
+        self.length = 0
 
     def decode_stage(self, history_length: int) -> int:
         """The cpp_demo's select_decode_stage: the last stage (in the file's order) whose cache rows are
@@ -350,7 +404,18 @@ class LlmTpuRuntime(ChipStyleRuntime):
         logits = self.head_logits(hidden) if self.head_logits else np.zeros(0, np.float32)
         return int(out["next"].reshape(-1)[0]), logits
 
+    def _dims(self, spec: c.NetworkSpec, rows: int, history: int = 0) -> tuple[tuple[int, int, int], ...]:
+        """net_launch_dyn / net_launch_kv_dyn: the rows of the hidden states and positions, and of the cache."""
+        if not self.dynamic:
+            return ()
+        dims = [(spec.device_inputs.index(c.INPUT_STATES), 1, rows), (spec.device_inputs.index(c.POSITION_IDS), 1, rows)]
+        if history:
+            dims += [(spec.device_inputs.index(h), 1, history) for h in c.HISTORY_INPUTS]
+        return tuple(dims)
+
     def prefill(self, prompt: list[int]) -> tuple[int, np.ndarray]:
+        if self.kv_spec:
+            return self._prefill_with_history(prompt)
         rows, n = self.shapes.prefill_rows, len(prompt)
         if n > rows:
             raise GraphoptError(f"the prompt has {n} tokens but the prefill networks take {rows} "
@@ -360,13 +425,13 @@ class LlmTpuRuntime(ChipStyleRuntime):
         self.visited[:] = 0
         self.visited[:n] = prompt
         spec, first = self.prefill_spec, self.block(0)
-        position, mask_input = (spec.input_index(x) for x in (c.POSITION_IDS, c.ATTENTION_MASK))
+        position = spec.device_inputs.index(c.POSITION_IDS)
+        mask_input = None if c.ATTENTION_MASK in spec.baked else spec.device_inputs.index(c.ATTENTION_MASK)
         program = Program([Fill(_in(self.embedding, 0)),
                            Write(_in(self.embedding, 0), np.asarray(prompt, np.int32), partial=True,
                                  what="the prompt's ids"),
                            Launch(self.embedding), Copy(self.buffer, _out(self.embedding, 0))])
-        program += [Fill(_in(first, i)) for i in range(len(spec.inputs))]
-        program += [Fill(_out(first, i)) for i in range(len(spec.outputs))]
+        program += self._empty_net(spec, first)
         hidden = self.buffer
         for layer in range(self.shapes.num_layers):
             block = self.block(layer)
@@ -375,17 +440,69 @@ class LlmTpuRuntime(ChipStyleRuntime):
             else:
                 program += Same(_in(block, 0), _out(self.block(layer - 1), 0))
             if layer == 0:
-                program += [Write(_in(block, position), positions, what="the positions"),
-                            self._mask(_in(block, mask_input), c.causal_mask(rows, rows, n), "the prefill mask")]
+                program += Write(_in(block, position), positions, what="the positions")
+                if mask_input is not None:
+                    program += self._mask(_in(block, mask_input), c.causal_mask(rows, rows, n), "the prefill mask")
             else:
-                program += [Same(_in(block, position), _in(first, position)),
-                            Same(_in(block, mask_input), _in(first, mask_input))]
-            program += Launch(block)
+                program += Same(_in(block, position), _in(first, position))
+                if mask_input is not None:
+                    program += Same(_in(block, mask_input), _in(first, mask_input))
+            program += Launch(block, dims=self._dims(spec, n))
             hidden = _out(block, 0)
             program += [Copy(self.cache[layer][j], _out(block, 1 + j), rows=n) for j in range(2)]
         program += Copy(_in(self.lm_head, 0), hidden, src_row=n - 1, rows=1)
         program += self._head()
         self.length = n
+        return self._visit(self._run(program))
+
+    @staticmethod
+    def _empty_net(spec: c.NetworkSpec, net: str) -> list:
+        """The demo's empty_net: every input and output of a net zeroed."""
+        return ([Fill(_in(net, i)) for i in range(len(spec.device_inputs))] +
+                [Fill(_out(net, i)) for i in range(len(spec.outputs))])
+
+    def _prefill_with_history(self, tokens: list[int]) -> tuple[int, np.ndarray]:
+        """The cpp_demo's forward_first_with_kv: the prompt after the session's cache, a chunk at a time."""
+        rows, n, seq = self.shapes.prefill_rows, len(tokens), self.shapes.seq_length
+        if self.length + n >= seq:
+            raise GraphoptError(f"the session holds {self.length} tokens and the prompt has {n}, but the cache holds "
+                                f"{seq} (--seq-length) with one row for the answer: start a new session (clear), "
+                                "give a shorter prompt, or compile with a larger --seq-length.")
+        chunks = [(t, min(rows, n - t)) for t in range(0, n, rows)]
+        ids = np.asarray(tokens, np.int32)
+        program = Program()
+        for t, size in chunks:
+            program += [Fill(_in(self.embedding, 0)),
+                        Write(_in(self.embedding, 0), ids[t:t + size], partial=True, what="a chunk's ids"),
+                        Launch(self.embedding), Copy(self.buffer, _out(self.embedding, 0), dst_row=t, rows=size)]
+        program += self._empty_net(self.prefill_spec, self.block(0)) + self._empty_net(self.kv_spec, self.block_kv(0))
+        history, positions = self.length, np.zeros(rows, np.int32)  # positions past a chunk keep the last chunk's
+        hidden = self.buffer
+        for t, size in chunks:
+            positions[:size] = history + np.arange(size)
+            spec, name = (self.kv_spec, self.block_kv) if history else (self.prefill_spec, self.block)
+            for layer in range(self.shapes.num_layers):
+                net = name(layer)
+                if layer == 0:
+                    program += Copy(_in(net, 0), self.buffer, src_row=t, rows=size)
+                elif not self.in_place:
+                    program += Copy(_in(net, 0), hidden, rows=size)
+                else:
+                    program += Same(_in(net, 0), _out(name(layer - 1), 0))
+                program += Write(_in(net, spec.device_inputs.index(c.POSITION_IDS)), positions.copy(),
+                                 what="the chunk's positions")
+                if history:
+                    program += [Copy(_in(net, spec.device_inputs.index(h)), cache, rows=history)
+                                for h, cache in zip(c.HISTORY_INPUTS, self.cache[layer])]
+                program += Launch(net, dims=self._dims(spec, size, history))
+                hidden = _out(net, 0)
+                program += [Copy(self.cache[layer][j], _out(net, 1 + j), dst_row=history, rows=size) for j in range(2)]
+            history += size
+        program += Copy(_in(self.lm_head, 0), hidden, src_row=chunks[-1][1] - 1, rows=1)
+        program += self._head()
+        # The demo's count after a turn that followed another: one past the cache (see the class docstring).
+        self.length = history + (1 if self.length and not self.exact_history else 0)
+        self.visited[:n] = tokens
         return self._visit(self._run(program))
 
     def decode(self, token: int) -> tuple[int, np.ndarray]:
@@ -524,8 +641,8 @@ def runtime_for(backend, manifest: dict, head_logits=None) -> ChipStyleRuntime:
     contract = c.contract_of_manifest(manifest)
     if contract is c.ENCODER_DECODER:
         return Seq2SeqRuntime(device, shapes, int(manifest["model"]["config"]["decoder_start_token_id"]))
-    if contract is c.LLM_TPU:
-        return LlmTpuRuntime(device, shapes, head_logits)
+    if contract.key == c.LLM_TPU.key:
+        return LlmTpuRuntime(device, shapes, head_logits, contract)
     return ChipStyleRuntime(device, shapes)
 
 

@@ -1,9 +1,10 @@
-"""concat-cache: turn a one-token block into the decode network `block_cache_i`.
+"""concat-cache: turn a one-token block into the decode network `block_cache_i` (and a chunk's block
+into the history-KV prefill `block_kv_i`: the same rewrite for T new rows instead of one).
 
 Adds inputs `history_k`/`history_v` [1, SEQ, KV, D] (the runtime's cache for this layer) and
 concatenates them in front of the new token's K/V before attention, so attention sees
-SEQ+1 keys and the mask input becomes [1, 1, 1, SEQ+1]. The block's past_k/past_v outputs
-stay the new token's K/V only: the runtime writes them into its cache at row len-1.
+SEQ+1 keys and the mask input becomes [1, 1, 1, SEQ+1] ([1, 1, T, SEQ+T]). The block's past_k/past_v
+outputs stay the new tokens' K/V only: the runtime writes them into its cache after the history.
 Order matters: runs after `kv-layout` (which must expose the new K/V, not the concatenation)
 and after `fixed-mask` (whose input this pass widens).
 """
@@ -13,7 +14,7 @@ from __future__ import annotations
 import torch
 
 from graphopt.ir import NetworkGraph, shape_of
-from graphopt.contract import ATTENTION_MASK, DECODE_BLOCKS, HISTORY_K, HISTORY_V
+from graphopt.contract import ATTENTION_MASK, HISTORY_BLOCKS, HISTORY_K, HISTORY_V
 from graphopt.pass_manager import Pass, PassResult, register_pass
 from graphopt.passes._attention import attention_nodes, kv_names, sdpa_arg, set_sdpa_arg
 
@@ -25,7 +26,7 @@ class ConcatCache(Pass):
     """Decode form: concatenate history_k/history_v [1,SEQ,KV,D] inputs in front of the new K/V."""
 
     name = "concat-cache"
-    applies_to = DECODE_BLOCKS
+    applies_to = HISTORY_BLOCKS  # the decode blocks (one new row) and block_kv_i (a chunk of them)
     requires = ("attention.canonical", "kv.exposed", "mask.fixed")
     ensures = ("cache.concat",)
 

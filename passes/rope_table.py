@@ -13,7 +13,7 @@ import torch
 import torch.fx as fx
 
 from graphopt.ir import NetworkGraph, shape_of
-from graphopt.contract import BLOCK, BLOCK_CACHE, POSITION_IDS
+from graphopt.contract import BLOCK, BLOCK_CACHE, BLOCK_KV, POSITION_IDS
 from graphopt.pass_manager import Pass, PassResult, register_pass
 
 POSITION_INPUT = POSITION_IDS
@@ -63,7 +63,7 @@ class RopeTable(Pass):
     """Precompute rotary cos/sin for positions 0..SEQ-1 as fp32 tables gathered by position_ids."""
 
     name = "rope-table"
-    applies_to = frozenset({BLOCK, BLOCK_CACHE})
+    applies_to = frozenset({BLOCK, BLOCK_CACHE, BLOCK_KV})
     requires = ("layout.free",)
     ensures = ("rope.tabled",)
     hint = ("graphopt tabulates rotary embeddings computed from the position_ids input and constants alone, "

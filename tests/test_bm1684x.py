@@ -133,7 +133,7 @@ def test_tiny_qwen3_in_todays_contract_compiles_to_w4bf16_and_passes_the_simulat
                    "--chunk-length", "16", "--out", str(folder), env=net_cache)
     assert "checks: all passed" in run.stdout, run.stdout
     report = json.loads((folder / "bm1684x.json").read_text())
-    assert report["ok"] and report["contract"].startswith("LLM-TPU chat demos") and not report["contract_problems"]
+    assert report["ok"] and report["contract"].startswith("llm-tpu: LLM-TPU chat demos") and not report["contract_problems"]
     assert [n["net"] for n in report["nets"]] == NETS["llm-tpu"]
     assert "memory check" in report["seconds"]  # the demo's copies and bound outputs checked on the file's layout
     runs = report["generation"]["runs"]
@@ -156,6 +156,41 @@ def test_tiny_qwen3_in_todays_contract_compiles_to_w4bf16_and_passes_the_simulat
     assert "decode stages in the simulator vs onnxruntime at their shapes: 6 stages" in run.stdout
     inspect = graphopt("inspect", str(folder / report["bmodel"])).stdout
     assert "block_cache_0 (4 stages)" in inspect and "contract (llm-tpu" in inspect and ": met (2 layers)" in inspect
+
+
+def test_tiny_qwen3_with_history_kv_compiles_dynamic_blocks_that_run_at_the_lengths_the_demo_sets(net_cache, tmp_path):
+    """--history-kv (llm_convert's --use_history_kv): block_i and block_kv_i compiled --dynamic with their causal
+    mask baked (TPU-MLIR's small mask) and their shapes open along the sequence; each checked in the simulator
+    at other lengths than it was compiled for (3/4 of its rows, after half of the cache), against onnxruntime
+    with the mask those lengths mean; a three-turn chat driven as the Qwen3 cpp_demo drives it (chunks through
+    block_i then block_kv_i, the cache copied into its history inputs) against the same chat in onnxruntime,
+    whose turns the run's end-to-end check holds to one prefill of the whole conversation in transformers."""
+    folder = tmp_path / "qwen3-history"
+    run = graphopt("run", "tiny-qwen3", "--target", "bm1684x", "--seq-length", SEQ, "--history-kv", "--out",
+                   str(folder), env=net_cache)
+    assert "checks: all passed" in run.stdout, run.stdout
+    report = json.loads((folder / "bm1684x.json").read_text())
+    assert report["ok"] and report["contract"].startswith("llm-tpu --dynamic --history-kv: ")
+    nets = {n["net"]: n for n in report["nets"]}
+    assert [n for n in nets if n.startswith("block")] == ["block_0", "block_cache_0", "block_kv_0", "block_1",
+                                                          "block_cache_1", "block_kv_1"]
+    for name in ("block_0", "block_kv_0", "block_1", "block_kv_1"):
+        assert "--dynamic" in nets[name]["flags"] and nets[name]["total_cycle"] is None
+        assert nets[name]["top_passes"]["small-causal-mask"]["changed"] == 1, nets[name]["top_passes"]
+        assert nets[name]["top_passes"]["dynamic-sequence"]["changed"] > 0
+        assert nets[name]["ok"] and nets[name]["worst"] >= contract.MIN_COSINE
+    # block_kv_i's [history ; new rows] concats merged in place, as llm_convert sets them (no copy of the cache)
+    assert nets["block_kv_0"]["top_passes"]["merge-cache-concat"]["changed"] == 2
+    chat = report["generation"]["chat"]["turns"]
+    assert chat and all(t["ok"] for t in chat) and chat[0]["tokens_identical"], chat
+    end_to_end = json.loads((folder / "report.json").read_text())["end_to_end"]["chat"]
+    assert end_to_end["ok"] and len(end_to_end["turns"]) == 3
+    _, infos = read_info(toolchain.require(), folder / report["bmodel"])
+    by_name = {n.name: n for n in infos}
+    assert [t.name for t in by_name["block_kv_0"].inputs][2:] == ["history_k", "history_v"]
+    assert len(by_name["block_0"].inputs) == 2 and by_name["block_kv_0"].inputs[2].shape == (1, 64, 2, 32)
+    inspect = graphopt("inspect", str(folder / report["bmodel"])).stdout
+    assert "contract (llm-tpu --dynamic --history-kv: " in inspect and ": met (2 layers)" in inspect
 
 
 def test_simulated_generation_from_the_command_line_matches_onnxruntime(builds):
@@ -229,6 +264,35 @@ def test_a_failed_compile_names_the_network_and_its_log(tools, tmp_path, monkeyp
     assert not list((tmp_path / "cache").glob("*.partial-*")) and not list((tmp_path / "cache").glob("*/result.json"))
 
 
+def test_a_dynamic_net_whose_baked_mask_is_not_causal_is_refused_with_why(tools, tmp_path, monkeypatch):
+    """small-causal-mask swaps a dynamic net's baked mask for TPU-MLIR's small causal mask only where the baked
+    one is exactly causal after the cache: any other mask would be wrong at every other length, so the compile
+    stops and its log says so."""
+    import numpy as np
+
+    from graphopt import contract as c
+    from graphopt.export import export_networks
+    from graphopt.models import open_model
+    from graphopt.targets import get_target
+    from graphopt.targets.bm1684x.top_passes import passes_for
+
+    monkeypatch.setenv("GRAPHOPT_NET_CACHE", str(tmp_path / "cache"))
+    block = export_networks(open_model("tiny-llama"), ["block_0"], 32, tmp_path / "onnx", target=get_target("bm1684x"),
+                            check=False, contract_options=(c.DYNAMIC,))["block_0"]
+    spec = contract.DeploySpec("block_0", "block_0", tuple(s.shape for s in block.inputs[:2]), "BF16",
+                               contract.block_flags("bf16", 64) + contract.DYNAMIC_FLAGS, passes_for(c.BLOCK, dynamic=True),
+                               baked=((c.ATTENTION_MASK, block.inputs[2].shape),))
+    def one_ahead(steps, history_rows=0):  # every query also sees the next key
+        return np.triu(np.full((steps, steps + history_rows), c.MASK_VALUE, np.float32), k=2 + history_rows)[None, None]
+
+    monkeypatch.setattr(c, "baked_mask", one_ahead)
+    with pytest.raises(GraphoptError) as error:
+        deploy.deploy_network(tools, spec, block.files[0], block.sha256)
+    assert "top passes fuse-flash-attention,small-causal-mask,dynamic-sequence failed" in str(error.value)
+    log = Path(str(error.value).split("full log is ")[1].split(";")[0]).read_text()
+    assert "its mask is not causal after the cache" in log
+
+
 def test_without_a_toolchain_the_error_says_how_to_install_one(tmp_path):
     bare_path = os.pathsep.join(p for p in os.environ["PATH"].split(os.pathsep) if not Path(p, "model_deploy.py").exists())
     proc = graphopt("run", "tiny-llama", "--target", "bm1684x", "--out", str(tmp_path / "o"), check=False,
@@ -251,7 +315,7 @@ def test_tiny_marian_compiles_to_bf16_and_passes_the_simulator_checks(net_cache,
     assert "checks: all passed" in run.stdout, run.stdout
     report = json.loads((folder / "bm1684x.json").read_text())
     assert report["ok"] and report["bmodel"] == f"tiny-marian_bf16_seq{SEQ}_bm1684x_1dev.bmodel"
-    assert report["contract"].startswith("encoder-decoder") and not report["contract_problems"]
+    assert report["contract"].startswith("encoder-decoder: ") and not report["contract_problems"]
     nets = {n["net"]: n for n in report["nets"]}
     assert list(nets) == ["encoder", "cross_kv", "embedding", "embedding_cache", "decoder_block_0",
                           "decoder_block_cache_0", "decoder_block_1", "decoder_block_cache_1", "lm_head", "greedy_head"]

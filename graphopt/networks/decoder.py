@@ -117,8 +117,10 @@ def plan_decoder_networks(source: ModelSource, seq_length: int, layers: list[int
                                         (torch.zeros(1, rows, dtype=torch.int64),)), lambda: (parts.embed,))]
     for i in layers:
         layer = parts.layers[i]
-        # The decode network is the same layer traced for one new token; concat-cache then adds the history.
-        for kind, steps in ((c.BLOCK, rows), (c.BLOCK_CACHE, 1)):
+        # The decode network is the same layer traced for one new token, block_kv_i for a chunk of them;
+        # concat-cache then adds the history.
+        kinds = [(c.BLOCK, rows), (c.BLOCK_CACHE, 1)] + ([(c.BLOCK_KV, rows)] if contract.has(c.BLOCK_KV) else [])
+        for kind, steps in kinds:
             norm = parts.norm if norm_in_block and i == last else None
             plans.append(plan(kind, lambda layer=layer, steps=steps, norm=norm: (
                 _block(source, layer, norm), block_inputs(steps)), lambda layer=layer, norm=norm: (

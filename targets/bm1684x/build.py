@@ -76,7 +76,7 @@ class Bm1684xResult:
                  f"simulator vs onnxruntime: worst output cosine (>= {contract.MIN_COSINE})"]
         for n in self.nets:
             compile_s = "cached" if n["cached"] else f"{sum(n['seconds'].values()):.1f}s"
-            cycles = f"{n['total_cycle']:,}" if n.get("total_cycle") else "-"
+            cycles = f"{n['total_cycle']:,}" if n.get("total_cycle") else c.DYNAMIC if "--dynamic" in n["flags"] else "-"
             memory = f"{n['memory']['total'] / 1e6:.1f}" if n.get("memory") else "-"
             if "worst" in n:
                 sim = f"{'ok  ' if n['ok'] else 'FAIL'} {n['worst']:.5f}"
@@ -87,7 +87,9 @@ class Bm1684xResult:
             lines.append(f"  {n['net']:<22} {n['quantize']:<7} {compile_s:>9} {cycles:>12} {memory:>10}  {sim}")
         t = time_estimate(self.nets)
         encode = f"encode {t['encode_ms']:.2f} ms per source, " if "encode_ms" in t else ""
-        lines.append(f"  estimated chip time (TPU-MLIR cycle model, 1 GHz): {encode}prefill {t['prefill_ms']:.2f} ms, decode "
+        prefill = "prefill - (dynamic blocks have no cycle estimate)" if t["prefill_ms"] is None else \
+            f"prefill {t['prefill_ms']:.2f} ms"
+        lines.append(f"  estimated chip time (TPU-MLIR cycle model, 1 GHz): {encode}{prefill}, decode "
                      f"{t['decode_ms_per_token']:.3f} ms per token ({1000 / max(t['decode_ms_per_token'], 1e-9):,.0f} "
                      "tokens/s)")
         lines += self._top_pass_lines()
@@ -114,6 +116,12 @@ class Bm1684xResult:
                          f"{'' if run['ok'] else '  FAIL'}"
                          + (f"; vs fp32 {run['fp32_agreement']:.0%} of tokens equal" if self.quantize.startswith("w")
                             else ""))
+        chat = (self.generation or {}).get("chat")
+        for turn in (chat or {}).get("turns", []):
+            verdict = "identical" if turn["tokens_identical"] else "identical up to a near-tie" if turn["ok"] else "DIFFER"
+            lines.append(f"  simulated history-KV chat vs onnxruntime, turn with {turn['prompt_length']} tokens in the "
+                         f"session: {len(turn['tokens'])} tokens {verdict}, min logit cosine {turn['min_logit_cosine']:.5f}"
+                         f"{'' if turn['ok'] else '  FAIL'}")
         if self.problems:
             lines.append(f"  contract ({self.contract}): NOT MET: " + "; ".join(self.problems))
         else:
@@ -139,8 +147,11 @@ def time_estimate(nets: list[dict]) -> dict:
 
     Prefill: embedding, every prefill block, lm_head (and greedy_head, where the contract has one).
     Decode, per token: embedding_cache, every decode block, the heads. An encoder-decoder model also
-    encodes once per source (encoder, cross_kv). Nets without a cycle count (greedy_head) add nothing."""
+    encodes once per source (encoder, cross_kv). Nets without a cycle count (greedy_head) add nothing;
+    dynamic prefill blocks have none (TPU-MLIR profiles static nets only), so then there is no prefill
+    estimate (bench/history_kv.py compiles them statically for theirs)."""
     cycles = {n["net"]: n.get("total_cycle") or 0 for n in nets}
+    dynamic = any("--dynamic" in n.get("flags", ()) for n in nets)
     runtime = c.contract_of_nets(cycles)
     kinds = {name: runtime.spec(name).kind for name in cycles}
     prefill = [k for k in cycles if kinds[k] in c.PREFILL_BLOCKS]
@@ -150,7 +161,7 @@ def time_estimate(nets: list[dict]) -> dict:
     def ms(names) -> float:
         return sum(cycles.get(n, 0) for n in names) / CYCLES_PER_MS
 
-    estimate = {"prefill_ms": ms([runtime.network(c.EMBEDDING), *prefill, *head]),
+    estimate = {"prefill_ms": None if dynamic else ms([runtime.network(c.EMBEDDING), *prefill, *head]),
                 "decode_ms_per_token": ms([runtime.one_token(c.EMBEDDING), *decode, *head])}
     if runtime is c.ENCODER_DECODER:
         estimate["encode_ms"] = ms([runtime.network(c.ENCODER), runtime.network(c.CROSS_KV)])
@@ -201,7 +212,8 @@ def build(folder: Path, manifest: dict, source, options: dict[str, Any], check: 
             n["cache_rows"] = stage_rows[0]
     result = Bm1684xResult(bmodel.name, bmodel.stat().st_size, quantize, tools.describe(), options.get("jobs"), nets,
                            seconds, memory=header.get("memory", {}),
-                           problems=inspect_bmodel.contract_problems(infos, runtime), contract=runtime.name,
+                           problems=inspect_bmodel.contract_problems(infos, runtime),
+                           contract=f"{runtime.describe}: {runtime.name}",
                            stages=[{"net": d.spec.name, "stage": d.spec.stage, "cache_rows": d.spec.input_shapes[-1][1],
                                     "total_cycle": d.total_cycle, "cached": d.cached, "seconds": d.seconds}
                                    for ds in staged.values() for d in ds])

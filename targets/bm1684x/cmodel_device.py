@@ -154,12 +154,14 @@ class Device:
             mem = DeviceMem()
             mem.u.device.device_addr, mem.size = base.addr + offset, base.size - offset
             return mem, dtype, shape
-        if ref[0] == "buffer":
+        if ref[0] == "buffer":  # ["buffer", name, like, rows]: as large as `like`, or `rows` rows of it
             like_mem, dtype, shape = self.resolve(ref[2])
+            rows = ref[3] if len(ref) > 3 and ref[3] is not None else _rows(shape)
+            shape = (shape[0], rows, *shape[2:]) if len(shape) >= 2 else shape
             if ref[1] not in self.buffers:
-                mem = DeviceMem()
-                if self.bmlib.bm_malloc_device_byte(self.handle, ctypes.byref(mem), like_mem.size) != 0:
-                    raise RuntimeError(f"bm_malloc_device_byte of {like_mem.size} bytes failed")
+                mem, size = DeviceMem(), like_mem.size // _rows(self.resolve(ref[2])[2]) * rows
+                if self.bmlib.bm_malloc_device_byte(self.handle, ctypes.byref(mem), size) != 0:
+                    raise RuntimeError(f"bm_malloc_device_byte of {size} bytes failed")
                 self.buffers[ref[1]] = mem
             return self.buffers[ref[1]], dtype, shape
         return self.tensor(*ref)
@@ -185,13 +187,17 @@ class Device:
         return entry
 
     def launch(self, net: str, bind: dict[int, DeviceMem], bind_out: dict[int, DeviceMem] | None = None,
-               stage_index: int = 0) -> None:
+               stage_index: int = 0, dims: list | None = None) -> None:
+        """`dims`: [input index, axis, length] a dynamic net runs at (the demos' net_launch_dyn sets
+        `in_tensors[i].shape.dims[axis]`); the outputs' shapes are the runtime's to set."""
         info, bind_out = self.nets[net], bind_out or {}
         stage = info.stages[stage_index]
         inputs, outputs = (TensorDesc * info.input_num)(), (TensorDesc * info.output_num)()
         for i in range(info.input_num):
             inputs[i].dtype, inputs[i].shape = info.input_dtypes[i], stage.input_shapes[i]
             inputs[i].device_mem, inputs[i].st_mode = bind.get(i, stage.input_mems[i]), 0
+        for index, axis, length in dims or ():
+            inputs[index].shape.dims[axis] = length
         for i in range(info.output_num):
             outputs[i].dtype, outputs[i].shape = info.output_dtypes[i], stage.output_shapes[i]
             outputs[i].device_mem, outputs[i].st_mode = bind_out.get(i, stage.output_mems[i]), 0
@@ -227,7 +233,8 @@ class Device:
                                                           step["src_row"] * src_row, size), "d2d")
             elif op == "launch":
                 self.launch(step["net"], {int(i): self.resolve(ref)[0] for i, ref in step["bind"]},
-                            {int(i): self.resolve(ref)[0] for i, ref in step.get("bind_out", [])}, step.get("stage", 0))
+                            {int(i): self.resolve(ref)[0] for i, ref in step.get("bind_out", [])}, step.get("stage", 0),
+                            step.get("dims"))
             elif op == "read":
                 mem, dtype, shape = self.resolve(step["src"])
                 row = mem.size // _rows(shape)

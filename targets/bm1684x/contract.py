@@ -57,6 +57,16 @@ class DeploySpec:
     flags: tuple[str, ...]  # the rest of model_deploy's flags
     top_passes: tuple[str, ...] = ()  # rewrites of model_transform's MLIR before model_deploy (top_passes/)
     stage: int = 0  # a further stage of net `name` (the same net for other shapes), combined into it
+    # A dynamic net's baked inputs, (name, the ONNX network's shape): compiled from the ONNX with their value
+    # at that shape as a constant (graphopt.contract.baked_mask), which the top passes make length-free.
+    baked: tuple[tuple[str, tuple[int, ...]], ...] = ()
+
+    @property
+    def dynamic(self) -> bool:
+        """Compiled length-free (its baked mask made the small mask, its shapes opened: the top passes'
+        context). The build also passes --dynamic; bench/history_kv.py compiles the same net without it,
+        for TPU-MLIR's cycle estimate at its largest shape."""
+        return bool(self.baked)
 
     @property
     def label(self) -> str:
@@ -108,6 +118,10 @@ LM_HEAD_FLAGS = ("--quant_input", *DECODE_FLAGS)
 IO_ALONE_CONFIG = "io_alone_config.json"
 
 
+# A dynamic net (--dynamic block_i, block_kv_i): the runtime sets its lengths per launch (net_launch_dyn).
+DYNAMIC_FLAGS = ("--dynamic",)
+
+
 def decode_stage_rows(seq_length: int, chunk_length: int | None) -> list[int]:
     """The cache rows of each decode stage, as llm_convert makes them: SEQ (stage 0), then every multiple
     of the chunk below SEQ, longest first (the order LLM-TPU's cpp_demo selects a stage in)."""
@@ -144,7 +158,8 @@ def deploy_specs(manifest: dict, quantize: str, group_size: int,
     # The encoder and cross_kv hold Linear weights like the blocks and take their mode; their outputs stay
     # in the blocks' 16-bit float, so nothing is converted between the nets. The heads stay fp32.
     modes = {c.EMBEDDING: (half, EMBEDDING_FLAGS), c.LM_HEAD: (half, LM_HEAD_FLAGS),
-             c.BLOCK: (weights, blocks), c.BLOCK_CACHE: (weights, blocks + DECODE_FLAGS + (
+             c.BLOCK: (weights, blocks), c.BLOCK_KV: (weights, blocks),
+             c.BLOCK_CACHE: (weights, blocks + DECODE_FLAGS + (
                  ("--save_io_alone_config", IO_ALONE_CONFIG) if decode_stages else ())),
              c.DECODER_BLOCK: (weights, blocks), c.DECODER_BLOCK_CACHE: (weights, blocks + DECODE_FLAGS),
              c.ENCODER: (weights, blocks), c.CROSS_KV: (weights, blocks),
@@ -156,9 +171,12 @@ def deploy_specs(manifest: dict, quantize: str, group_size: int,
         name = network.network(layer)
         source = nets[network.one_token_of or name]
         shapes = tuple(c.one_token_shape(i["shape"]) if network.one_token_of else tuple(i["shape"])
-                       for i in source["inputs"])
+                       for i in source["inputs"] if i["name"] not in network.baked)
         mode, flags = modes[network.kind]
-        return DeploySpec(name, source["name"], shapes, mode, flags, passes_for(network.kind, top_pipeline))
+        dynamic = bool(network.baked)
+        baked = tuple((i["name"], tuple(i["shape"])) for i in source["inputs"] if i["name"] in network.baked)
+        return DeploySpec(name, source["name"], shapes, mode, flags + (DYNAMIC_FLAGS if dynamic else ()),
+                          passes_for(network.kind, top_pipeline, dynamic), baked=baked)
 
     specs, run = [], []  # run: consecutive per-layer networks, compiled layer by layer
     for network in [*contract.networks, None]:

@@ -23,8 +23,10 @@ from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 from tqdm import tqdm
 
+from graphopt import contract as c
 from graphopt.errors import GraphoptError
 from graphopt.machine import parallel_jobs
 from graphopt.targets.bm1684x.contract import TRANSFORM_FLAGS, DeploySpec
@@ -33,6 +35,7 @@ from graphopt.targets.bm1684x.toolchain import Toolchain, cache_root, log_tail
 from graphopt.targets.bm1684x import top_passes
 
 CACHE_FORMAT = 2  # bump when what a cache entry holds changes
+BAKED_FORMAT = 1  # bump when what _with_baked_inputs writes changes
 RESULT = "result.json"
 
 
@@ -70,6 +73,8 @@ def nets_cache() -> Path:
 def cache_key(spec: DeploySpec, onnx_sha256: str, toolchain: Toolchain) -> str:
     identity = {"format": CACHE_FORMAT, "onnx": onnx_sha256, "net": spec.name, "shapes": spec.input_shapes,
                 "quantize": spec.quantize, "flags": spec.flags, "transform": TRANSFORM_FLAGS, "tpu_mlir": [toolchain.version, str(toolchain.root)]}
+    if spec.baked:
+        identity["baked"] = [spec.baked, BAKED_FORMAT]
     if spec.top_passes:
         identity["top_passes"] = [*spec.top_passes, top_passes.digest()]
     return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:24]
@@ -114,6 +119,8 @@ def compile_in(toolchain: Toolchain, spec: DeploySpec, onnx: Path, work: Path, l
     Returns (seconds per tool, the top passes' reports); raises ToolFailed naming the failed step."""
     mlir, bmodel = f"{spec.name}.mlir", f"{spec.name}.bmodel"
     seconds, reports = {}, []
+    if spec.baked:
+        onnx = _with_baked_inputs(spec, onnx, work)
     for tool, args in (("model_transform", spec.transform_args(str(onnx.absolute()), mlir)),
                        ("model_deploy", spec.deploy_args(mlir, bmodel))):
         start = time.perf_counter()
@@ -123,10 +130,54 @@ def compile_in(toolchain: Toolchain, spec: DeploySpec, onnx: Path, work: Path, l
             raise ToolFailed(tool, status)
         if tool == "model_transform" and spec.top_passes:
             try:
-                reports = top_passes.apply(toolchain, work / mlir, spec.top_passes, log)
+                reports = top_passes.apply(toolchain, work / mlir, spec.top_passes, log, spec.dynamic)
             except subprocess.CalledProcessError as error:
                 raise ToolFailed("top passes " + ",".join(spec.top_passes), error.returncode) from None
     return seconds, reports
+
+
+def _with_baked_inputs(spec: DeploySpec, onnx_path: Path, work: Path) -> Path:
+    """The network's ONNX with each baked input (a dynamic net's mask) a constant: the value it has at the
+    network's largest shape (graphopt.contract.baked_mask), folded through the clamp that reads it. Written
+    in `work`, its external data linked beside it (not copied: an 8B block's is 0.9 GB)."""
+    import onnx
+    from onnx import numpy_helper
+
+    model = onnx.load(str(onnx_path), load_external_data=False)
+    graph = model.graph
+    for name, shape in spec.baked:
+        if name != c.ATTENTION_MASK:
+            raise GraphoptError(f"network '{spec.name}' bakes input '{name}', and only a mask can be baked.")
+        value = c.baked_mask(shape[2], shape[3] - shape[2]).reshape(shape)
+        graph.input.remove(next(i for i in graph.input if i.name == name))
+        readers = [n for n in graph.node if name in n.input]
+        if any(n.op_type != "Clip" or n.input[0] != name for n in readers):
+            raise GraphoptError(f"network '{spec.name}' reads its mask with {sorted({n.op_type for n in readers})}; "
+                                "a baked mask is folded through a Clip (clamp-mask) only.")
+        for clip in readers:  # clamp-mask's Clip(mask, min, max): its value, as the constant
+            bounds = [_constant(graph, n) for n in clip.input[1:3]] + [None] * (3 - len(clip.input))
+            graph.node.remove(clip)
+            graph.initializer.append(numpy_helper.from_array(np.clip(value, bounds[0], bounds[1]), clip.output[0]))
+    for tensor in graph.initializer:
+        for entry in tensor.external_data:
+            if entry.key == "location" and not (work / entry.value).exists():
+                (work / entry.value).symlink_to((onnx_path.parent / entry.value).absolute())
+    derived = work / f"{spec.name}.baked.onnx"
+    onnx.save(model, str(derived))
+    return derived
+
+
+def _constant(graph, name: str):
+    """An initializer's or Constant node's value; None for an omitted optional input ('')."""
+    from onnx import numpy_helper
+
+    if not name:
+        return None
+    for tensor in graph.initializer:
+        if tensor.name == name:
+            return numpy_helper.to_array(tensor)
+    node = next(n for n in graph.node if n.op_type == "Constant" and n.output[0] == name)
+    return numpy_helper.to_array(node.attribute[0].t)
 
 
 def _compile(toolchain, spec, onnx, onnx_sha256, threads, work: Path, final: Path) -> DeployedNet:
@@ -144,7 +195,9 @@ def _compile(toolchain, spec, onnx, onnx_sha256, threads, work: Path, final: Pat
     # Keep the bmodel, the MLIR text (top and tpu level: what later passes are read from), the
     # profile and the log; drop the weight copies, which are as big as the ONNX.
     for path in work.iterdir():
-        if path.suffix in (".npz", ".onnx", ".prototxt") or path.is_dir():
+        if path.is_symlink():
+            path.unlink()
+        elif path.suffix in (".npz", ".onnx", ".prototxt") or path.is_dir():
             shutil.rmtree(path) if path.is_dir() else path.unlink()
     (work / RESULT).write_text(json.dumps({"net": spec.name, "onnx_sha256": onnx_sha256, "seconds": seconds,
                                            "total_cycle": total_cycle, "memory": memory, "top_passes": reports, "transform": spec.transform_args("NET.onnx", mlir),

@@ -82,8 +82,10 @@ HALF = ("bfloat16", "float16")
 INT = ("int32",)
 
 def contract_of(nets: list[NetInfo]) -> c.Contract:
-    """Which runtime contract a bmodel's nets are held to, from their names (graphopt.contract.contract_of_nets)."""
-    return c.contract_of_nets(n.name for n in nets)
+    """Which runtime contract a bmodel's nets are held to, from their names and how many inputs block_0
+    takes (graphopt.contract.contract_of_nets)."""
+    first = next((n for n in nets if n.name == c.LLM_TPU.network(c.BLOCK, 0)), None)
+    return c.contract_of_nets((n.name for n in nets), len(first.inputs) if first else None)
 
 
 def _expecter(contract: c.Contract, by_name: dict[str, NetInfo], problems: list[str]):
@@ -95,7 +97,7 @@ def _expecter(contract: c.Contract, by_name: dict[str, NetInfo], problems: list[
                shape=None):
         spec = contract.spec(kind)
         net = spec.network(layer) if spec.name != kind else kind
-        names = spec.inputs if io == "inputs" else spec.output_names(len(contract.layers(by_name)))
+        names = spec.device_inputs if io == "inputs" else spec.output_names(len(contract.layers(by_name)))
         index = list(names).index(tensor.format(layer=layer))
         tensors = getattr(by_name[net], io)
         if index >= len(tensors):
@@ -138,7 +140,8 @@ def contract_problems(nets: list[NetInfo], contract: c.Contract | None = None) -
 
 def decoder_contracts_met(nets: list[NetInfo]) -> dict[str, list[str]]:
     """{decoder-only contract key: its problems with `nets`} for every such contract graphopt knows."""
-    return {key: decoder_problems(c.CONTRACTS[key], nets) for key in c.DECODER_CONTRACTS}
+    return {key: decoder_problems(contract_of(nets) if key == contract_of(nets).key else c.CONTRACTS[key], nets)
+            for key in c.DECODER_CONTRACTS}
 
 
 def decoder_problems(contract: c.Contract, nets: list[NetInfo]) -> list[str]:
@@ -148,12 +151,13 @@ def decoder_problems(contract: c.Contract, nets: list[NetInfo]) -> list[str]:
     if contract is c.LLAMA3_1_DEMO and len(nets) != fixed + 2 * len(layers):
         problems.append(f"{len(nets)} nets, but the runtime computes NUM_LAYERS = (nets - {fixed}) / 2 and expects "
                         f"{fixed + 2 * len(layers)} for {len(layers)} layers")
-    if contract is c.LLM_TPU:  # today's demos count layers as (nets - 3 - the optional heads present) / 2
+    if contract.key == c.LLM_TPU.key:  # today's demos count layers as (nets - 3 - the optional heads) / 2 (3: history)
         heads = sum(1 for h in c.LLM_TPU_OPTIONAL_HEADS if h in by_name)
-        counted = (len(nets) - fixed - heads) // 2
+        per_layer = sum(1 for s in contract.networks if s.per_layer)
+        counted = (len(nets) - fixed - heads) // per_layer
         if counted != len(layers):
-            problems.append(f"{len(nets)} nets: the demo counts (nets - {fixed} - {heads} heads) / 2 = {counted} "
-                            f"layers, not {len(layers)}")
+            problems.append(f"{len(nets)} nets: the demo counts (nets - {fixed} - {heads} heads) / {per_layer} = "
+                            f"{counted} layers, not {len(layers)}")
     if problems:
         return problems
     expect = _expecter(contract, by_name, problems)
@@ -169,14 +173,20 @@ def decoder_problems(contract: c.Contract, nets: list[NetInfo]) -> list[str]:
     if contract is c.LLAMA3_1_DEMO and seq != rows:
         problems.append(f"the legacy demo reads SEQ from embedding ({rows}), but the decode cache holds {seq} rows")
     problems += _stage_problems(contract, by_name, layers, index)
+    block_kv = contract.has(c.BLOCK_KV)
     for i in layers:
-        expect(c.BLOCK, "inputs", c.INPUT_STATES, i, dtypes=HALF, shape=(1, rows, hidden))
-        expect(c.BLOCK, "inputs", c.POSITION_IDS, i, dtypes=INT, shape=(1, rows))
-        expect(c.BLOCK, "inputs", c.ATTENTION_MASK, i, dtypes=HALF, shape=(1, 1, rows, rows))
-        expect(c.BLOCK, "outputs", c.HIDDEN_STATES, i, dtypes=HALF, shape=(1, rows, hidden))
-        k = expect(c.BLOCK, "outputs", c.PAST_K, i, rank=4, dtypes=HALF)
-        expect(c.BLOCK, "outputs", c.PAST_V, i, rank=4, dtypes=HALF, shape=k.shape if k else None)
+        for kind in (c.BLOCK, c.BLOCK_KV) if block_kv else (c.BLOCK,):
+            expect(kind, "inputs", c.INPUT_STATES, i, dtypes=HALF, shape=(1, rows, hidden))
+            expect(kind, "inputs", c.POSITION_IDS, i, dtypes=INT, shape=(1, rows))
+            if c.ATTENTION_MASK not in contract.spec(kind).baked:
+                expect(kind, "inputs", c.ATTENTION_MASK, i, dtypes=HALF, shape=(1, 1, rows, rows))
+            expect(kind, "outputs", c.HIDDEN_STATES, i, dtypes=HALF, shape=(1, rows, hidden))
+            k = expect(kind, "outputs", c.PAST_K, i, rank=4, dtypes=HALF)
+            expect(kind, "outputs", c.PAST_V, i, rank=4, dtypes=HALF, shape=k.shape if k else None)
         kv = tuple(k.shape[2:]) if k else ()
+        if block_kv:  # the demo's PREFILL_KV_LENGTH: block_kv_0's history rows, as many as the cache's
+            for name in c.HISTORY_INPUTS:
+                expect(c.BLOCK_KV, "inputs", name, i, dtypes=HALF, shape=(1, seq, *kv))
         expect(c.BLOCK_CACHE, "inputs", c.INPUT_STATES, i, dtypes=HALF, shape=(1, 1, hidden))
         expect(c.BLOCK_CACHE, "inputs", c.POSITION_IDS, i, dtypes=INT, shape=(1, 1))
         expect(c.BLOCK_CACHE, "inputs", c.ATTENTION_MASK, i, dtypes=HALF, shape=(1, 1, 1, seq + 1))
@@ -274,8 +284,9 @@ def _read_bits(bits: int, dtype: str) -> float:
 
 def _masks(contract: c.Contract, by_name: dict[str, NetInfo]) -> list[tuple[str, str]]:
     """(net, its mask input's dtype) of every prefill and decode block."""
-    return [(spec.network(layer), by_name[spec.network(layer)].inputs[spec.input_index(c.ATTENTION_MASK)].dtype)
-            for spec in (contract.spec(c.BLOCK), contract.spec(c.BLOCK_CACHE)) for layer in contract.layers(by_name)]
+    return [(spec.network(layer), by_name[spec.network(layer)].inputs[spec.device_inputs.index(c.ATTENTION_MASK)].dtype)
+            for spec in (contract.spec(c.BLOCK), contract.spec(c.BLOCK_CACHE)) if c.ATTENTION_MASK not in spec.baked
+            for layer in contract.layers(by_name)]
 
 
 def mask_problems(nets: list[NetInfo], manifest: dict | None) -> list[str]:
@@ -287,7 +298,7 @@ def mask_problems(nets: list[NetInfo], manifest: dict | None) -> list[str]:
     contract, by_name = contract_of(nets), {n.name: n for n in nets}
     if contract is c.ENCODER_DECODER:
         return []
-    if contract is c.LLM_TPU:  # the demo writes the bits of embedding_cache's output dtype
+    if contract.key == c.LLM_TPU.key:  # the demo writes the bits of embedding_cache's output dtype
         return _mask_dtype_problems(contract, by_name)
     clamped = {n["name"] for n in (manifest or {}).get("networks", [])
                if any(p["pass"] == MASK_CLAMP_PASS and c.ATTENTION_MASK in p["note"] for p in n["passes"])}
@@ -351,11 +362,11 @@ def render(path: Path, header: dict, nets: list[NetInfo], problems: list[str]) -
     lines.append("")
     contract = contract_of(nets)
     if problems:
-        lines.append(f"contract ({contract.key}: {contract.name}): NOT MET")
+        lines.append(f"contract ({contract.describe}: {contract.name}): NOT MET")
         lines += [f"  - {p}" for p in problems]
     else:
         layers = len(contract.layers({n.name for n in nets}))
-        lines.append(f"contract ({contract.key}: {contract.name}): met ({layers} layers)")
+        lines.append(f"contract ({contract.describe}: {contract.name}): met ({layers} layers)")
     if contract is not c.ENCODER_DECODER:
         for key, others in decoder_contracts_met(nets).items():
             if key != contract.key:

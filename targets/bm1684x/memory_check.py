@@ -90,7 +90,8 @@ def session_programs(layout: dict) -> list[Program]:
     """The programs of a chat session (or, for an encoder-decoder model, of three translations),
     with the shapes read off the bmodel's own nets, so a bmodel from anywhere can be checked."""
     recorder = _Recorder(layout)
-    contract = c.contract_of_nets(layout)
+    first_block = c.LLM_TPU.network(c.BLOCK, 0)
+    contract = c.contract_of_nets(layout, len(layout[first_block]["in"]) if first_block in layout else None)
     decode = next(s for s in contract.networks if s.kind in c.DECODE_BLOCKS)
     history = layout[decode.network(0)]["in"][decode.input_index(c.HISTORY_K)]["shape"]
     shapes = Shapes(seq_length=history[1], num_layers=len(contract.layers(layout)),
@@ -99,9 +100,15 @@ def session_programs(layout: dict) -> list[Program]:
     if contract is c.ENCODER_DECODER:
         runtime = Seq2SeqRuntime(recorder, shapes, 0)
     else:
-        runtime = (LlmTpuRuntime if contract is c.LLM_TPU else ChipStyleRuntime)(recorder, shapes)
+        runtime = (LlmTpuRuntime(recorder, shapes, None, contract) if contract.key == c.LLM_TPU.key else
+                   ChipStyleRuntime(recorder, shapes))
     seq = shapes.seq_length
-    for length in sorted({1, shapes.prefill_rows * 3 // 4, min(seq - 1, shapes.prefill_rows)}):
+    lengths = sorted({1, shapes.prefill_rows * 3 // 4, min(seq - 1, shapes.prefill_rows)})
+    if contract.has(c.BLOCK_KV):  # the session goes on: later prompts run through block_kv_i, one in two chunks
+        lengths.append(shapes.prefill_rows + 1)
+    for length in lengths:
+        if contract.has(c.BLOCK_KV) and runtime.room([1] * length) < 3:
+            break
         prompt = [1] * max(1, length)
         if isinstance(runtime, Seq2SeqRuntime):
             runtime.encode(prompt)
@@ -139,13 +146,25 @@ def hazards(layout: dict, programs: list[Program]) -> list[str]:
     found: list[str] = []
 
     def size(ref) -> int:
-        tensor = ref.like if isinstance(ref, Buffer) else ref.ref if isinstance(ref, At) else ref
-        return layout_entry(layout, tensor)["size"]
+        ref = ref.ref if isinstance(ref, At) else ref
+        tensor = ref.like if isinstance(ref, Buffer) else ref
+        entry = layout_entry(layout, tensor)
+        if isinstance(ref, Buffer) and ref.rows is not None:  # `rows` rows of its `like`
+            return entry["size"] // rows_of(tuple(entry["shape"])) * ref.rows
+        return entry["size"]
 
     def rows(ref) -> int:
         ref = ref.ref if isinstance(ref, At) else ref
+        if isinstance(ref, Buffer) and ref.rows is not None:
+            return ref.rows
         tensor = ref.like if isinstance(ref, Buffer) else ref
         return rows_of(tuple(layout_entry(layout, tensor)["shape"]))
+
+    def used(entry: dict, launch: Launch, index: int | None) -> int:
+        """The bytes of an input (or, index None, an output) a launch reads or writes: a dynamic launch,
+        its rows only (outputs: as many as input 0)."""
+        full = rows_of(tuple(entry["shape"]))
+        return entry["size"] // full * launch.length(0 if index is None else index, full) if launch.dims else entry["size"]
 
     def at_device(ref) -> int:
         nonlocal top
@@ -198,7 +217,7 @@ def hazards(layout: dict, programs: list[Program]) -> list[str]:
                     ref = bound.get(i, Tensor(step.net, "in", i, step.stage))
                     # Only bytes the runtime means something by: what it never wrote (the padding rows
                     # past a prompt's length in a later block) is whatever memory holds, in either picture.
-                    want = [w for w in intended.get(at_intended(ref), at_intended(ref) + entry["size"])
+                    want = [w for w in intended.get(at_intended(ref), at_intended(ref) + used(entry, step, i))
                             if w[2] is not None]
                     got = [g for w in want for g in _shift(device.get(at_device(ref) + w[0], at_device(ref) + w[1]), w[0])]
                     if want != _merge(got):
@@ -209,7 +228,7 @@ def hazards(layout: dict, programs: list[Program]) -> list[str]:
                              f"{_describe_origin(wrong[2], layout)}")
                 bound_out = dict(step.bind_out)
                 for i, entry in enumerate(layout_stages(layout, step.net)[step.stage]["out"]):
-                    label = [(0, entry["size"], ("out", step.net, i, p, s), 0)]
+                    label = [(0, used(entry, step, None), ("out", step.net, i, p, s), 0)]
                     ref = bound_out.get(i, Tensor(step.net, "out", i, step.stage))
                     device.set(at_device(ref), label)
                     intended.set(at_intended(ref), label)

@@ -75,13 +75,14 @@ class Simulator:
         steps, data = program.to_json()
         return self._request(bmodel, what, {"__program__": np.array(json.dumps(steps)), **data})
 
-    def run(self, bmodel: Path, net: str, inputs: dict[str, np.ndarray], stage: int = 0) -> list[np.ndarray]:
-        """One net (one of its stages) on its own: each input converted to the net's dtype, written, the net
-        run, its outputs read."""
+    def run(self, bmodel: Path, net: str, inputs: dict[str, np.ndarray], stage: int = 0,
+            dims: tuple[tuple[int, int, int], ...] = ()) -> list[np.ndarray]:
+        """One net (one of its stages; a dynamic one at `dims`) on its own: each input converted to the net's
+        dtype, written, the net run, its outputs read."""
         layout = layout_stages(self.layout(bmodel), net)[stage]
         program = Program([Write(Tensor(net, "in", i, stage), inputs[t["name"]], raw=False)
                            for i, t in enumerate(layout["in"])])
-        program += Launch(net, stage=stage)
+        program += Launch(net, stage=stage, dims=dims)
         program += [Read(Tensor(net, "out", i, stage), f"out{i}") for i in range(len(layout["out"]))]
         reply = self.execute(bmodel, program, f"running net '{net}'")
         return [reply[f"out{i}"].reshape(t["shape"]) for i, t in enumerate(layout["out"])]

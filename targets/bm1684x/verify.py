@@ -12,7 +12,8 @@ from pathlib import Path
 
 import numpy as np
 
-from graphopt.checks import end_to_end_prompt, long_prompt, sample_inputs
+from graphopt import contract as c
+from graphopt.checks import chat_prompts, chat_turns, end_to_end_prompt, long_prompt, sample_inputs
 from graphopt.ir import TensorSpec
 from graphopt.runtime import OrtBackend, head_logits_for, ort_session, run_prompt, runtime_for
 from graphopt.targets.bm1684x.contract import MIN_COSINE, MIN_COSINE_VS_FP32, MIN_LOGIT_COSINE, DeploySpec
@@ -32,14 +33,19 @@ def network_similarity(sim: Simulator, bmodel: Path, spec: DeploySpec, manifest:
     """One net of the bmodel against onnxruntime: cosine per float output, the share of equal
     values per integer output (token ids)."""
     net = next(n for n in manifest["networks"] if n["name"] == spec.onnx_network)
-    inputs = [TensorSpec(i["name"], shape, TensorSpec.from_json(i).dtype)
-              for i, shape in zip(net["inputs"], spec.input_shapes)]
+    baked = dict(spec.baked)
+    device = iter(spec.input_shapes)
+    inputs = [TensorSpec(i["name"], baked[i["name"]] if i["name"] in baked else next(device), TensorSpec.from_json(i).dtype)
+              for i in net["inputs"]]
     vocab = int(manifest["model"]["config"]["vocab_size"])
     feeds = {i.name: v.numpy() for i, v in zip(inputs, sample_inputs(inputs, manifest["seq_length"], vocab))}
-    simulated = sim.run(bmodel, spec.name, feeds, spec.stage)
+    dims, rows = dynamic_launch(spec, [i.name for i in inputs if i.name not in baked], feeds) if baked else ((), None)
+    simulated = sim.run(bmodel, spec.name, feeds, spec.stage, dims)
     session = ort_session if not spec.stage else lambda path: ort_session_for(path, spec.input_shapes)
     reference = session(quantized / net["file"]).run(None, feeds)
     fp32 = session(folder / net["file"]).run(None, feeds) if spec.weight_bits else reference
+    if rows is not None:  # a dynamic launch writes its rows only
+        reference, fp32, simulated = ([v[:, :rows] for v in values] for values in (reference, fp32, simulated))
     outputs = {}
     for out, ref, full, got in zip(net["outputs"], reference, fp32, simulated):
         if np.issubdtype(ref.dtype, np.floating):
@@ -52,6 +58,21 @@ def network_similarity(sim: Simulator, bmodel: Path, spec: DeploySpec, manifest:
     return {"precision": spec.precision, "threshold": MIN_COSINE, "threshold_fp32": floor or None,
             "outputs": outputs, "worst": worst, "worst_fp32": worst_fp32,
             "ok": worst >= MIN_COSINE and worst_fp32 >= floor}
+
+
+def dynamic_launch(spec: DeploySpec, device_inputs: list[str], feeds: dict[str, np.ndarray]):
+    """A dynamic net checked at other lengths than it was compiled for, as the runtime launches it: 3/4 of its
+    rows, after half of its cache rows (block_kv_i). Returns (the launch's dims, its rows), and sets the
+    feeds' baked mask to what the net computes at those lengths."""
+    rows = max(1, spec.input_shapes[0][1] * 3 // 4)
+    dims = [(device_inputs.index(n), 1, rows) for n in (c.INPUT_STATES, c.POSITION_IDS)]
+    history = 0
+    if c.HISTORY_K in device_inputs:
+        history = max(1, spec.input_shapes[device_inputs.index(c.HISTORY_K)][1] // 2)
+        dims += [(device_inputs.index(n), 1, history) for n in c.HISTORY_INPUTS]
+    for name, shape in spec.baked:
+        feeds[name] = c.launch_mask(shape, rows, history)
+    return tuple(dims), rows
 
 
 def ort_session_for(path: Path, shapes) -> object:
@@ -90,7 +111,24 @@ def generation_check(sim: Simulator, bmodel: Path, manifest: dict, folder: Path,
                      **compare_greedy(reference.tokens, reference.logits, ours.tokens, ours.logits),
                      "fp32_tokens": fp32.tokens,
                      "fp32_agreement": sum(a == b for a, b in zip(fp32.tokens, ours.tokens)) / len(fp32.tokens)})
-    return {"ok": all(r["ok"] for r in runs), "runs": runs}
+    result = {"ok": all(r["ok"] for r in runs), "runs": runs}
+    if runtimes[0].contract.has(c.BLOCK_KV):
+        result["chat"] = chat_check(runtimes[0], runtimes[1], chat_prompts(vocab, rows, seq))
+        result["ok"] = result["ok"] and result["chat"]["ok"]
+    return result
+
+
+def chat_check(ours, reference, prompts: list[list[int]]) -> dict:
+    """A three-turn history-KV chat on the simulated bmodel against the same chat on onnxruntime, turn by turn
+    (the onnxruntime chat is held to full prefills of the conversation by the run's end-to-end check). Where
+    a turn's answers part at a near-tie, the sessions' caches differ from then on: later turns are not compared."""
+    turns = []
+    for (conversation, got), (_, want) in zip(chat_turns(ours, prompts), chat_turns(reference, prompts)):
+        turns.append({"prompt_length": len(conversation), "tokens": got.tokens, "reference_tokens": want.tokens,
+                      **compare_greedy(want.tokens, want.logits, got.tokens, got.logits)})
+        if not turns[-1]["tokens_identical"]:
+            break
+    return {"turns": turns, "ok": all(t["ok"] for t in turns)}
 
 
 def compare_greedy(ref_tokens, ref_logits, tokens, logits) -> dict:

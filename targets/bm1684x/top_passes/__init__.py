@@ -8,6 +8,11 @@ by `run.py` (it needs TPU-MLIR's `mlir` bindings, not graphopt):
 
   fuse_flash_attention.py  MatMul/Softmax/MatMul attention -> top.FAttention
   merge_cache_concat.py    a decode block's cache concat merged in place (only_merge), no copy
+  small_causal_mask.py     a dynamic net's baked causal mask -> FAttention's small mask (any length)
+  dynamic_sequence.py      a dynamic net's Reshapes and Slices open along its sequence axes
+
+The last two run on dynamic nets only (`dynamic_only`: --dynamic block_i, block_kv_i), which
+model_deploy then compiles with --dynamic.
 
 Each pass reports how many candidates it changed and, for every candidate it left alone, why.
 """
@@ -19,7 +24,7 @@ import json
 import subprocess
 from pathlib import Path
 
-from graphopt.contract import BLOCKS, DECODE_BLOCKS, ENCODER
+from graphopt.contract import BLOCK, BLOCK_KV, BLOCKS, DECODE_BLOCKS, DYNAMIC, ENCODER
 from graphopt.pass_manager import TopPass, get_pass, register_pass
 
 HERE = Path(__file__).resolve().parent
@@ -38,23 +43,50 @@ class FuseFlashAttention(TopPass):
 
 @register_pass
 class MergeCacheConcat(TopPass):
-    """A decode block's [history ; new row] cache concat merged in place (only_merge): no copy of the cache per token."""
+    """A decode block's (and block_kv_i's) [history ; new rows] cache concat merged in place (only_merge): no copy of the cache."""
 
     name = "merge-cache-concat"
     target = "bm1684x"
     module = "merge_cache_concat"
-    applies_to = DECODE_BLOCKS
+    applies_to = DECODE_BLOCKS | {BLOCK_KV}
     # After fuse-flash-attention, which redoes the cache concat along the sequence in [1,S,KV,D].
     requires = ("attention.fused",)
     ensures = ("cache.merged",)
 
 
-TOP_PIPELINE = ("fuse-flash-attention", "merge-cache-concat")
+@register_pass
+class SmallCausalMask(TopPass):
+    """A dynamic net's baked causal mask becomes FAttention's small mask, which holds at whatever lengths the runtime sets."""
+
+    name = "small-causal-mask"
+    target = "bm1684x"
+    module = "small_causal_mask"
+    applies_to = frozenset({BLOCK, BLOCK_KV})
+    dynamic_only = True
+    requires = ("attention.fused",)
+    ensures = ("mask.any-length",)
 
 
-def passes_for(kind: str, pipeline: tuple[str, ...] = TOP_PIPELINE) -> tuple[str, ...]:
-    """The passes of `pipeline` that apply to networks of `kind`, in order."""
-    return tuple(name for name in pipeline if kind in get_pass(name).applies_to)
+@register_pass
+class DynamicSequence(TopPass):
+    """A dynamic net's Reshapes and Slices open along its sequence axes (followed from its inputs), so it runs at any length."""
+
+    name = "dynamic-sequence"
+    target = "bm1684x"
+    module = "dynamic_sequence"
+    applies_to = frozenset({BLOCK, BLOCK_KV})
+    dynamic_only = True
+    requires = ("attention.fused",)  # FAttention's own shapes are its kernel's to adapt
+    ensures = ("shapes.any-length",)
+
+
+TOP_PIPELINE = ("fuse-flash-attention", "merge-cache-concat", "small-causal-mask", "dynamic-sequence")
+
+
+def passes_for(kind: str, pipeline: tuple[str, ...] = TOP_PIPELINE, dynamic: bool = False) -> tuple[str, ...]:
+    """The passes of `pipeline` that apply to networks of `kind` (compiled --dynamic or not), in order."""
+    return tuple(name for name in pipeline if kind in get_pass(name).applies_to
+                 and (dynamic or not getattr(get_pass(name), "dynamic_only", False)))
 
 
 def digest() -> str:
@@ -66,13 +98,14 @@ def digest() -> str:
     return sha.hexdigest()[:16]
 
 
-def apply(toolchain, mlir: Path, passes: tuple[str, ...], log: Path) -> list[dict]:
+def apply(toolchain, mlir: Path, passes: tuple[str, ...], log: Path, dynamic: bool = False) -> list[dict]:
     """Rewrites `mlir` in place (the original kept as NAME_unfused.mlir); returns each pass's report.
-    A failure raises CalledProcessError with the output in `log`."""
+    `dynamic`: the net is compiled --dynamic. A failure raises CalledProcessError with the output in `log`."""
     original = mlir.with_name(f"{mlir.stem}_unfused.mlir")
     mlir.replace(original)
     modules = [f"{get_pass(name).module}:{name}" for name in passes]
-    command = [str(toolchain.python), str(HERE / "run.py"), str(original), str(mlir), *modules]
+    command = [str(toolchain.python), str(HERE / "run.py"), str(original), str(mlir),
+               json.dumps({DYNAMIC: dynamic}), *modules]  # the JSON is run.py's Context(dynamic=...)
     with open(log, "a") as handle:
         handle.write(f"$ top passes: {' '.join(passes)}\n")
         handle.flush()

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+from dataclasses import dataclass
+
+import numpy as np
 from mlir.ir import (ArrayAttr, Attribute, FloatAttr, InsertionPoint, IntegerAttr, Location, Operation,
                      RankedTensorType, Value)
 
@@ -80,3 +84,41 @@ def erase_dead(block) -> int:
                 erased += 1
                 changed = True
     return erased
+
+
+class Weights:
+    """The net's weight file (the .npz model_transform wrote, named in the module's `module.weight_file`),
+    read when a pass first asks and written back by run.py only when a pass added to it."""
+
+    def __init__(self, path: str):
+        self.path, self._data, self.changed = path, None, False
+
+    def _load(self) -> dict:
+        if self._data is None:
+            with np.load(self.path) as data:
+                self._data = dict(data)
+        return self._data
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        return self._load()[name]
+
+    def add(self, name: str, value: np.ndarray) -> None:
+        data = self._load()
+        if name in data:
+            raise ValueError(f"the weight file already holds '{name}'")
+        data[name] = value
+        self.changed = True
+
+    def save(self) -> None:
+        if self.changed:
+            partial = f"{self.path}.partial.npz"
+            np.savez(partial, **self._data)
+            os.replace(partial, self.path)
+
+
+@dataclass
+class Context:
+    """What a pass knows about the net besides its MLIR: its weights, and whether it is compiled --dynamic."""
+
+    weights: Weights
+    dynamic: bool = False

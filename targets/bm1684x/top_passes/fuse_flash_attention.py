@@ -37,17 +37,18 @@ REPEAT_OPS = ("top.Reshape", "top.Tile", "top.Unsqueeze")  # how a K/V repeat to
 LOCAL_MEMORY_ELEMENTS = 64 * 256 * 1024 // 2
 
 
-def run(block, none) -> dict:
+def run(block, none, context) -> dict:
     fused, skipped = [], []
     for softmax in [o.operation for o in block.operations if o.operation.name == "top.Softmax"]:
         try:
-            fused.append(_fuse(softmax, none))
+            # A dynamic net's attention is fused whatever its size: only FAttention takes a baked causal mask.
+            fused.append(_fuse(softmax, none, always=context.dynamic))
         except NoMatch as reason:
             skipped.append(f"{name_of(softmax)}: {reason}")
     return {"changed": len(fused), "summary": f"fused {len(fused)} attention(s)", "fused": fused, "skipped": skipped}
 
 
-def _fuse(softmax, none) -> str:
+def _fuse(softmax, none, always: bool = False) -> str:
     scores_shape = shape(softmax.results[0])
     if len(scores_shape) != 4 or int_attr(softmax, "axis") not in (3, -1):
         raise NoMatch(f"softmax of shape {scores_shape} over axis {int_attr(softmax, 'axis')}, not the last of 4")
@@ -80,7 +81,7 @@ def _fuse(softmax, none) -> str:
         raise NoMatch(f"K ({kv_heads} heads, {keys} keys) and V {shape(value)} do not fit {heads} query heads")
     if shape(mask) != [1, 1, steps, keys]:
         raise NoMatch(f"mask {shape(mask)}: FAttention takes [1, 1, {steps}, {keys}] (one row per query position)")
-    if steps > 1 and not repeated and heads * steps * keys < LOCAL_MEMORY_ELEMENTS:
+    if steps > 1 and not repeated and not always and heads * steps * keys < LOCAL_MEMORY_ELEMENTS:
         raise NoMatch(f"multi-head prefill attention whose {heads} x {steps} x {keys} scores fit in local memory: "
                       "TPU-MLIR runs it faster unfused")
     out = _output(pv, steps, heads * head_dim)

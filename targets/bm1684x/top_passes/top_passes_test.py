@@ -98,10 +98,14 @@ def test_the_decode_cache_concats_merge_in_place_with_the_same_outputs(tools, tm
     prefill block left alone, the outputs unchanged in TPU-MLIR's interpreter."""
     nets = _transform(tools, tmp_path_factory.mktemp("merge-cache-concat"), "tiny-llama", NETS)
     folder, mlir, result = nets["block_cache_0"]
-    fused, merged = top_passes.apply(tools, mlir, top_passes.TOP_PIPELINE, folder / "log.txt")
+    fused, merged = top_passes.apply(tools, mlir, top_passes.passes_for("block_cache"), folder / "log.txt")
     assert (fused["pass"], merged["pass"]) == ("fuse-flash-attention", "merge-cache-concat")
     assert merged["changed"] == 2 and merged["skipped"] == [], merged
     text = mlir.read_text()
     assert len(re.findall(r'"top.Concat"\(%\w+, %\w+\) \{axis = 1 : si32, [^}]*only_merge = true', text)) == 2
     assert max(_interpret(tools, folder, mlir, result).values()) < 1e-4
     assert top_passes.passes_for("block") == ("fuse-flash-attention",)  # a prefill block has no cache to merge
+    # a dynamic one (--dynamic, --history-kv) makes its baked mask and its shapes length-free after fusing
+    assert top_passes.passes_for("block", dynamic=True) == ("fuse-flash-attention", "small-causal-mask",
+                                                            "dynamic-sequence")
+    assert top_passes.passes_for("block_cache", dynamic=True) == top_passes.passes_for("block_cache")
