@@ -150,7 +150,7 @@ STAGE_TITLES = {"fx": "FX passes (on the traced graph)", "onnx": "ONNX passes (o
 
 
 def cmd_passes(args) -> int:
-    from graphopt.pass_manager import STAGES, get_pass
+    from graphopt.pass_manager import ALL_KINDS, STAGES, get_pass
     from graphopt.plugins import with_plugins
     from graphopt.targets import get_target
 
@@ -164,7 +164,9 @@ def cmd_passes(args) -> int:
         print(f"\n{STAGE_TITLES[stage]}:")
         for index, name in enumerate(names, start=1):
             cls = get_pass(name)
-            kinds = "all networks" if len(cls.applies_to) > 5 else ", ".join(sorted(cls.applies_to))
+            kinds = "all networks" if cls.applies_to >= ALL_KINDS else ", ".join(sorted(cls.applies_to))
+            if getattr(cls, "dynamic_only", False):
+                kinds += " compiled --dynamic"
             print(f"  {index:2d}. {name:<22} {cls.doc()}")
             detail = [f"on: {kinds}"]
             if name not in builtin.pipeline(stage):
