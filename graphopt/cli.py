@@ -101,32 +101,46 @@ def cmd_generate(args) -> int:
 
     from graphopt.runtime import OrtBackend, load_manifest, runtime_for
 
-    prompt = _parse_ids(args.input_ids)
+    from graphopt import contract as c
+
+    prompts = [_parse_ids(ids) for ids in args.input_ids]
     directory = Path(args.dir)
     manifest = load_manifest(directory)
     vocab = int(manifest["model"]["config"]["vocab_size"])
-    if max(prompt) >= vocab:
-        raise GraphoptError(f"--input-ids has token id {max(prompt)} but the model's vocabulary has {vocab} tokens "
+    if (largest := max(max(p) for p in prompts)) >= vocab:
+        raise GraphoptError(f"--input-ids has token id {largest} but the model's vocabulary has {vocab} tokens "
                             f"(ids 0..{vocab - 1}).")
     if args.max_new_tokens < 1:
         raise GraphoptError("--max-new-tokens must be at least 1.")
+    if len(prompts) > 1 and not c.contract_of_manifest(manifest).has(c.BLOCK_KV):
+        raise GraphoptError(f"--input-ids was given {len(prompts)} times, a chat of as many turns, but the networks in "
+                            f"{directory} keep no session between prompts: only --history-kv networks (block_kv_i) "
+                            "continue one. Give one prompt, or compile with --history-kv.")
     with ExitStack() as stack:
         backend = OrtBackend(directory, manifest) if args.backend == "onnxruntime" else \
             _sim_backend(directory, manifest, stack)
-        return _generate(args, prompt, runtime_for(backend, manifest), manifest)
+        return _generate(args, prompts, runtime_for(backend, manifest), manifest)
 
 
-def _generate(args, prompt, runtime, manifest) -> int:
+def _generate(args, prompts, runtime, manifest) -> int:
+    """Each prompt in turn on one runtime: with --history-kv networks, each turn continues the session."""
     eos = manifest["model"]["config"].get("eos_token_id")
     stops = frozenset() if args.ignore_eos or eos is None else frozenset(eos if isinstance(eos, list) else [eos])
     from graphopt.runtime import run_prompt
 
-    result = run_prompt(runtime, prompt, args.max_new_tokens, stops)
+    results = []
+    for prompt in prompts:
+        if runtime.room(prompt) < 1:
+            raise GraphoptError(f"the chat's turns ({', '.join(str(len(p)) for p in prompts)} tokens, with their "
+                                f"answers) do not fit the {manifest['seq_length']} rows the cache holds: give fewer "
+                                "or shorter turns, or compile with a larger --seq-length.")
+        results.append(run_prompt(runtime, prompt, args.max_new_tokens, stops))
     if args.json:
-        print(json.dumps({"tokens": result.tokens}))
+        print(json.dumps({"tokens": results[0].tokens} if len(results) == 1 else {"turns": [r.tokens for r in results]}))
     else:
-        print(" ".join(str(t) for t in result.tokens))
-        if result.stopped == "length":
+        for result in results:
+            print(" ".join(str(t) for t in result.tokens))
+        if results[-1].stopped == "length":
             print(f"(stopped: reached the compiled sequence length {manifest['seq_length']})", file=sys.stderr)
     return 0
 
@@ -296,7 +310,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     gen = sub.add_parser("generate", help="greedy generation with the emitted networks, driven like the chip runtime")
     gen.add_argument("dir", help="an output directory of `graphopt run`")
-    gen.add_argument("--input-ids", required=True, help="prompt token ids, e.g. 1,2,3")
+    gen.add_argument("--input-ids", required=True, action="append", help="prompt token ids, e.g. 1,2,3; given again, "
+                     "the next turn of a chat, which continues the session (--history-kv networks)")
     gen.add_argument("--max-new-tokens", type=int, default=32)
     gen.add_argument("--ignore-eos", action="store_true", help="do not stop at the model's end-of-sequence token")
     gen.add_argument("--json", action="store_true", help='print {"tokens": [...]}')

@@ -10,6 +10,8 @@ A `Contract` is data: the networks (a name, per layer or not, a kind, input and 
 nets that are another network compiled at one token (`embedding_cache`), where the final norm is
 computed, and the runtime's mask rule. Three values: LLM_TPU (today's LLM-TPU demos and TPU-MLIR's
 llm_convert), LLAMA3_1_DEMO (LLM-TPU's legacy Llama3_1 demo) and ENCODER_DECODER (graphopt's own).
+LLM_TPU takes options (`llm_tpu_with`: --dynamic, --history-kv), which bake the prefill blocks' mask
+into the compiled nets (`NetworkSpec.baked`) and add block_kv_i.
 
 Masks are additive, MASK_VALUE (−10000) where a query may not look. A chip runtime writes them as
 16-bit bit patterns; `Contract.mask_bits` says which, by the nets' mask dtype.
@@ -202,11 +204,6 @@ class Contract:
 
     def has(self, kind: str) -> bool:
         return any(s.kind == kind for s in self.networks)
-
-    @property
-    def dynamic(self) -> bool:
-        """The prefill blocks run at the prompt's length (the runtime sets it per launch), their mask baked."""
-        return any(s.baked for s in self.networks)
 
     @property
     def describe(self) -> str:

@@ -6,6 +6,7 @@ The program tests record what the runtime does (no toolchain); the compile tests
 checks hold block_kv_i to its prefill block and a three-turn chat to transformers on the whole conversation.
 """
 
+import json
 import re
 
 import numpy as np
@@ -188,3 +189,17 @@ def test_an_encoder_decoder_model_takes_no_history_option(tmp_path):
     with pytest.raises(GraphoptError, match=re.escape("--history-kv is an option of --contract llm-tpu")):
         compile_model(open_model("tiny-marian"), ONNX_TARGET, 32, tmp_path / "m", show_progress=False,
                       contract_options=(c.HISTORY_KV,))
+
+
+def test_generate_chats_in_turns_on_history_kv_networks_only(history_build, capsys):
+    """`graphopt generate DIR --input-ids A --input-ids B`: B continues the session A left, as the demo's chat does."""
+    from graphopt.cli import main
+
+    folder = str(history_build.out_dir)
+    assert main(["generate", folder, "--input-ids", "1,2,3,4,5", "--input-ids", "6,7", "--max-new-tokens", "3",
+                 "--ignore-eos", "--json"]) == 0
+    turns = json.loads(capsys.readouterr().out)["turns"]
+    runtime = runtime_for(OrtBackend(history_build.out_dir, history_build.manifest), history_build.manifest)
+    assert turns == [runtime.generate([1, 2, 3, 4, 5], 3).tokens, runtime.generate([6, 7], 3).tokens]
+    assert turns[1] != runtime_for(OrtBackend(history_build.out_dir, history_build.manifest),
+                                   history_build.manifest).generate([6, 7], 3).tokens  # not a fresh session

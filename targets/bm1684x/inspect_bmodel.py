@@ -46,6 +46,7 @@ class NetInfo:
     inputs: list[Tensor] = field(default_factory=list)  # stage 0's
     outputs: list[Tensor] = field(default_factory=list)
     more_stages: list["NetInfo"] = field(default_factory=list)  # the same net for other shapes (decode stages)
+    dynamic: bool = False  # the runtime sets its lengths per launch (model_tool prints its shapes as max:N)
 
 
 def read_info(toolchain: Toolchain, bmodel: Path) -> tuple[dict, list[NetInfo]]:
@@ -69,6 +70,7 @@ def read_info(toolchain: Toolchain, bmodel: Path) -> tuple[dict, list[NetInfo]]:
         elif (m := _TENSOR.match(line)) and nets:
             # A dynamic net prints its largest shape as [max:1, max:1024].
             shape = tuple(int(d.strip().removeprefix("max:")) for d in m["shape"].split(",") if d.strip())
+            stage.dynamic |= "max:" in m["shape"]
             (stage.inputs if m["io"] == "input" else stage.outputs).append(Tensor(m["name"], shape, m["dtype"]))
         elif m := _MEMORY.match(line):
             header["memory"] = {k: int(v) for k, v in m.groupdict().items()}
@@ -352,7 +354,8 @@ def render(path: Path, header: dict, nets: list[NetInfo], problems: list[str]) -
         lines.append(f"device memory {mem['total'] / 1e6:.1f} MB (weight {mem['weight'] / 1e6:.1f}, instructions "
                      f"{mem['instruct'] / 1e6:.1f}, runtime {mem['runtime'] / 1e6:.1f})")
     for net in nets:
-        lines.append(f"\n  {net.name}" + (f" ({1 + len(net.more_stages)} stages)" if net.more_stages else ""))
+        lines.append(f"\n  {net.name}" + (f" ({1 + len(net.more_stages)} stages)" if net.more_stages else "")
+                     + (" (dynamic: shapes are the largest)" if net.dynamic else ""))
         for number, stage in enumerate((net, *net.more_stages)):
             if number:
                 lines.append(f"    stage {number}:")
