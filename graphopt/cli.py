@@ -128,13 +128,8 @@ def _generate(args, prompts, runtime, manifest) -> int:
     stops = frozenset() if args.ignore_eos or eos is None else frozenset(eos if isinstance(eos, list) else [eos])
     from graphopt.runtime import run_prompt
 
-    results = []
-    for prompt in prompts:
-        if runtime.room(prompt) < 1:
-            raise GraphoptError(f"the chat's turns ({', '.join(str(len(p)) for p in prompts)} tokens, with their "
-                                f"answers) do not fit the {manifest['seq_length']} rows the cache holds: give fewer "
-                                "or shorter turns, or compile with a larger --seq-length.")
-        results.append(run_prompt(runtime, prompt, args.max_new_tokens, stops))
+    # A prompt (or a turn after the others) that does not fit the cache is refused by the runtime, with how much does.
+    results = [run_prompt(runtime, prompt, args.max_new_tokens, stops) for prompt in prompts]
     if args.json:
         print(json.dumps({"tokens": results[0].tokens} if len(results) == 1 else {"turns": [r.tokens for r in results]}))
     else:
