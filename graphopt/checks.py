@@ -124,14 +124,21 @@ def decode_feeds(decode_inputs: list[TensorSpec], prefill_feeds: dict[str, np.nd
         elif name == c.ENCODER_ATTENTION_MASK:  # one row of the prefill's source mask
             feeds[name] = prefill_feeds[name][:, :, row:row + 1]
         elif name in c.HISTORY_INPUTS:  # SEQ rows: the prefill's before `row`, stale (noise) from it on
-            prefill = prefill_outputs[c.KV_OUTPUTS[c.HISTORY_INPUTS.index(name)]]
-            shape = (prefill.shape[0], spec.shape[1], *prefill.shape[2:])
-            cache = rng.standard_normal(shape).astype(prefill.dtype) * float(np.std(prefill) or 1.0)
-            cache[:, :row] = prefill[:, :row]
-            feeds[name] = cache
+            feeds[name] = _cache(name, spec.shape[1], prefill_outputs, row, rng)
         else:  # cross_k, cross_v: the same for every row
             feeds[name] = prefill_feeds[name]
     return feeds
+
+
+def _cache(name: str, rows: int, prefill_outputs: dict[str, np.ndarray], written: int,
+           rng: np.random.Generator) -> np.ndarray:
+    """A cache input (history_k/v) of `rows` rows as a runtime holds it after prefilling `written` rows: those
+    rows the prefill's K/V, the rest stale (noise of the K/V's scale), which the mask must hide."""
+    prefill = prefill_outputs[c.KV_OUTPUTS[c.HISTORY_INPUTS.index(name)]]
+    cache = rng.standard_normal((prefill.shape[0], rows, *prefill.shape[2:])).astype(prefill.dtype)
+    cache *= float(np.std(prefill) or 1.0)
+    cache[:, :written] = prefill[:, :written]
+    return cache
 
 
 def decode_check(run_decode, decode_inputs: list[TensorSpec], decode_outputs: list[str],
@@ -177,10 +184,7 @@ def history_feeds(inputs: list[TensorSpec], prefill_feeds: dict[str, np.ndarray]
             steps, keys = spec.shape[2], spec.shape[3]
             feeds[name] = c.chunk_mask(steps, keys - steps, chunk, history)
         elif name in c.HISTORY_INPUTS:
-            prefill = prefill_outputs[c.KV_OUTPUTS[c.HISTORY_INPUTS.index(name)]]
-            cache = rng.standard_normal(spec.shape).astype(prefill.dtype) * float(np.std(prefill) or 1.0)
-            cache[:, :history] = prefill[:, :history]
-            feeds[name] = cache
+            feeds[name] = _cache(name, spec.shape[1], prefill_outputs, history, rng)
     return feeds
 
 
@@ -231,14 +235,18 @@ def chat_check(runtime, greedy, prompts: list[list[int]], new_tokens: int = CHAT
     (`greedy(tokens, n) -> {"tokens", "logits"}`: the model's own generation). The runtime counts the
     cache's rows here (`exact_history`), not as LLM-TPU's cpp_demo does, one past them after a second turn."""
     runtime.exact_history = True
-    turns = []
-    for conversation, ours in chat_turns(runtime, prompts, new_tokens):
-        reference = greedy(conversation, len(ours.tokens))
-        err = max(float(np.max(np.abs(a - b))) for a, b in zip(reference["logits"], ours.logits))
-        same = reference["tokens"] == ours.tokens
-        turns.append({"prompt_length": len(conversation), "tokens": ours.tokens, "reference_tokens": reference["tokens"],
-                      "tokens_identical": same, "max_abs_logit_err": err, "ok": same and err <= 1e-3})
+    turns = [{"prompt_length": len(conversation), **_against_reference(greedy(conversation, len(ours.tokens)), ours)}
+             for conversation, ours in chat_turns(runtime, prompts, new_tokens)]
     return {"turns": turns, "ok": all(t["ok"] for t in turns)}
+
+
+def _against_reference(reference: dict, ours) -> dict:
+    """A Generation against the model's own greedy generation (`{"tokens", "logits"}`): the same tokens, and
+    logits within 1e-3."""
+    err = max(float(np.max(np.abs(a - b))) for a, b in zip(reference["logits"], ours.logits))
+    same = reference["tokens"] == ours.tokens
+    return {"tokens": ours.tokens, "reference_tokens": reference["tokens"], "tokens_identical": same,
+            "max_abs_logit_err": err, "ok": same and err <= 1e-3}
 
 
 def end_to_end_check(source, folder, manifest: dict, new_tokens: int = 8) -> dict:
@@ -251,12 +259,8 @@ def end_to_end_check(source, folder, manifest: dict, new_tokens: int = 8) -> dic
     runtime = runtime_for(backend, manifest, backend.head_logits())
     prompt = end_to_end_prompt(source.config.vocab_size, manifest["seq_length"])[:runtime.shapes.prefill_rows]
     new_tokens = min(new_tokens, runtime.room(prompt))
-    reference = source.greedy(prompt, new_tokens)
-    ours = run_prompt(runtime, prompt, new_tokens)
-    err = max(float(np.max(np.abs(a - b))) for a, b in zip(reference["logits"], ours.logits))
-    same = reference["tokens"] == ours.tokens
-    result = {"prompt": prompt, "tokens": ours.tokens, "reference_tokens": reference["tokens"],
-              "tokens_identical": same, "max_abs_logit_err": err, "ok": same and err <= 1e-3}
+    result = {"prompt": prompt, **_against_reference(source.greedy(prompt, new_tokens),
+                                                     run_prompt(runtime, prompt, new_tokens))}
     if runtime.contract.has(c.BLOCK_KV):
         prompts = chat_prompts(source.config.vocab_size, runtime.shapes.prefill_rows, manifest["seq_length"])
         result["chat"] = chat_check(runtime, source.greedy, prompts)

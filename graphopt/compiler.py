@@ -61,8 +61,7 @@ def prepare(source: ModelSource, target: Target, seq_length: int, options: dict,
     target.check_dump_after(dump_after)
     if target.build:  # the target's options, with the run's SEQ and contract they depend on
         runtime = c.contract_for(source.is_encoder_decoder, contract, contract_options)
-        target.build.validate(source, {**options, "seq_length": seq_length, "contract": runtime.key,
-                                       "contract_options": tuple(sorted(runtime.options))})
+        target.build.validate(source, {**options, "seq_length": seq_length, "contract": runtime.key})
     return target
 
 

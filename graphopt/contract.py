@@ -102,6 +102,16 @@ def launch_mask(shape, rows: int, history: int) -> np.ndarray:
     return chunk_mask(steps, keys - steps, rows, history)
 
 
+def launch_dims(device_inputs, rows: int, history: int = 0) -> tuple[tuple[int, int, int], ...]:
+    """A dynamic net's lengths for one launch, (input index, axis, length), as LLM-TPU's demos set them
+    (`net_launch_dyn`, `net_launch_kv_dyn`): `rows` new rows of the hidden states and positions and, where
+    the net reads the cache, `history` rows of it."""
+    dims = [(device_inputs.index(name), 1, rows) for name in (INPUT_STATES, POSITION_IDS)]
+    if history:
+        dims += [(device_inputs.index(name), 1, history) for name in HISTORY_INPUTS]
+    return tuple(dims)
+
+
 def decode_mask(seq_length: int, row: int) -> np.ndarray:
     """The runtime's decode mask [1,1,1,SEQ+1] for a new token at `row`: history rows < row
     are valid, rows from `row` on are not written yet, and the last column is the token itself."""

@@ -405,13 +405,8 @@ class LlmTpuRuntime(ChipStyleRuntime):
         return int(out["next"].reshape(-1)[0]), logits
 
     def _dims(self, spec: c.NetworkSpec, rows: int, history: int = 0) -> tuple[tuple[int, int, int], ...]:
-        """net_launch_dyn / net_launch_kv_dyn: the rows of the hidden states and positions, and of the cache."""
-        if not self.dynamic:
-            return ()
-        dims = [(spec.device_inputs.index(c.INPUT_STATES), 1, rows), (spec.device_inputs.index(c.POSITION_IDS), 1, rows)]
-        if history:
-            dims += [(spec.device_inputs.index(h), 1, history) for h in c.HISTORY_INPUTS]
-        return tuple(dims)
+        """net_launch_dyn / net_launch_kv_dyn, for dynamic nets (a static one runs at its own lengths)."""
+        return c.launch_dims(spec.device_inputs, rows, history) if self.dynamic else ()
 
     def prefill(self, prompt: list[int]) -> tuple[int, np.ndarray]:
         if self.kv_spec:
@@ -637,10 +632,16 @@ def runtime_for(backend, manifest: dict, head_logits=None) -> ChipStyleRuntime:
     backend's `head_logits()`, or `HeadLogits`); without it such a head's generation has tokens only,
     as the demo does, and costs no second run of the head per token."""
     device = backend if hasattr(backend, "execute") else HostDevice(backend, network_io(manifest))
-    shapes = Shapes.from_manifest(manifest)
     contract = c.contract_of_manifest(manifest)
+    start = int(manifest["model"]["config"]["decoder_start_token_id"]) if contract is c.ENCODER_DECODER else 0
+    return runtime_on(device, Shapes.from_manifest(manifest), contract, head_logits, start)
+
+
+def runtime_on(device, shapes: Shapes, contract: c.Contract, head_logits=None,
+               decoder_start: int = 0) -> ChipStyleRuntime:
+    """The runtime of `contract` on `device` (which executes programs): its demo's, by the contract's key."""
     if contract is c.ENCODER_DECODER:
-        return Seq2SeqRuntime(device, shapes, int(manifest["model"]["config"]["decoder_start_token_id"]))
+        return Seq2SeqRuntime(device, shapes, decoder_start)
     if contract.key == c.LLM_TPU.key:
         return LlmTpuRuntime(device, shapes, head_logits, contract)
     return ChipStyleRuntime(device, shapes)
@@ -680,5 +681,5 @@ def run_prompt(runtime: ChipStyleRuntime, prompt: list[int], max_new_tokens: int
     return runtime.generate(prompt, max_new_tokens, stop_tokens)
 
 
-__all__ = ["ChipStyleRuntime", "LlmTpuRuntime", "Seq2SeqRuntime", "HeadLogits", "head_logits_for", "OrtBackend", "FxBackend", "load_manifest", "runtime_for",
+__all__ = ["ChipStyleRuntime", "LlmTpuRuntime", "Seq2SeqRuntime", "HeadLogits", "head_logits_for", "OrtBackend", "FxBackend", "load_manifest", "runtime_for", "runtime_on",
            "run_prompt", "ort_session"]

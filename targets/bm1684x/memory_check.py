@@ -24,7 +24,7 @@ import numpy as np
 from graphopt import contract as c
 from graphopt.device_program import (At, Buffer, Copy, Fill, LayoutQueries, Launch, Program, Read, Same, Tensor, Write,
                                      layout_entry, layout_stages, rows_of)
-from graphopt.runtime import ChipStyleRuntime, LlmTpuRuntime, Seq2SeqRuntime, Shapes
+from graphopt.runtime import Seq2SeqRuntime, Shapes, runtime_on
 
 
 class _Memory:
@@ -97,11 +97,7 @@ def session_programs(layout: dict) -> list[Program]:
     shapes = Shapes(seq_length=history[1], num_layers=len(contract.layers(layout)),
                     hidden=layout[contract.network(c.LM_HEAD)]["in"][0]["shape"][-1], kv_heads=history[2],
                     head_dim=history[3], max_input=layout[contract.prefill_block.network(0)]["in"][0]["shape"][1])
-    if contract is c.ENCODER_DECODER:
-        runtime = Seq2SeqRuntime(recorder, shapes, 0)
-    else:
-        runtime = (LlmTpuRuntime(recorder, shapes, None, contract) if contract.key == c.LLM_TPU.key else
-                   ChipStyleRuntime(recorder, shapes))
+    runtime = runtime_on(recorder, shapes, contract)
     seq = shapes.seq_length
     lengths = sorted({1, shapes.prefill_rows * 3 // 4, min(seq - 1, shapes.prefill_rows)})
     if contract.has(c.BLOCK_KV):  # the session goes on: later prompts run through block_kv_i, one in two chunks

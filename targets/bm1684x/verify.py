@@ -65,14 +65,10 @@ def dynamic_launch(spec: DeploySpec, device_inputs: list[str], feeds: dict[str, 
     rows, after half of its cache rows (block_kv_i). Returns (the launch's dims, its rows), and sets the
     feeds' baked mask to what the net computes at those lengths."""
     rows = max(1, spec.input_shapes[0][1] * 3 // 4)
-    dims = [(device_inputs.index(n), 1, rows) for n in (c.INPUT_STATES, c.POSITION_IDS)]
-    history = 0
-    if c.HISTORY_K in device_inputs:
-        history = max(1, spec.input_shapes[device_inputs.index(c.HISTORY_K)][1] // 2)
-        dims += [(device_inputs.index(n), 1, history) for n in c.HISTORY_INPUTS]
+    history = max(1, spec.input_shapes[device_inputs.index(c.HISTORY_K)][1] // 2) if c.HISTORY_K in device_inputs else 0
     for name, shape in spec.baked:
         feeds[name] = c.launch_mask(shape, rows, history)
-    return tuple(dims), rows
+    return c.launch_dims(device_inputs, rows, history), rows
 
 
 def ort_session_for(path: Path, shapes) -> object:
