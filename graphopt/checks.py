@@ -18,6 +18,7 @@ import torch
 
 from graphopt import contract as c
 from graphopt.ir import NetworkGraph, TensorSpec
+from graphopt.runtime import Sampling
 
 
 @dataclass
@@ -46,7 +47,7 @@ def sample_inputs(inputs: list[TensorSpec], seq_length: int, vocab: int, seed: i
     """Seeded inputs a runtime could really send: token ids in the vocabulary, causal masks, ..."""
     g = torch.Generator().manual_seed(seed)
     seq = seq_length
-    sampling = {c.TOP_P: 0.8, c.TEMPERATURE: 0.7, c.PENALTY: 1.1}
+    sampling = {c.TOP_P: 0.8, c.TEMPERATURE: 0.7, c.PENALTY: 1.1, c.TOP_K: 7}
     values = []
     for spec in inputs:
         if spec.name == c.INPUT_IDS:
@@ -68,7 +69,7 @@ def sample_inputs(inputs: list[TensorSpec], seq_length: int, vocab: int, seed: i
                                            c.decode_mask(keys - 1, (keys - 1) // 2) if steps == 1 else
                                            c.chunk_mask(steps, keys - steps, steps, (keys - steps) // 2)))
         elif spec.name in sampling:
-            values.append(torch.full(spec.shape, sampling[spec.name]))
+            values.append(torch.full(spec.shape, sampling[spec.name], dtype=spec.dtype))
         else:
             values.append(torch.randn(spec.shape, generator=g, dtype=spec.dtype))
     return tuple(values)
@@ -249,10 +250,65 @@ def _against_reference(reference: dict, ours) -> dict:
             "max_abs_logit_err": err, "ok": same and err <= 1e-3}
 
 
+# What the sampling checks sample with: every parameter away from its no-op value, and a penalty window
+# shorter than the prompt (only the turn's last tokens penalised).
+CHECK_SAMPLING = Sampling(penalty=1.3, temperature=0.7, top_k=10, top_p=0.9, window=6, seed=0)
+MAX_PROB_ERR = 1e-5  # a sample head's probabilities against transformers' processors on the same logits
+
+
+def transformers_probs(logits: np.ndarray, penalised: np.ndarray, sampling) -> tuple[np.ndarray, np.ndarray]:
+    """The distribution transformers' generate(do_sample=True) draws from, given a step's logits and the ids
+    its repetition penalty sees (its own logits processors, in its order, then a softmax), and the scores
+    its top_k and top_p chose from (after the penalty and the temperature). One change: top_k keeps exactly
+    top_k tokens (torch.topk's), where TopKLogitsWarper keeps the tokens tied with the top_k-th as well; a
+    demo reads top_k candidates (graphopt.networks.decoder.SampleHead)."""
+    from transformers.generation.logits_process import (RepetitionPenaltyLogitsProcessor, TemperatureLogitsWarper,
+                                                        TopPLogitsWarper)
+
+    ids, scores = torch.from_numpy(penalised.astype(np.int64))[None], torch.from_numpy(logits.astype(np.float32))[None]
+    scores = TemperatureLogitsWarper(sampling.temperature)(ids, RepetitionPenaltyLogitsProcessor(sampling.penalty)(ids, scores))
+    scaled = scores[0].numpy().copy()
+    kept = torch.topk(scores, sampling.top_k).indices
+    scores = torch.full_like(scores, -float("inf")).scatter(1, kept, scores.gather(1, kept))
+    scores = TopPLogitsWarper(sampling.top_p)(ids, scores)
+    return scores.softmax(-1)[0].numpy(), scaled
+
+
+def draw_error(logits: np.ndarray, draw, sampling) -> float:
+    """How far a draw (a sample head's candidates and probabilities) is from transformers' distribution on the
+    same logits: the largest difference of probabilities, every token of the vocabulary, none outside the
+    candidates. Tokens of equal scores are interchangeable (which of a tie TopK or torch.sort puts first is
+    theirs to pick, and top_k or top_p may cut between them): the two are compared as sorted probabilities,
+    once the tokens one keeps and the other does not are found to be such ties (else the error is 1)."""
+    want, scaled = transformers_probs(logits, draw.penalised, sampling)
+    ours = np.zeros_like(want)
+    ours[draw.candidates] = draw.probs
+    only_ours, only_want = (ours > 0) & (want == 0), (want > 0) & (ours == 0)
+    if sorted(scaled[only_ours]) != sorted(scaled[only_want]):
+        return 1.0
+    return float(np.max(np.abs(np.sort(ours) - np.sort(want))))
+
+
+def sampling_check(runtime, greedy, prompt: list[int], new_tokens: int) -> dict:
+    """Tokens drawn through sample_head as the demos' --do_sample draws them (`runtime` samples), each step
+    held two ways: the draw is from transformers' distribution (`draw_error`) on the logits lm_head gave,
+    with the ids the penalty saw, to MAX_PROB_ERR; and those logits equal the model's own
+    (`greedy(tokens, 1)`) along the sampled tokens, to the greedy checks' 1e-3."""
+    generation = runtime.generate(prompt, new_tokens)
+    prob_err = logit_err = 0.0
+    for step, (logits, draw) in enumerate(zip(generation.logits, generation.draws)):
+        prob_err = max(prob_err, draw_error(logits, draw, runtime.sampling))
+        reference = greedy(prompt + generation.tokens[:step], 1)["logits"][0]
+        logit_err = max(logit_err, float(np.max(np.abs(reference - logits))))
+    return {"tokens": generation.tokens, "sampling": runtime.sampling.describe, "max_prob_err": prob_err,
+            "max_abs_logit_err": logit_err, "ok": prob_err <= MAX_PROB_ERR and logit_err <= 1e-3}
+
+
 def end_to_end_check(source, folder, manifest: dict, new_tokens: int = 8) -> dict:
     """Greedy tokens of the ONNX networks (driven like the chip) against the model's own generation
     (graphopt/models/reference.py); with history-KV networks, a three-turn chat as well, each turn
-    against a full prefill of the conversation so far."""
+    against a full prefill of the conversation so far; with sampling heads, a sampled generation whose
+    every draw is from transformers' distribution."""
     from graphopt.runtime import OrtBackend, run_prompt, runtime_for
 
     backend = OrtBackend(folder, manifest)
@@ -265,4 +321,8 @@ def end_to_end_check(source, folder, manifest: dict, new_tokens: int = 8) -> dic
         prompts = chat_prompts(source.config.vocab_size, runtime.shapes.prefill_rows, manifest["seq_length"])
         result["chat"] = chat_check(runtime, source.greedy, prompts)
         result["ok"] = result["ok"] and result["chat"]["ok"]
+    if runtime.contract.has(c.SAMPLE_HEAD):
+        sampler = runtime_for(backend, manifest, sampling=CHECK_SAMPLING)
+        result["sampled"] = sampling_check(sampler, source.greedy, prompt, new_tokens)
+        result["ok"] = result["ok"] and result["sampled"]["ok"]
     return result

@@ -60,9 +60,10 @@ def cmd_run(args) -> int:
 
 
 def _contract_options(args) -> tuple[str, ...]:
-    from graphopt.contract import DYNAMIC, HISTORY_KV
+    from graphopt.contract import DO_SAMPLE, DYNAMIC, HISTORY_KV
 
-    return tuple(o for o, on in ((DYNAMIC, args.dynamic), (HISTORY_KV, args.history_kv)) if on)
+    return tuple(o for o, on in ((DYNAMIC, args.dynamic), (HISTORY_KV, args.history_kv), (DO_SAMPLE, args.do_sample))
+                 if on)
 
 
 def _history_kv_lengths(args) -> tuple[int | None, int | None]:
@@ -116,10 +117,25 @@ def cmd_generate(args) -> int:
         raise GraphoptError(f"--input-ids was given {len(prompts)} times, a chat of as many turns, but the networks in "
                             f"{directory} keep no session between prompts: only --history-kv networks (block_kv_i) "
                             "continue one. Give one prompt, or compile with --history-kv.")
+    sampling = _sampling(args, directory) if args.do_sample else None
+    if sampling is not None and not c.contract_of_manifest(manifest).has(c.SAMPLE_HEAD):
+        raise GraphoptError(f"--do-sample draws through sample_head, and the networks in {directory} have none: they "
+                            "were compiled without --do-sample (lm_head answers the token). Recompile with "
+                            "`graphopt run ... --do-sample`, or generate greedily.")
     with ExitStack() as stack:
         backend = OrtBackend(directory, manifest) if args.backend == "onnxruntime" else \
             _sim_backend(directory, manifest, stack)
-        return _generate(args, prompts, runtime_for(backend, manifest), manifest)
+        return _generate(args, prompts, runtime_for(backend, manifest, sampling=sampling), manifest)
+
+
+def _sampling(args, directory: Path):
+    """What the demos' --do_sample samples with: config/generation_config.json beside the networks."""
+    from graphopt.config_folder import FOLDER
+    from graphopt.runtime import Sampling
+
+    if args.rep_window < 0:
+        raise GraphoptError(f"--rep-window {args.rep_window} must be 0 (penalise the whole turn) or more.")
+    return Sampling.from_generation_config(directory / FOLDER / "generation_config.json", args.rep_window, args.seed)
 
 
 def _generate(args, prompts, runtime, manifest) -> int:
@@ -281,6 +297,10 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--history-kv", action="store_true", help="--contract llm-tpu: add block_kv_i, which prefills a "
                      "chunk of --chunk-length tokens against the cache, so a chat's later turn costs its own tokens "
                      "(llm_convert --use_history_kv; implies --dynamic; the prefill takes the chunk's rows)")
+    run.add_argument("--do-sample", action="store_true", help="--contract llm-tpu: lm_head answers the logits, and "
+                     "greedy_head and sample_head (repetition penalty, temperature, top_k <= 50, top_p, as transformers "
+                     "samples) read them, so the demos' --do_sample draws from the model's generation config "
+                     "(llm_convert --do_sample)")
     run.add_argument("--model-path", help="checkpoint directory for a registry model (config.json + *.safetensors)")
     run.add_argument("--random-weights", action="store_true", help="seeded random weights instead of a checkpoint")
     run.add_argument("--num-layers", type=int, help="keep only the first N decoder layers (dry runs, benchmarks)")
@@ -303,7 +323,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "chunk a prefill takes (default there: a quarter of --seq-length, as llm_convert)")
     run.set_defaults(func=cmd_run)
 
-    gen = sub.add_parser("generate", help="greedy generation with the emitted networks, driven like the chip runtime")
+    gen = sub.add_parser("generate", help="generation (greedy, or sampled) with the emitted networks, driven like the "
+                         "chip runtime")
     gen.add_argument("dir", help="an output directory of `graphopt run`")
     gen.add_argument("--input-ids", required=True, action="append", help="prompt token ids, e.g. 1,2,3; given again, "
                      "the next turn of a chat, which continues the session (--history-kv networks)")
@@ -312,6 +333,13 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--json", action="store_true", help='print {"tokens": [...]}')
     gen.add_argument("--backend", choices=("onnxruntime", "bm1684x-sim"), default="onnxruntime",
                      help="run the ONNX networks in onnxruntime (default), or the bmodel in TPU-MLIR's simulator")
+    gen.add_argument("--do-sample", action="store_true", help="draw each token through sample_head (networks compiled "
+                     "with --do-sample) with the sampling parameters of DIR/config/generation_config.json, as the "
+                     "demos' --do_sample does")
+    gen.add_argument("--rep-window", type=int, default=64, help="--do-sample: the repetition penalty applies to the "
+                     "turn's last this many tokens; 0: all of them (the demos' --rep_window, default 64)")
+    gen.add_argument("--seed", type=int, default=0, help="--do-sample: the seed of the draws (the demos seed from the "
+                     "system's entropy; graphopt's draws repeat)")
     gen.set_defaults(func=cmd_generate)
 
     passes = sub.add_parser("passes", help="print a target's pass pipeline")

@@ -106,7 +106,7 @@ def compile_model(source: ModelSource, target: Target, seq_length: int, out_dir:
     """Compile `source` for `target` into `out_dir`. `plugins` adds user passes to the target's
     pipelines; `dump_after` limits the `dump_dir` graphs to those passes (None: after every pass);
     `contract`: the runtime contract of a decoder-only model's networks (graphopt/contract.py);
-    `max_input_length`: the prefill's rows, where fewer than SEQ; `contract_options`: --dynamic, --history-kv."""
+    `max_input_length`: the prefill's rows, where fewer than SEQ; `contract_options`: --dynamic, --history-kv, --do-sample."""
     target_options = target_options or {}
     target = prepare(source, target, seq_length, target_options, plugins, dump_after, contract, max_input_length,
                      contract_options)
@@ -121,7 +121,7 @@ def compile_model(source: ModelSource, target: Target, seq_length: int, out_dir:
         job = ExportJob(source, list(target.fx_pipeline), list(target.onnx_pipeline), seq_length, staged.path, layers,
                         check, dump_dir, dump_after, plugins, contract, max_input_length, tuple(contract_options))
         result = _export(job, target, keep_fx, show_progress, jobs)
-        result.config_folder = write_config_folder(source, staged.path)
+        result.config_folder = write_config_folder(source, staged.path, sampling=c.DO_SAMPLE in contract_options)
         if target.build:
             result.target = target.build.build(staged.path, result.manifest, source, target_options, check,
                                                show_progress, target.top_pipeline)

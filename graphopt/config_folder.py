@@ -42,8 +42,10 @@ def model_directory(source) -> Path | None:
     return Path(directory) if directory is not None else None
 
 
-def write_config_folder(source, out_dir: Path) -> ConfigFolder:
-    """Write `out_dir/config/` for `source` (see the module's docstring)."""
+def write_config_folder(source, out_dir: Path, sampling: bool = False) -> ConfigFolder:
+    """Write `out_dir/config/` for `source` (see the module's docstring). `sampling`: the networks can sample
+    (--do-sample), so the demos' --do_sample reads the generation config's sampling parameters, which must
+    suit sample_head; what does not is said."""
     folder = out_dir / FOLDER
     folder.mkdir()
     directory = model_directory(source)
@@ -68,6 +70,14 @@ def write_config_folder(source, out_dir: Path) -> ConfigFolder:
         result.missing.append(f"a tokenizer ({' or '.join(TOKENIZER_FILES[:2])}): copy the model's into {FOLDER}/")
     if not (folder / TOKENIZER_CONFIG).exists():
         result.missing.append(f"{TOKENIZER_CONFIG} (the chat template)")
+    if sampling and (folder / "generation_config.json").exists():
+        from graphopt.errors import GraphoptError
+        from graphopt.runtime import Sampling
+
+        try:
+            Sampling.from_generation_config(folder / "generation_config.json")
+        except GraphoptError as error:
+            result.missing.append(f"sampling parameters the demos' --do_sample can use ({error})")
     return result
 
 

@@ -10,8 +10,8 @@ A `Contract` is data: the networks (a name, per layer or not, a kind, input and 
 nets that are another network compiled at one token (`embedding_cache`), where the final norm is
 computed, and the runtime's mask rule. Three values: LLM_TPU (today's LLM-TPU demos and TPU-MLIR's
 llm_convert), LLAMA3_1_DEMO (LLM-TPU's legacy Llama3_1 demo) and ENCODER_DECODER (graphopt's own).
-LLM_TPU takes options (`llm_tpu_with`: --dynamic, --history-kv), which bake the prefill blocks' mask
-into the compiled nets (`NetworkSpec.baked`) and add block_kv_i.
+LLM_TPU takes options (`llm_tpu_with`: --dynamic, --history-kv, --do-sample), which bake the prefill
+blocks' mask into the compiled nets (`NetworkSpec.baked`), add block_kv_i, or add the sampling heads.
 
 Masks are additive, MASK_VALUE (−10000) where a query may not look. A chip runtime writes them as
 16-bit bit patterns; `Contract.mask_bits` says which, by the nets' mask dtype.
@@ -31,7 +31,8 @@ BLOCK_CACHE = "block_cache"  # the same layer for one new row, with the K/V cach
 BLOCK_KV = "block_kv"  # the same layer for a chunk of new rows that also attend to the cache (history-KV prefill)
 LM_HEAD = "lm_head"
 GREEDY_HEAD = "greedy_head"
-PENALTY_SAMPLE_HEAD = "penalty_sample_head"
+SAMPLE_HEAD = "sample_head"  # today's demos' sampler (--do-sample): candidates and their probabilities
+PENALTY_SAMPLE_HEAD = "penalty_sample_head"  # the Llama3_1 demo's (no top_k input)
 ENCODER = "encoder"
 CROSS_KV = "cross_kv"  # every decoder layer's cross-attention K/V, once per source
 DECODER_BLOCK = "decoder_block"  # an encoder-decoder model's decoder layer (self- and cross-attention)
@@ -41,7 +42,7 @@ PREFILL_BLOCKS = frozenset({BLOCK, DECODER_BLOCK})
 DECODE_BLOCKS = frozenset({BLOCK_CACHE, DECODER_BLOCK_CACHE})
 HISTORY_BLOCKS = DECODE_BLOCKS | {BLOCK_KV}  # networks whose attention reads the cache as inputs (concat-cache)
 BLOCKS = PREFILL_BLOCKS | HISTORY_BLOCKS
-ALL_KINDS = BLOCKS | frozenset({EMBEDDING, LM_HEAD, GREEDY_HEAD, PENALTY_SAMPLE_HEAD, ENCODER, CROSS_KV})
+ALL_KINDS = BLOCKS | frozenset({EMBEDDING, LM_HEAD, GREEDY_HEAD, SAMPLE_HEAD, PENALTY_SAMPLE_HEAD, ENCODER, CROSS_KV})
 DECODE_OF = {BLOCK: BLOCK_CACHE, DECODER_BLOCK: DECODER_BLOCK_CACHE}  # a prefill block's decode twin
 
 # ---- tensor names ------------------------------------------------------------------------------
@@ -60,7 +61,8 @@ PAST_K, PAST_V = "past_k", "past_v"  # a block's new K/V [1,T,KV,D]
 M_LOGITS = "m_logits"
 TOKEN = "token"
 PROBS = "probs"
-TOP_P, TEMPERATURE, PENALTY = "top_p", "temperature", "penalty"
+TOP_P, TEMPERATURE, PENALTY, TOP_K = "top_p", "temperature", "penalty", "top_k"
+SAMPLE_CANDIDATES = 50  # a sample head's TopK: the most tokens a runtime's top_k can draw from (llm_convert's max_top_k)
 KV_OUTPUTS = (PAST_K, PAST_V)
 HISTORY_INPUTS = (HISTORY_K, HISTORY_V)
 # What the passes add to a traced network to make it the contract's (kv-layout, concat-cache,
@@ -142,6 +144,14 @@ class NetworkSpec:
     # Inputs a dynamic net computes on the device itself (its causal mask, `baked_mask`): the ONNX network
     # takes them, the compiled net does not, and the runtime writes nothing into them.
     baked: tuple[str, ...] = ()
+    # Inputs whose length (axis 1) the runtime sets at each launch of an otherwise fixed net, up to the length
+    # it was compiled for (sample_head's input_ids: the tokens it penalises): dynamic in the ONNX network too.
+    launch_length: tuple[str, ...] = ()
+
+    @property
+    def dynamic(self) -> bool:
+        """Compiled length-free: the runtime sets lengths per launch (net_launch_dyn)."""
+        return bool(self.baked or self.launch_length)
 
     @property
     def device_inputs(self) -> tuple[str, ...]:
@@ -257,18 +267,26 @@ LLM_TPU = Contract(
     final_norm_in_last_block=True,
 )
 
-# Heads today's demos look up by name when present (--do_sample) and do not count as layers.
-LLM_TPU_OPTIONAL_HEADS = ("greedy_head", "sample_head")
-
 # What llm_convert's --dynamic and --use_history_kv change in the LLM_TPU networks, graphopt's
 # --dynamic and --history-kv. Dynamic: block_i runs at the prompt's rows (the demo's net_launch_dyn)
 # and computes its causal mask itself. History-KV (forces dynamic): block_kv_i, a chunk of new rows
 # against the first rows of the cache (net_launch_kv_dyn sets both lengths), so a chat's later turn
 # costs its own tokens; the Qwen3 demos' forward_first_with_kv drives it.
-DYNAMIC, HISTORY_KV = "dynamic", "history-kv"
-CONTRACT_OPTIONS = (DYNAMIC, HISTORY_KV)
+#
+# Do-sample (llm_convert's --do_sample): lm_head answers the logits, and two heads read them, as the demos
+# look them up by name: greedy_head (TopK 1) and sample_head, whose input_ids are the tokens the repetition
+# penalty applies to (the demo sets their length per launch) and whose outputs are the SAMPLE_CANDIDATES most
+# likely tokens after penalty, temperature, top_k and top_p, with their probabilities; the demo draws one.
+DYNAMIC, HISTORY_KV, DO_SAMPLE = "dynamic", "history-kv", "do-sample"
+CONTRACT_OPTIONS = (DYNAMIC, HISTORY_KV, DO_SAMPLE)
 BLOCK_KV_SPEC = NetworkSpec("block_kv_{layer}", BLOCK_KV, (INPUT_STATES, POSITION_IDS, ATTENTION_MASK, HISTORY_K, HISTORY_V),
                             (HIDDEN_STATES, PAST_K, PAST_V), baked=(ATTENTION_MASK,))
+SAMPLING_HEADS = (
+    NetworkSpec("greedy_head", GREEDY_HEAD, (M_LOGITS,), (TOKEN,)),
+    NetworkSpec("sample_head", SAMPLE_HEAD, (M_LOGITS, INPUT_IDS, PENALTY, TEMPERATURE, TOP_K, TOP_P), (PROBS, TOKEN),
+                launch_length=(INPUT_IDS,)),
+)
+LLM_TPU_OPTIONAL_HEADS = tuple(s.name for s in SAMPLING_HEADS)  # the demos count them out of the layers
 
 
 def llm_tpu_with(options) -> Contract:
@@ -278,12 +296,19 @@ def llm_tpu_with(options) -> Contract:
         raise ValueError(f"unknown contract options {sorted(unknown)}")
     if not options:
         return LLM_TPU
-    options |= {DYNAMIC}
+    if HISTORY_KV in options:
+        options |= {DYNAMIC}
     networks = []
     for spec in LLM_TPU.networks:
-        networks.append(replace(spec, baked=(ATTENTION_MASK,)) if spec.kind == BLOCK else spec)
+        if spec.kind == BLOCK and DYNAMIC in options:
+            spec = replace(spec, baked=(ATTENTION_MASK,))
+        if spec.kind == LM_HEAD and DO_SAMPLE in options:
+            spec = replace(spec, outputs=(M_LOGITS,))
+        networks.append(spec)
         if spec.kind == BLOCK_CACHE and HISTORY_KV in options:
             networks.append(BLOCK_KV_SPEC)
+    if DO_SAMPLE in options:
+        networks += SAMPLING_HEADS
     return replace(LLM_TPU, networks=tuple(networks), options=options)
 
 # LLM-TPU's models/Llama3_1 chat demo (python_demo/chat.cpp at ea05961), deleted from LLM-TPU in May 2025.
@@ -344,17 +369,19 @@ def contract_of_manifest(manifest: dict) -> Contract:
 
 def contract_of_nets(names, block_inputs: int | None = None) -> Contract:
     """The contract a set of compiled net names follows (a bmodel's): an encoder makes it the
-    encoder-decoder one, a greedy_head the Llama3_1 demo's, else today's LLM-TPU: with history-KV where
-    block_kv_0 is there, dynamic where block_0 takes no mask (`block_inputs`: how many it takes)."""
+    encoder-decoder one, a penalty_sample_head the Llama3_1 demo's, else today's LLM-TPU: with history-KV
+    where block_kv_0 is there, dynamic where block_0 takes no mask (`block_inputs`: how many it takes),
+    do-sample where sample_head is there."""
     names = set(names)
     if ENCODER_DECODER.network(ENCODER) in names:
         return ENCODER_DECODER
-    if LLAMA3_1_DEMO.network(GREEDY_HEAD) in names:
+    if LLAMA3_1_DEMO.network(PENALTY_SAMPLE_HEAD) in names or (
+            LLAMA3_1_DEMO.network(GREEDY_HEAD) in names and SAMPLING_HEADS[1].name not in names):
         return LLAMA3_1_DEMO
-    if BLOCK_KV_SPEC.network(0) in names:
-        return llm_tpu_with((HISTORY_KV,))
     dynamic = block_inputs is not None and block_inputs < len(LLM_TPU.spec(BLOCK).inputs)
-    return llm_tpu_with((DYNAMIC,) if dynamic else ())
+    options = ((HISTORY_KV,) if BLOCK_KV_SPEC.network(0) in names else (DYNAMIC,) if dynamic else ()) + (
+        (DO_SAMPLE,) if SAMPLING_HEADS[1].name in names else ())
+    return llm_tpu_with(options)
 
 
 def one_token_shape(shape) -> tuple[int, ...]:

@@ -309,6 +309,9 @@ class HostDevice:
                 inputs = {name: self._flat(bound.get(i, Tensor(step.net, "in", i))).reshape(spec.shape)
                           for i, (name, spec) in enumerate(io["in"])}
                 inputs.update({name: bake(step) for name, bake in io.get("baked", {}).items()})
+                for i, axis, length in step.dims:  # inputs whose length is the launch's (the ONNX takes any)
+                    if (name := io["in"][i][0]) in io.get("launch_length", ()):
+                        inputs[name] = np.take(inputs[name], np.arange(length), axis=axis)
                 outputs = self.backend.run(step.net, inputs)
                 bound_out = dict(step.bind_out)
                 rows = step.length(0, rows_of(io["in"][0][1].shape)) if step.dims else None

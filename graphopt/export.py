@@ -137,9 +137,11 @@ def export_network(job: ExportJob, plan: NetworkPlan, shared: SharedData, on_sta
         rewritten_out = net.run(*args)
         if traced_out is not None:
             checks.append(compare("fx-rewritten vs traced", traced_out, rewritten_out))
-    # The embedding serves prefill ([1,SEQ]) and decode ([1,1]): its seq axis stays dynamic.
+    # The embedding serves prefill ([1,SEQ]) and decode ([1,1]): its seq axis stays dynamic. So do the inputs
+    # a runtime launches at a length of its choosing (sample_head's ids), which onnxruntime then runs at it.
     dynamic_axes = ({name: {1: "seq"} for name in (c.INPUT_IDS, c.POSITION_IDS, c.INPUT_EMBED)
                      if name in net.output_names or net.input(name) is not None} if plan.kind == c.EMBEDDING else {})
+    dynamic_axes.update({name: {1: "length"} for name in plan.launch_length})
     onnx_net = timed("onnx export", export_onnx, net, dynamic_axes or None)
     records += timed("onnx passes", PassManager(job.onnx_pipeline, job.dump_dir, stage="onnx",
                                                 dump_after=job.dump_after).run, onnx_net)

@@ -81,6 +81,10 @@ def render(result: CompileResult, wall_seconds: float) -> str:
                          f"{sum(t['tokens_identical'] for t in turns)} of {len(turns)} turns' tokens identical "
                          f"(conversation {', '.join(str(t['prompt_length']) for t in turns)} tokens), max logit error "
                          f"{max(t['max_abs_logit_err'] for t in turns):.1e}")
+        if sampled := e2e.get("sampled"):
+            lines.append(f"  sampled (sample_head, {sampled['sampling']}): {len(sampled['tokens'])} draws "
+                         f"from transformers' distribution: probability error {sampled['max_prob_err']:.1e}, logit "
+                         f"error {sampled['max_abs_logit_err']:.1e}" + ("" if sampled["ok"] else "  FAIL"))
     if result.config_folder is not None:
         lines.append(result.config_folder.report_line())
     if result.target is not None:
@@ -113,3 +117,4 @@ def write_json(result: CompileResult, wall_seconds: float) -> Path:
     path = result.out_dir / "report.json"
     path.write_text(json.dumps(data, indent=2) + "\n")
     return path
+

@@ -105,6 +105,77 @@ class Generation:
     tokens: list[int] = field(default_factory=list)
     logits: list[np.ndarray] = field(default_factory=list)  # [V] per generated token
     stopped: str = ""  # "eos", "length" (reached SEQ) or "" (max_new_tokens)
+    draws: list["Draw"] = field(default_factory=list)  # per generated token, when sampled
+
+
+@dataclass(frozen=True)
+class Draw:
+    """One sampled step: the sample head's candidates (the first top_k, as the demo reads them), their
+    probabilities, and the ids the repetition penalty was given."""
+
+    candidates: np.ndarray
+    probs: np.ndarray
+    penalised: np.ndarray
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """What LLM-TPU's demos sample with under --do_sample: the generation config's repetition_penalty,
+    temperature, top_k and top_p (config/generation_config.json; transformers' defaults where it says
+    nothing, as the demos read it), the penalty's window (pipeline.py --rep_window: the turn's last 64
+    tokens; 0: all of them) and, graphopt's own, the seed of the host's draw (the demo seeds from
+    std::random_device, so no two runs of it draw alike)."""
+
+    penalty: float = 1.0
+    temperature: float = 1.0
+    top_k: int = c.SAMPLE_CANDIDATES
+    top_p: float = 1.0
+    window: int = 64
+    seed: int = 0
+
+    def __post_init__(self):
+        problems = [f"top_k {self.top_k} is not between 1 and {c.SAMPLE_CANDIDATES}, the candidates sample_head "
+                    "answers (the demo reads top_k of them)"] if not 1 <= self.top_k <= c.SAMPLE_CANDIDATES else []
+        problems += [f"temperature {self.temperature} is not above 0"] if not self.temperature > 0 else []
+        problems += [f"top_p {self.top_p} is not in (0, 1]"] if not 0 < self.top_p <= 1 else []
+        problems += [f"repetition_penalty {self.penalty} is not above 0"] if not self.penalty > 0 else []
+        if problems:
+            raise GraphoptError(f"cannot sample: {'; '.join(problems)}. Set it in the generation config "
+                                "(config/generation_config.json beside the networks), which the demos read too.")
+
+    @classmethod
+    def from_generation_config(cls, path: Path, window: int = 64, seed: int = 0) -> "Sampling":
+        """As the python_demo reads it: transformers' GenerationConfig of the folder (its defaults, the
+        cpp_demo's too, where the file says nothing)."""
+        from transformers import GenerationConfig
+
+        if not path.is_file():
+            raise GraphoptError(f"sampling reads the generation config, and {path} is not there: `graphopt run` writes "
+                                "it into config/ beside the networks; copy the model's generation_config.json there.")
+        from transformers.utils import logging as transformers_logging
+
+        level = transformers_logging.get_verbosity()
+        transformers_logging.set_verbosity_error()  # not its notes on flags greedy generation ignores
+        try:
+            config = GenerationConfig.from_pretrained(str(path.parent), path.name)
+        except (OSError, ValueError) as error:
+            raise GraphoptError(f"{path} is not a generation config transformers can read ({error}); fix or replace "
+                                "it with the model's generation_config.json.") from None
+        finally:
+            transformers_logging.set_verbosity(level)
+        read = (config.repetition_penalty, config.temperature, config.top_k, config.top_p)
+        defaults = (cls.penalty, cls.temperature, cls.top_k, cls.top_p)  # the cpp_demo's (transformers' unset: None)
+        return cls(*(d if v is None else v for v, d in zip(read, defaults)), window, seed)
+
+    @property
+    def describe(self) -> str:
+        window = f"the last {self.window} tokens" if self.window else "the whole turn"
+        return (f"penalty {self.penalty} over {window}, temperature {self.temperature}, top_k {self.top_k}, "
+                f"top_p {self.top_p}")
+
+    def penalised(self, turn: list[int]) -> np.ndarray:
+        """The ids the demo gives the repetition penalty: the turn's last `window` tokens (all with 0)."""
+        return np.asarray(turn[-self.window:] if self.window > 0 else turn, np.int32)
 
 
 @dataclass(frozen=True)
@@ -146,6 +217,8 @@ def network_io(manifest: dict) -> dict[str, dict[str, list[tuple[str, IoSpec]]]]
         io[alias] = {"in": specs(nets[source], "inputs", True), "out": specs(nets[source], "outputs", True)}
     for name, entry in io.items():  # a dynamic net's baked inputs: not the runtime's to write, made per launch
         spec = contract.spec(name)
+        if spec.launch_length:
+            entry["launch_length"] = spec.launch_length
         if spec.baked:
             entry["baked"] = {n: _baker(spec, dict(entry["in"])[n].shape) for n in spec.baked}
             entry["in"] = [(n, s) for n, s in entry["in"] if n not in spec.baked]
@@ -190,6 +263,8 @@ class ChipStyleRuntime:
 
     contract = c.LLAMA3_1_DEMO
     prefill_kind, decode_kind = c.BLOCK, c.BLOCK_CACHE
+
+    draw: Draw | None = None  # the last step's, where the runtime samples
 
     def __init__(self, device, shapes: Shapes):
         self.device, self.shapes = device, shapes
@@ -296,6 +371,8 @@ class ChipStyleRuntime:
         while True:
             result.tokens.append(token)
             result.logits.append(logits)
+            if self.draw is not None:
+                result.draws.append(self.draw)
             if token in stop_tokens:
                 result.stopped = "eos"
                 break
@@ -341,18 +418,25 @@ class LlmTpuRuntime(ChipStyleRuntime):
     runtime"); `exact_history=True` counts the cache's rows instead, which is what makes a chat's
     turns equal to one prefill of the whole conversation (checks.chat_check).
 
+    Sampling networks (`--do-sample`): lm_head answers logits, copied into greedy_head (the demo's
+    greedy_search), or with `sampling` into sample_head (its penalty_sample): the parameters written
+    once at load, per token the turn's last `window` ids with their count as the launch's length, then
+    top_k candidates and probabilities read back and one drawn (`Draw`, kept on the Generation).
+
     The demo reads no logits; for the checks, `head_logits(hidden_row) -> logits` (when given) turns
     the row lm_head was fed into the logits the reference head computes from it."""
 
     contract = c.LLM_TPU
 
     def __init__(self, device, shapes: Shapes, head_logits=None, contract: c.Contract = c.LLM_TPU,
-                 exact_history: bool = False):
+                 exact_history: bool = False, sampling: Sampling | None = None):
         self.contract = contract
         super().__init__(device, shapes)
         self.head_logits, self.exact_history = head_logits, exact_history
+        self.turn: list[int] = []  # the demo's visited tokens: this turn's prompt and answer so far
+        self._init_heads(sampling)
         self.cache = [tuple(_in(self.block_cache(i), h) for h in self.history) for i in range(shapes.num_layers)]
-        self.dynamic = bool(self.prefill_spec.baked)
+        self.dynamic = self.prefill_spec.dynamic
         self.kv_spec = contract.spec(c.BLOCK_KV) if contract.has(c.BLOCK_KV) else None
         # With history-KV the buffer holds the hidden states of a whole prompt (SEQ rows), chunk after chunk.
         self.buffer = Buffer("dev_buffer", _out(self.embedding, 0), shapes.seq_length if self.kv_spec else None)
@@ -395,20 +479,70 @@ class LlmTpuRuntime(ChipStyleRuntime):
         bits = np.where(mask < 0, self.mask_value, np.uint16(0)).astype(np.uint16)
         return Write(dst, bits, bits=self.mask_bits, what=what)
 
+    def _init_heads(self, sampling: Sampling | None) -> None:
+        """Where lm_head answers logits (--do-sample), the demo's greedy_search or, when sampling, its
+        penalty_sample; the cpp_demo writes the sampling parameters into sample_head once, at init."""
+        self.sampling, self.draw = sampling, None
+        if sampling is None:
+            return
+        if not self.contract.has(c.SAMPLE_HEAD):
+            raise GraphoptError("sampling needs networks compiled with --do-sample (greedy_head and sample_head); "
+                                "these answer the token from lm_head. Recompile with --do-sample, or generate greedily.")
+        self.rng = np.random.default_rng(sampling.seed)
+        spec = self.contract.spec(c.SAMPLE_HEAD)
+        head = spec.network()
+        self.device.execute(Program([
+            Write(_in(head, spec.device_inputs.index(name)), np.array([value], dtype), what=f"the {name}")
+            for name, value, dtype in ((c.PENALTY, sampling.penalty, np.float32),
+                                       (c.TEMPERATURE, sampling.temperature, np.float32),
+                                       (c.TOP_K, sampling.top_k, np.int32), (c.TOP_P, sampling.top_p, np.float32))]))
+
     def _head(self) -> list:
-        return [Read(_in(self.lm_head, 0), "hidden"), Launch(self.lm_head), Read(_out(self.lm_head, 0), "next")]
+        if self.contract.head_outputs_token:
+            return [Read(_in(self.lm_head, 0), "hidden"), Launch(self.lm_head), Read(_out(self.lm_head, 0), "next")]
+        logits = _out(self.lm_head, 0)
+        program = [Launch(self.lm_head), Read(logits, "logits")]
+        if self.sampling is None:  # greedy_search: the logits copied into greedy_head
+            greedy = self.contract.network(c.GREEDY_HEAD)
+            return program + [Copy(_in(greedy, 0), logits), Launch(greedy), Read(_out(greedy, 0), "next")]
+        # penalty_sample: the ids to penalise written (their count is the launch's length), the logits copied
+        # in, and the first top_k candidates and probabilities read back
+        spec = self.contract.spec(c.SAMPLE_HEAD)
+        head, ids = spec.network(), spec.device_inputs.index(c.INPUT_IDS)
+        penalised = self.sampling.penalised(self.turn)
+        top_k = self.sampling.top_k
+        return program + [Write(_in(head, ids), penalised, partial=True, what="the ids to penalise"),
+                          Copy(_in(head, spec.device_inputs.index(c.M_LOGITS)), logits),
+                          Launch(head, dims=((ids, 1, len(penalised)),)),
+                          Read(_out(head, spec.outputs.index(c.PROBS)), "candidate_probs", rows=top_k),
+                          Read(_out(head, spec.outputs.index(c.TOKEN)), "candidates", rows=top_k),
+                          Read(_in(head, ids), "penalised", rows=len(penalised))]
 
     def _run(self, program: Program) -> tuple[int, np.ndarray]:
         out = self.device.execute(program)
-        hidden = out["hidden"].reshape(-1).astype(np.float32)
-        logits = self.head_logits(hidden) if self.head_logits else np.zeros(0, np.float32)
-        return int(out["next"].reshape(-1)[0]), logits
+        if self.contract.head_outputs_token:
+            hidden = out["hidden"].reshape(-1).astype(np.float32)
+            logits = self.head_logits(hidden) if self.head_logits else np.zeros(0, np.float32)
+            return int(out["next"].reshape(-1)[0]), logits
+        logits = out["logits"].reshape(-1).astype(np.float32)
+        if self.sampling is None:
+            return int(out["next"].reshape(-1)[0]), logits
+        # The demo's std::discrete_distribution over the candidates' probabilities (weights: it normalises them).
+        probs = out["candidate_probs"].reshape(-1).astype(np.float64)
+        self.draw = Draw(out["candidates"].reshape(-1).astype(np.int64), probs,
+                         out["penalised"].reshape(-1).astype(np.int64))
+        return int(self.draw.candidates[self.rng.choice(probs.size, p=probs / probs.sum())]), logits
+
+    def _visit(self, answer: tuple[int, np.ndarray]) -> tuple[int, np.ndarray]:
+        self.turn.append(answer[0])
+        return super()._visit(answer)
 
     def _dims(self, spec: c.NetworkSpec, rows: int, history: int = 0) -> tuple[tuple[int, int, int], ...]:
         """net_launch_dyn / net_launch_kv_dyn, for dynamic nets (a static one runs at its own lengths)."""
         return c.launch_dims(spec.device_inputs, rows, history) if self.dynamic else ()
 
     def prefill(self, prompt: list[int]) -> tuple[int, np.ndarray]:
+        self.turn = list(prompt)
         if self.kv_spec:
             return self._prefill_with_history(prompt)
         rows, n = self.shapes.prefill_rows, len(prompt)
@@ -625,25 +759,29 @@ class Seq2SeqRuntime(ChipStyleRuntime):
         return result
 
 
-def runtime_for(backend, manifest: dict, head_logits=None) -> ChipStyleRuntime:
+def runtime_for(backend, manifest: dict, head_logits=None, sampling: Sampling | None = None) -> ChipStyleRuntime:
     """The runtime that drives this manifest's networks (by their contract) on `backend`: a device
     that executes programs itself (the simulator), or one that runs single networks (onnxruntime,
     FX), wrapped in a HostDevice. `head_logits`: for a token-out head, how a check gets logits (a
     backend's `head_logits()`, or `HeadLogits`); without it such a head's generation has tokens only,
-    as the demo does, and costs no second run of the head per token."""
+    as the demo does, and costs no second run of the head per token. `sampling`: draw each token as the
+    demos' --do_sample does (networks compiled with --do-sample), instead of greedily."""
     device = backend if hasattr(backend, "execute") else HostDevice(backend, network_io(manifest))
     contract = c.contract_of_manifest(manifest)
     start = int(manifest["model"]["config"]["decoder_start_token_id"]) if contract is c.ENCODER_DECODER else 0
-    return runtime_on(device, Shapes.from_manifest(manifest), contract, head_logits, start)
+    return runtime_on(device, Shapes.from_manifest(manifest), contract, head_logits, start, sampling)
 
 
 def runtime_on(device, shapes: Shapes, contract: c.Contract, head_logits=None,
-               decoder_start: int = 0) -> ChipStyleRuntime:
+               decoder_start: int = 0, sampling: Sampling | None = None) -> ChipStyleRuntime:
     """The runtime of `contract` on `device` (which executes programs): its demo's, by the contract's key."""
+    if sampling is not None and contract.key != c.LLM_TPU.key:
+        raise GraphoptError(f"sampling is driven as today's LLM-TPU demos do it (--contract {c.LLM_TPU.key} "
+                            f"--do-sample); these networks follow the {contract.name}. Generate greedily.")
     if contract is c.ENCODER_DECODER:
         return Seq2SeqRuntime(device, shapes, decoder_start)
     if contract.key == c.LLM_TPU.key:
-        return LlmTpuRuntime(device, shapes, head_logits, contract)
+        return LlmTpuRuntime(device, shapes, head_logits, contract, sampling=sampling)
     return ChipStyleRuntime(device, shapes)
 
 
@@ -681,5 +819,5 @@ def run_prompt(runtime: ChipStyleRuntime, prompt: list[int], max_new_tokens: int
     return runtime.generate(prompt, max_new_tokens, stop_tokens)
 
 
-__all__ = ["ChipStyleRuntime", "LlmTpuRuntime", "Seq2SeqRuntime", "HeadLogits", "head_logits_for", "OrtBackend", "FxBackend", "load_manifest", "runtime_for", "runtime_on",
+__all__ = ["ChipStyleRuntime", "LlmTpuRuntime", "Sampling", "Draw", "Seq2SeqRuntime", "HeadLogits", "head_logits_for", "OrtBackend", "FxBackend", "load_manifest", "runtime_for", "runtime_on",
            "run_prompt", "ort_session"]

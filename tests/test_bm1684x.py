@@ -193,6 +193,32 @@ def test_tiny_qwen3_with_history_kv_compiles_dynamic_blocks_that_run_at_the_leng
     assert "contract (llm-tpu --dynamic --history-kv: " in inspect and ": met (2 layers)" in inspect
 
 
+def test_tiny_llama_with_do_sample_draws_on_the_chip_from_transformers_distribution(net_cache, tmp_path):
+    """--do-sample (llm_convert's --do_sample): lm_head answers logits, greedy_head and sample_head read them;
+    sample_head is compiled --dynamic (the demo sets how many ids it penalises) and io_alone, checked in the
+    simulator at 3/4 of its ids against onnxruntime; a generation sampled as the Qwen3 demos' penalty_sample
+    draws has every simulated draw from transformers' distribution on the simulated logits."""
+    folder = tmp_path / "llama-sample"
+    run = graphopt("run", "tiny-llama", "--target", "bm1684x", "--seq-length", SEQ, "--do-sample", "--out", str(folder),
+                   env=net_cache)
+    assert "checks: all passed" in run.stdout, run.stdout
+    report = json.loads((folder / "bm1684x.json").read_text())
+    assert report["ok"] and report["contract"].startswith("llm-tpu --do-sample: ")
+    nets = {n["net"]: n for n in report["nets"]}
+    assert list(nets)[-3:] == ["lm_head", "greedy_head", "sample_head"]
+    assert "--dynamic" in nets["sample_head"]["flags"] and "io_alone" in nets["sample_head"]["flags"]
+    assert "--dynamic" not in nets["block_0"]["flags"]  # sampling alone leaves the blocks static
+    assert nets["sample_head"]["ok"] and nets["sample_head"]["outputs"]["token"]["equal"] == 1.0, nets["sample_head"]
+    sampled = report["generation"]["sampled"]
+    assert sampled["ok"] and sampled["max_prob_err"] <= 1e-5 and len(sampled["tokens"]) == 16, sampled
+    assert all(r["tokens_identical"] for r in report["generation"]["runs"])  # greedy, through greedy_head
+    inspect = graphopt("inspect", str(folder / report["bmodel"])).stdout
+    assert "contract (llm-tpu --do-sample: " in inspect and ": met (2 layers)" in inspect
+    tokens = [json.loads(graphopt("generate", str(folder), "--input-ids", "1,2,3", "--max-new-tokens", "4", "--do-sample",
+                                  "--backend", "bm1684x-sim", "--json").stdout)["tokens"] for _ in range(2)]
+    assert tokens[0] == tokens[1] and len(tokens[0]) == 4
+
+
 def test_simulated_generation_from_the_command_line_matches_onnxruntime(builds):
     folder, _ = builds["bf16"]
     golden, _ = load_golden("tiny-llama")

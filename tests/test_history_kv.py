@@ -20,32 +20,10 @@ from graphopt.errors import GraphoptError
 from graphopt.models import open_model
 from graphopt.runtime import LlmTpuRuntime, OrtBackend, Shapes, runtime_for
 from graphopt.targets.onnx_target import ONNX_TARGET
+from tests.recorder import Recorder
 
 SEQ, CHUNK, LAYERS = 64, 16, 2
 HISTORY = c.llm_tpu_with((c.HISTORY_KV,))
-
-
-class Recorder:
-    """Records programs and answers token 7; blocks have memory of their own (not in place)."""
-
-    def __init__(self):
-        self.programs = []
-
-    def io_alone(self, net):
-        return net.startswith(("block_cache", "embedding", "lm_head"))
-
-    def address(self, tensor):
-        return None
-
-    def dtype(self, tensor):
-        return "bf16"
-
-    def stage_rows(self, tensor):
-        return [SEQ]
-
-    def execute(self, program):
-        self.programs.append(program)
-        return {"next": np.array([7], np.int32), "hidden": np.zeros(128, np.float32)}
 
 
 def _runtime(contract=HISTORY, **kwargs) -> tuple[LlmTpuRuntime, Recorder]:

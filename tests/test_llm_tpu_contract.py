@@ -18,33 +18,9 @@ from graphopt.errors import GraphoptError
 from graphopt.models import open_model
 from graphopt.runtime import LlmTpuRuntime, Shapes
 from graphopt.targets.onnx_target import ONNX_TARGET
+from tests.recorder import Recorder
 
 SEQ, LAYERS = 64, 2
-
-
-class Recorder:
-    """Records programs; answers token 7; its nets have the given mask dtype and (optionally) blocks in place."""
-
-    def __init__(self, dtype="bf16", in_place=False, stages=(SEQ,)):
-        self.programs, self._dtype, self._in_place, self._stages = [], dtype, in_place, list(stages)
-
-    def io_alone(self, net):
-        return net.startswith(("block_cache", "embedding", "lm_head"))
-
-    def address(self, tensor):
-        if self._in_place and tensor.net.startswith("block_") and tensor.index == 0:
-            return 0x1000  # block_i's input_states and hidden_states at one address
-        return None
-
-    def dtype(self, tensor):
-        return self._dtype
-
-    def stage_rows(self, tensor):
-        return self._stages
-
-    def execute(self, program):
-        self.programs.append(program)
-        return {"next": np.array([7], np.int32), "hidden": np.zeros(128, np.float32)}
 
 
 def _runtime(device) -> LlmTpuRuntime:

@@ -10,20 +10,9 @@ import numpy as np
 from graphopt.device_program import Buffer, Copy, HostDevice, IoSpec, Launch, Program, Read, Same, Tensor, Write
 from graphopt.runtime import ATTENTION_MASK, ChipStyleRuntime, Shapes
 from graphopt.targets.bm1684x import memory_check
+from tests.recorder import Recorder
 
 SEQ, LAYERS = 64, 2
-
-
-class Recorder:
-    def __init__(self, io_alone=True):
-        self.programs, self._io_alone = [], io_alone
-
-    def io_alone(self, net):
-        return self._io_alone
-
-    def execute(self, program):
-        self.programs.append(program)
-        return {"next": np.array([7], np.int32), "logits": np.zeros(4, np.float32)}
 
 
 def _runtime(device) -> ChipStyleRuntime:
@@ -36,7 +25,7 @@ def _t(net, io, index):
 
 def test_the_demo_writes_fp16_mask_bits_and_int32_ids_whatever_the_nets_dtype():
     assert int(ATTENTION_MASK.view(np.uint16)) == 0xF0E2  # chat.cpp: static const uint16_t ATTENTION_MASK = 0xF0E2
-    recorder = Recorder()
+    recorder = Recorder(io_alone=True)
     runtime = _runtime(recorder)
     runtime.prefill([5, 6, 7, 8, 9])
     runtime.decode(7)
@@ -57,7 +46,7 @@ def test_the_demo_writes_fp16_mask_bits_and_int32_ids_whatever_the_nets_dtype():
 
 
 def test_a_second_turn_pads_with_the_tokens_of_the_first_as_the_demo_does():
-    recorder = Recorder()  # answers token 7 every time
+    recorder = Recorder(io_alone=True)  # answers token 7 every time
     runtime = _runtime(recorder)
     runtime.generate([5, 6, 7, 8, 9], 3)
     runtime.prefill([1, 2])
@@ -66,7 +55,7 @@ def test_a_second_turn_pads_with_the_tokens_of_the_first_as_the_demo_does():
 
 
 def test_the_demo_copies_between_nets_as_chat_cpp_does():
-    recorder = Recorder()
+    recorder = Recorder(io_alone=True)
     runtime = _runtime(recorder)
     runtime.prefill([5, 6, 7, 8, 9])
     runtime.decode(7)

@@ -65,32 +65,51 @@ class GreedyHead(nn.Module):
         return torch.topk(m_logits, 1).indices
 
 
-class PenaltySampleHead(nn.Module):
-    """Repetition penalty, top-k, temperature and top-p, as the chip runtime's sampler expects.
+class SampleHead(nn.Module):
+    """transformers' sampling as one net, in generate's order: the repetition penalty on the tokens in
+    input_ids, then temperature, top_k and top_p (RepetitionPenaltyLogitsProcessor, TemperatureLogitsWarper,
+    TopKLogitsWarper, TopPLogitsWarper), over the SAMPLE_CANDIDATES most likely tokens. Outputs their
+    probabilities (0 where top_k or top_p removes one) and ids, most likely first; the runtime draws one.
 
-    Outputs the top-k tokens and their probabilities; the runtime draws one on the host.
-    """
+    top_k is an input, so the TopK is of all the candidates and those from rank top_k on are removed
+    (llm_convert gives TopK a dynamic K instead; the runtime reads the first top_k either way). So top_k
+    keeps exactly top_k tokens, where transformers' keeps every token tied with the top_k-th too: the demo
+    reads top_k candidates, and a distribution over more would not be the one it draws from."""
 
-    def __init__(self, top_k: int = 50, min_tokens_to_keep: int = 5):
+    REMOVED = 1000.0  # exp(-1000) is 0 in float32
+
+    def __init__(self, candidates: int = c.SAMPLE_CANDIDATES):
         super().__init__()
-        self.top_k = top_k
-        # The first `min_tokens_to_keep` candidates are always kept: their top-p bound is raised
-        # above any cumulative probability. A float bound rather than a bool mask OR-ed in,
-        # because TPU-MLIR's ONNX import cannot read bool initializers.
-        floor = torch.zeros((1, top_k))
-        floor[0, :min_tokens_to_keep] = 2.0
-        self.register_buffer("keep_floor", floor)
+        self.candidates = candidates
+        # Ranks as floats: compared with top_k, which is cast, since TPU-MLIR compares float tensors.
+        self.register_buffer("rank", torch.arange(candidates, dtype=torch.float32).view(1, candidates))
 
-    def forward(self, m_logits, input_ids, top_p, temperature, penalty):
+    def forward(self, m_logits, input_ids, penalty, temperature, top_k, top_p):
         seen = torch.gather(m_logits, 1, input_ids)
         seen = torch.where(seen < 0, seen * penalty, seen / penalty)
-        logits = m_logits.scatter(1, input_ids, seen)
-        logits, token = torch.topk(logits, self.top_k)
+        logits = m_logits.scatter(1, input_ids, seen)  # a token seen twice is penalised once
+        logits, token = torch.topk(logits, self.candidates)
         logits = logits / temperature
-        cumulative = logits.softmax(dim=1).cumsum(dim=1)
-        keep = cumulative < torch.maximum(top_p, self.keep_floor)
-        logits = torch.where(keep, logits, torch.full_like(logits, -1000.0))
+        # A removed candidate's logit is lowered by REMOVED: at least that far below the best one (sorted,
+        # and always kept), its probability is 0. (Arithmetic rather than a Where on a broadcast value, which
+        # TPU-MLIR 1.30.2 lowers to two Tiles of one name and then refuses.)
+        logits = logits - self.REMOVED * (self.rank >= top_k.to(torch.float32)).to(torch.float32)
+        probs = logits.softmax(dim=1)
+        ahead = probs.cumsum(dim=1) - probs  # the probability of the candidates before each one
+        logits = logits - self.REMOVED * (ahead >= top_p).to(torch.float32)
         return logits.softmax(dim=1), token
+
+
+class PenaltySampleHead(SampleHead):
+    """The Llama3_1 demo's sampler: SampleHead with its inputs in that demo's order and no top_k input
+    (every candidate may be drawn)."""
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("all_candidates", torch.tensor([self.candidates]))
+
+    def forward(self, m_logits, input_ids, top_p, temperature, penalty):
+        return super().forward(m_logits, input_ids, penalty, temperature, self.all_candidates, top_p)
 
 
 def plan_decoder_networks(source: ModelSource, seq_length: int, layers: list[int] | None = None,
@@ -131,10 +150,15 @@ def plan_decoder_networks(source: ModelSource, seq_length: int, layers: list[int
                       lambda: (parts.head,) if head_norm is None else (parts.norm, parts.head)))
     if contract.has(c.GREEDY_HEAD):
         plans.append(plan(c.GREEDY_HEAD, lambda: (GreedyHead(), (torch.zeros(1, vocab),)), lambda: ()))
-    if contract.has(c.PENALTY_SAMPLE_HEAD):
-        plans.append(plan(c.PENALTY_SAMPLE_HEAD, lambda: (PenaltySampleHead(), (
-            torch.zeros(1, vocab), torch.zeros(1, seq_length, dtype=torch.int64), torch.ones(1), torch.ones(1),
-            torch.ones(1))), lambda: ()))
+    def head_inputs(*scalars) -> tuple[torch.Tensor, ...]:  # m_logits, input_ids, then [1]-shaped inputs
+        # (tensors of their own: an input passed twice would be traced as one)
+        return (torch.zeros(1, vocab), torch.zeros(1, seq_length, dtype=torch.int64), *(torch.tensor([v]) for v in scalars))
+
+    if contract.has(c.SAMPLE_HEAD):  # penalty, temperature, top_k, top_p
+        plans.append(plan(c.SAMPLE_HEAD, lambda: (SampleHead(), head_inputs(1.0, 1.0, c.SAMPLE_CANDIDATES, 1.0)),
+                          lambda: ()))
+    if contract.has(c.PENALTY_SAMPLE_HEAD):  # top_p, temperature, penalty
+        plans.append(plan(c.PENALTY_SAMPLE_HEAD, lambda: (PenaltySampleHead(), head_inputs(1.0, 1.0, 1.0)), lambda: ()))
     return plans
 
 

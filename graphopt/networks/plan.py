@@ -25,10 +25,11 @@ class NetworkPlan:
     output_names: list[str]
     contract_inputs: list[str]  # after the passes: the contract's
     contract_outputs: list[str]
+    launch_length: tuple[str, ...] = ()  # inputs whose length the runtime sets per launch (NetworkSpec.launch_length)
 
     @classmethod
     def of(cls, spec: NetworkSpec, make, weights_of, layer: int | None = None, layers: int = 0) -> "NetworkPlan":
         """The plan of contract network `spec` (for `layer`); `layers`: the model's decoder layers, for
         outputs named per layer."""
         return cls(spec.network(layer), spec.kind, make, weights_of, spec.traced_inputs, spec.traced_outputs(layers),
-                   list(spec.inputs), spec.output_names(layers))
+                   list(spec.inputs), spec.output_names(layers), spec.launch_length)

@@ -122,6 +122,13 @@ class Bm1684xResult:
             lines.append(f"  simulated history-KV chat vs onnxruntime, turn with {turn['prompt_length']} tokens in the "
                          f"session: {len(turn['tokens'])} tokens {verdict}, min logit cosine {turn['min_logit_cosine']:.5f}"
                          f"{'' if turn['ok'] else '  FAIL'}")
+        if sampled := (self.generation or {}).get("sampled"):
+            same = "identical" if sampled["tokens_identical"] else f"parting at token {sampled['first_difference']}"
+            lines.append(f"  simulated sampled generation vs onnxruntime, same seed: {len(sampled['tokens'])} tokens "
+                         f"{same} (draws within "
+                         f"{sampled['max_draw_distance']:.3f} total variation, min logit cosine "
+                         f"{sampled['min_logit_cosine']:.5f}); each simulated draw from transformers' distribution to "
+                         f"{sampled['max_prob_err']:.1e}{'' if sampled['ok'] else '  FAIL'}")
         if self.problems:
             lines.append(f"  contract ({self.contract}): NOT MET: " + "; ".join(self.problems))
         else:
@@ -151,10 +158,10 @@ def time_estimate(nets: list[dict]) -> dict:
     dynamic prefill blocks have none (TPU-MLIR profiles static nets only), so then there is no prefill
     estimate (bench/history_kv.py compiles them statically for theirs)."""
     cycles = {n["net"]: n.get("total_cycle") or 0 for n in nets}
-    dynamic = any("--dynamic" in n.get("flags", ()) for n in nets)
     runtime = c.contract_of_nets(cycles)
     kinds = {name: runtime.spec(name).kind for name in cycles}
     prefill = [k for k in cycles if kinds[k] in c.PREFILL_BLOCKS]
+    dynamic = any("--dynamic" in n.get("flags", ()) for n in nets if n["net"] in prefill)
     decode = [k for k in cycles if kinds[k] in c.DECODE_BLOCKS]
     head = [runtime.network(k) for k in (c.LM_HEAD, c.GREEDY_HEAD) if runtime.has(k)]
 

@@ -60,13 +60,10 @@ class DeploySpec:
     # A dynamic net's baked inputs, (name, the ONNX network's shape): compiled from the ONNX with their value
     # at that shape as a constant (graphopt.contract.baked_mask), which the top passes make length-free.
     baked: tuple[tuple[str, tuple[int, ...]], ...] = ()
-
-    @property
-    def dynamic(self) -> bool:
-        """Compiled length-free (its baked mask made the small mask, its shapes opened: the top passes'
-        context). The build also passes --dynamic; bench/history_kv.py compiles the same net without it,
-        for TPU-MLIR's cycle estimate at its largest shape."""
-        return bool(self.baked)
+    # Compiled length-free (the top passes' context: a baked mask made the small mask, shapes opened). The build
+    # also passes --dynamic; bench/history_kv.py compiles the same net without it, for TPU-MLIR's cycle
+    # estimate at its largest shape.
+    dynamic: bool = False
 
     @property
     def label(self) -> str:
@@ -118,7 +115,7 @@ LM_HEAD_FLAGS = ("--quant_input", *DECODE_FLAGS)
 IO_ALONE_CONFIG = "io_alone_config.json"
 
 
-# A dynamic net (--dynamic block_i, block_kv_i): the runtime sets its lengths per launch (net_launch_dyn).
+# A dynamic net (--dynamic block_i, block_kv_i, sample_head): the runtime sets its lengths per launch (net_launch_dyn).
 DYNAMIC_FLAGS = ("--dynamic",)
 
 
@@ -163,7 +160,13 @@ def deploy_specs(manifest: dict, quantize: str, group_size: int,
                  ("--save_io_alone_config", IO_ALONE_CONFIG) if decode_stages else ())),
              c.DECODER_BLOCK: (weights, blocks), c.DECODER_BLOCK_CACHE: (weights, blocks + DECODE_FLAGS),
              c.ENCODER: (weights, blocks), c.CROSS_KV: (weights, blocks),
-             c.GREEDY_HEAD: ("F32", ()), c.PENALTY_SAMPLE_HEAD: ("F32", ())}
+             c.GREEDY_HEAD: ("F32", ()),
+             # Compiled static, TPU-MLIR 1.30.2 places an intermediate of the sampler (the probability ahead of
+             # each candidate) in the memory of its token output, which then holds float bits: the simulator
+             # check caught it (token equal 0.0). Compiled --dynamic, at the same shapes, it is right.
+             c.PENALTY_SAMPLE_HEAD: ("F32", DYNAMIC_FLAGS),
+             # Io_alone as llm_convert compiles it: the demo copies lm_head's logits in and writes its inputs once.
+             c.SAMPLE_HEAD: ("F32", DECODE_FLAGS)}
     nets = {n["name"]: n for n in manifest["networks"]}
     layers = contract.layers(nets)
 
@@ -173,10 +176,9 @@ def deploy_specs(manifest: dict, quantize: str, group_size: int,
         shapes = tuple(c.one_token_shape(i["shape"]) if network.one_token_of else tuple(i["shape"])
                        for i in source["inputs"] if i["name"] not in network.baked)
         mode, flags = modes[network.kind]
-        dynamic = bool(network.baked)
         baked = tuple((i["name"], tuple(i["shape"])) for i in source["inputs"] if i["name"] in network.baked)
-        return DeploySpec(name, source["name"], shapes, mode, flags + (DYNAMIC_FLAGS if dynamic else ()),
-                          passes_for(network.kind, top_pipeline, dynamic), baked=baked)
+        return DeploySpec(name, source["name"], shapes, mode, flags + (DYNAMIC_FLAGS if network.dynamic else ()),
+                          passes_for(network.kind, top_pipeline, network.dynamic), baked=baked, dynamic=network.dynamic)
 
     specs, run = [], []  # run: consecutive per-layer networks, compiled layer by layer
     for network in [*contract.networks, None]:

@@ -82,6 +82,7 @@ def read_info(toolchain: Toolchain, bmodel: Path) -> tuple[dict, list[NetInfo]]:
 
 HALF = ("bfloat16", "float16")
 INT = ("int32",)
+FLOAT = ("float32",)
 
 def contract_of(nets: list[NetInfo]) -> c.Contract:
     """Which runtime contract a bmodel's nets are held to, from their names and how many inputs block_0
@@ -156,9 +157,10 @@ def decoder_problems(contract: c.Contract, nets: list[NetInfo]) -> list[str]:
     if contract.key == c.LLM_TPU.key:  # today's demos count layers as (nets - 3 - the optional heads) / 2 (3: history)
         heads = sum(1 for h in c.LLM_TPU_OPTIONAL_HEADS if h in by_name)
         per_layer = sum(1 for s in contract.networks if s.per_layer)
-        counted = (len(nets) - fixed - heads) // per_layer
+        base = sum(1 for s in contract.networks if not s.per_layer and s.name not in c.LLM_TPU_OPTIONAL_HEADS)
+        counted = (len(nets) - base - heads) // per_layer
         if counted != len(layers):
-            problems.append(f"{len(nets)} nets: the demo counts (nets - {fixed} - {heads} heads) / {per_layer} = "
+            problems.append(f"{len(nets)} nets: the demo counts (nets - {base} - {heads} heads) / {per_layer} = "
                             f"{counted} layers, not {len(layers)}")
     if problems:
         return problems
@@ -203,12 +205,19 @@ def decoder_problems(contract: c.Contract, nets: list[NetInfo]) -> list[str]:
         return problems
     logits = expect(c.LM_HEAD, "outputs", c.M_LOGITS, rank=2)
     vocab = logits.shape[1] if logits else 0
-    expect(c.GREEDY_HEAD, "inputs", c.M_LOGITS, shape=(1, vocab))
+    sampler = c.SAMPLE_HEAD if contract.has(c.SAMPLE_HEAD) else c.PENALTY_SAMPLE_HEAD
+    # The demos copy lm_head's logits byte for byte into the heads: the same dtype, or they read garbage.
+    same = (logits.dtype,) if logits else None
+    expect(c.GREEDY_HEAD, "inputs", c.M_LOGITS, dtypes=same, shape=(1, vocab))
     expect(c.GREEDY_HEAD, "outputs", c.TOKEN, dtypes=INT)
-    expect(c.PENALTY_SAMPLE_HEAD, "inputs", c.M_LOGITS, shape=(1, vocab))
-    expect(c.PENALTY_SAMPLE_HEAD, "inputs", c.INPUT_IDS, dtypes=INT, shape=(1, seq))
-    expect(c.PENALTY_SAMPLE_HEAD, "outputs", c.PROBS, shape=(1, 50))
-    expect(c.PENALTY_SAMPLE_HEAD, "outputs", c.TOKEN, dtypes=INT, shape=(1, 50))
+    expect(sampler, "inputs", c.M_LOGITS, dtypes=same, shape=(1, vocab))
+    expect(sampler, "inputs", c.INPUT_IDS, dtypes=INT, shape=(1, seq))
+    for name in (c.PENALTY, c.TEMPERATURE, c.TOP_P):  # written as C floats, top_k as a C int
+        expect(sampler, "inputs", name, dtypes=FLOAT, shape=(1,))
+    if sampler == c.SAMPLE_HEAD:
+        expect(sampler, "inputs", c.TOP_K, dtypes=INT, shape=(1,))
+    expect(sampler, "outputs", c.PROBS, dtypes=FLOAT, shape=(1, c.SAMPLE_CANDIDATES))
+    expect(sampler, "outputs", c.TOKEN, dtypes=INT, shape=(1, c.SAMPLE_CANDIDATES))
     return problems
 
 

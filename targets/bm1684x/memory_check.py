@@ -24,7 +24,7 @@ import numpy as np
 from graphopt import contract as c
 from graphopt.device_program import (At, Buffer, Copy, Fill, LayoutQueries, Launch, Program, Read, Same, Tensor, Write,
                                      layout_entry, layout_stages, rows_of)
-from graphopt.runtime import Seq2SeqRuntime, Shapes, runtime_on
+from graphopt.runtime import Sampling, Seq2SeqRuntime, Shapes, runtime_on
 
 
 class _Memory:
@@ -83,12 +83,14 @@ class _Recorder(LayoutQueries):
 
     def execute(self, program: Program) -> dict[str, np.ndarray]:
         self.programs.append(program)
-        return {"next": np.zeros(1, np.int32), "logits": np.zeros(1, np.float32), "hidden": np.zeros(1, np.float32)}
+        return {"next": np.zeros(1, np.int32), "logits": np.zeros(1, np.float32), "hidden": np.zeros(1, np.float32),
+                "candidate_probs": np.ones(1, np.float32), "candidates": np.zeros(1, np.int32), "penalised": np.zeros(1, np.int32)}
 
 
-def session_programs(layout: dict) -> list[Program]:
+def sessions(layout: dict) -> list[list[Program]]:
     """The programs of a chat session (or, for an encoder-decoder model, of three translations),
-    with the shapes read off the bmodel's own nets, so a bmodel from anywhere can be checked."""
+    with the shapes read off the bmodel's own nets, so a bmodel from anywhere can be checked; where
+    the bmodel can sample, a second session that samples (the demo picks one mode when it loads)."""
     recorder = _Recorder(layout)
     first_block = c.LLM_TPU.network(c.BLOCK, 0)
     contract = c.contract_of_nets(layout, len(layout[first_block]["in"]) if first_block in layout else None)
@@ -97,7 +99,16 @@ def session_programs(layout: dict) -> list[Program]:
     shapes = Shapes(seq_length=history[1], num_layers=len(contract.layers(layout)),
                     hidden=layout[contract.network(c.LM_HEAD)]["in"][0]["shape"][-1], kv_heads=history[2],
                     head_dim=history[3], max_input=layout[contract.prefill_block.network(0)]["in"][0]["shape"][1])
-    runtime = runtime_on(recorder, shapes, contract)
+    _session(runtime_on(recorder, shapes, contract), contract, shapes)
+    runs = [recorder.programs]
+    if contract.has(c.SAMPLE_HEAD):  # the demo's --do_sample: sample_head's writes and copies instead of greedy_head's
+        recorder.programs = []
+        _session(runtime_on(recorder, shapes, contract, sampling=Sampling()), contract, shapes)
+        runs.append(recorder.programs)
+    return runs
+
+
+def _session(runtime, contract: c.Contract, shapes: Shapes) -> None:
     seq = shapes.seq_length
     lengths = sorted({1, shapes.prefill_rows * 3 // 4, min(seq - 1, shapes.prefill_rows)})
     if contract.has(c.BLOCK_KV):  # the session goes on: later prompts run through block_kv_i, one in two chunks
@@ -112,7 +123,6 @@ def session_programs(layout: dict) -> list[Program]:
         runtime.prefill(prompt)
         for _ in range(min(2, runtime.room(prompt))):
             runtime.decode(0)
-    return recorder.programs
 
 
 def _describe_origin(origin, layout: dict) -> str:
@@ -243,5 +253,6 @@ def _overlap(a: tuple[int, int], b: tuple[int, int]) -> bool:
 
 def check(layout: dict) -> list[str]:
     """Hazards of a chat session's programs on `layout` (see the module's docstring)."""
-    return hazards(layout, session_programs(layout))
+    found = [hazards(layout, programs) for programs in sessions(layout)]
+    return list(dict.fromkeys(h for each in found for h in each))
 

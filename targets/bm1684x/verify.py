@@ -13,7 +13,8 @@ from pathlib import Path
 import numpy as np
 
 from graphopt import contract as c
-from graphopt.checks import chat_prompts, chat_turns, end_to_end_prompt, long_prompt, sample_inputs
+from graphopt.checks import (CHECK_SAMPLING, MAX_PROB_ERR, chat_prompts, chat_turns, end_to_end_prompt, long_prompt,
+                             draw_error, sample_inputs)
 from graphopt.ir import TensorSpec
 from graphopt.runtime import OrtBackend, head_logits_for, ort_session, run_prompt, runtime_for
 from graphopt.targets.bm1684x.contract import MIN_COSINE, MIN_COSINE_VS_FP32, MIN_LOGIT_COSINE, DeploySpec
@@ -39,11 +40,14 @@ def network_similarity(sim: Simulator, bmodel: Path, spec: DeploySpec, manifest:
               for i in net["inputs"]]
     vocab = int(manifest["model"]["config"]["vocab_size"])
     feeds = {i.name: v.numpy() for i, v in zip(inputs, sample_inputs(inputs, manifest["seq_length"], vocab))}
-    dims, rows = dynamic_launch(spec, [i.name for i in inputs if i.name not in baked], feeds) if baked else ((), None)
+    device_inputs = [i.name for i in inputs if i.name not in baked]
+    dims, rows = dynamic_launch(spec, device_inputs, feeds) if baked else ((), None)
+    launched = c.contract_of_manifest(manifest).spec(spec.name).launch_length
+    dims, ort_feeds = length_launch(spec, device_inputs, launched, feeds) if launched else (dims, feeds)
     simulated = sim.run(bmodel, spec.name, feeds, spec.stage, dims)
     session = ort_session if not spec.stage else lambda path: ort_session_for(path, spec.input_shapes)
-    reference = session(quantized / net["file"]).run(None, feeds)
-    fp32 = session(folder / net["file"]).run(None, feeds) if spec.weight_bits else reference
+    reference = session(quantized / net["file"]).run(None, ort_feeds)
+    fp32 = session(folder / net["file"]).run(None, ort_feeds) if spec.weight_bits else reference
     if rows is not None:  # a dynamic launch writes its rows only
         reference, fp32, simulated = ([v[:, :rows] for v in values] for values in (reference, fp32, simulated))
     outputs = {}
@@ -69,6 +73,19 @@ def dynamic_launch(spec: DeploySpec, device_inputs: list[str], feeds: dict[str, 
     for name, shape in spec.baked:
         feeds[name] = c.launch_mask(shape, rows, history)
     return c.launch_dims(device_inputs, rows, history), rows
+
+
+def length_launch(spec: DeploySpec, device_inputs: list[str], launched: tuple[str, ...], feeds: dict[str, np.ndarray]):
+    """A net whose inputs `launched` run at the launch's length (sample_head's ids) checked at 3/4 of their
+    rows: returns (the launch's dims, the feeds onnxruntime runs: those inputs cut to that length, which the
+    ONNX network takes along its dynamic axis); the simulator gets the whole feeds and reads that many rows."""
+    dims, cut = [], dict(feeds)
+    for name in launched:
+        index = device_inputs.index(name)
+        rows = max(1, spec.input_shapes[index][1] * 3 // 4)
+        dims.append((index, 1, rows))
+        cut[name] = feeds[name][:, :rows]
+    return tuple(dims), cut
 
 
 def ort_session_for(path: Path, shapes) -> object:
@@ -111,7 +128,33 @@ def generation_check(sim: Simulator, bmodel: Path, manifest: dict, folder: Path,
     if runtimes[0].contract.has(c.BLOCK_KV):
         result["chat"] = chat_check(runtimes[0], runtimes[1], chat_prompts(vocab, rows, seq))
         result["ok"] = result["ok"] and result["chat"]["ok"]
+    if runtimes[0].contract.has(c.SAMPLE_HEAD):
+        prompt = end_to_end_prompt(vocab, seq)[:rows]
+        ours, reference = (runtime_for(backend, manifest, sampling=CHECK_SAMPLING) for backend in (
+            SimBackend(sim, bmodel), OrtBackend(quantized, manifest)))
+        result["sampled"] = sampled_check(ours, reference, prompt, min(new_tokens, ours.room(prompt)))
+        result["ok"] = result["ok"] and result["sampled"]["ok"]
     return result
+
+
+def sampled_check(ours, reference, prompt: list[int], new_tokens: int) -> dict:
+    """A sampled generation of the simulated bmodel against the same on onnxruntime, the same seed. Every
+    simulated draw is from transformers' distribution on the simulated logits with the ids the chip was
+    given (the chip's sample_head and the runtime's writes, to MAX_PROB_ERR); while the tokens so far are
+    the same, the logits agree as a greedy generation's must (MIN_LOGIT_COSINE). How far the two draws'
+    distributions are (total variation) is reported: where it is larger than the draw's margin, the tokens part."""
+    got, want = ours.generate(prompt, new_tokens), reference.generate(prompt, new_tokens)
+    distance, prob_err, min_cos = 0.0, 0.0, 1.0
+    for step, (a, b) in enumerate(zip(got.draws, want.draws)):
+        prob_err = max(prob_err, draw_error(got.logits[step], a, ours.sampling))
+        if got.tokens[:step] == want.tokens[:step]:
+            min_cos = min(min_cos, cosine(got.logits[step], want.logits[step]))
+            p, q = (dict(zip(d.candidates.tolist(), d.probs.tolist())) for d in (a, b))
+            distance = max(distance, 0.5 * sum(abs(p.get(t, 0.0) - q.get(t, 0.0)) for t in p.keys() | q.keys()))
+    parted = next((i for i, (a, b) in enumerate(zip(got.tokens, want.tokens)) if a != b), None)
+    return {"tokens": got.tokens, "reference_tokens": want.tokens, "tokens_identical": parted is None,
+            "first_difference": parted, "max_draw_distance": distance, "max_prob_err": prob_err, "min_logit_cosine": min_cos,
+            "ok": prob_err <= MAX_PROB_ERR and min_cos >= MIN_LOGIT_COSINE}
 
 
 def chat_check(ours, reference, prompts: list[list[int]]) -> dict:
