@@ -2,6 +2,7 @@
 
 from graphopt.passes import (  # noqa: F401
     attention_canonical,
+    attention_explicit,
     attention_lower,
     clamp_mask,
     concat_cache,

@@ -16,6 +16,7 @@ from graphopt.ir import NetworkGraph, shape_of
 from graphopt.contract import BLOCKS, ENCODER
 from graphopt.pass_manager import Pass, PassResult, register_pass
 from graphopt.passes._attention import attention_nodes, sdpa_arg, set_sdpa_arg
+from graphopt.passes.attention_explicit import SOFTMAX, read_attention
 
 aten = torch.ops.aten
 _RESHAPES = (aten.reshape.default, aten.view.default, aten._unsafe_view.default)
@@ -54,15 +55,16 @@ class AttentionCanonical(Pass):
     applies_to = BLOCKS | {ENCODER}
     requires = ("layout.free",)  # it swaps attention operands, which a view would pin to their old strides
     ensures = ("attention.canonical",)
-    hint = ("graphopt finds attention as torch's scaled_dot_product_attention with separate q/k/v operands: "
-            "a transformers model loaded with attn_implementation='sdpa' has it, and so has a module of your own "
-            "that calls F.scaled_dot_product_attention.")
+    hint = ("graphopt finds attention as torch's scaled_dot_product_attention, or written out as a product of "
+            "queries and keys, a scale, a mask, a softmax and a product with values (attention-explicit).")
 
     def run(self, net: NetworkGraph) -> PassResult:
         attentions = attention_nodes(net, include_cross=True)
         if not attentions:
-            raise self.cannot(net, "found no attention call (aten.scaled_dot_product_attention); "
-                                 "load the model with attn_implementation='sdpa'")
+            softmaxes = [read_attention(s) for s in net.calls(*SOFTMAX)]
+            why = "; ".join(r for r in softmaxes if isinstance(r, str)) or "it has no softmax either"
+            raise self.cannot(net, f"found no attention (no scaled_dot_product_attention, and no attention written out "
+                                 f"that attention-explicit could read: {why})")
         stripped, grouped = 0, 0
         for node in attentions:
             q_heads = shape_of(sdpa_arg(node, "query"))[1]

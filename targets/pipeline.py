@@ -9,6 +9,7 @@ from __future__ import annotations
 FX_PIPELINE = (
     "strip-trace-noise",    # first: asserts and no-op casts would hide dataflow from matchers
     "views-to-reshapes",    # before any rewrite that changes a tensor's producer (and so its strides)
+    "attention-explicit",   # written-out attention made one call, which attention-canonical then reads
     "attention-canonical",  # K/V in kv-heads: kv-layout and concat-cache rely on it
     "cross-kv-inputs",      # encoder-decoder blocks; before fixed-mask and kv-layout, which tell
                             # self- from cross-attention by the mark it leaves

@@ -13,7 +13,6 @@ from graphopt.compiler import compile_model
 from graphopt.errors import GraphoptError
 from graphopt.models import open_model
 from graphopt.models.configs import _TINY_COMMON
-from graphopt.models.decoder import decoder_parts
 from graphopt.targets.onnx_target import ONNX_TARGET
 
 CASES = {
@@ -21,6 +20,14 @@ CASES = {
                 "attention_multiplier": 0.0078125},
     "cohere": {"logit_scale": 0.25, "use_qk_norm": False},
     "phi3": {},  # fused qkv and gate_up projections
+    # The parts found by structure: final norms named final_layernorm (Phi) and final_layer_norm (GPT-NeoX),
+    # partial rotary, parallel attention and MLP, a head the checkpoint stores as embed_out (renamed on load).
+    "phi": {},
+    "gpt_neox": {},
+    "gemma": {},  # the embedding's scale: a buffer checkpoints do not store, computed by its constructor
+    # a rotary table per attention type (sliding, full); the logits soft-capped, low enough to matter
+    "gemma3_text": {"final_logit_softcapping": 2.0},
+    "mixtral": {},  # a mixture of experts: the checkpoint's per-expert weights stacked as the model keeps them
 }
 
 
@@ -34,10 +41,12 @@ def test_compiles_and_matches_transformers(model_type, tmp_path):
     assert build.end_to_end["tokens_identical"] and build.end_to_end["max_abs_logit_err"] < 1e-3
 
 
-def test_a_post_head_transform_graphopt_does_not_emit_is_refused():
-    config = AutoConfig.for_model("llama", **_TINY_COMMON)
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config)
-    model.config.final_logit_softcapping = 30.0
-    with pytest.raises(GraphoptError, match="final_logit_softcapping=30.0"):
-        decoder_parts(model)
+def test_soft_capped_attention_is_refused_with_why(tmp_path):
+    """Gemma 2 soft-caps its attention scores (tanh) and transformers has no SDPA for it: its eager attention,
+    written out, is read by attention-explicit, which names the soft cap as what attention's one call cannot
+    express."""
+    config = AutoConfig.for_model("gemma2", **_TINY_COMMON, pad_token_id=0)
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / "gemma2")
+    with pytest.raises(GraphoptError, match="soft-capped"):
+        compile_model(open_model(str(tmp_path / "gemma2")), ONNX_TARGET, 32, tmp_path / "out", show_progress=False)

@@ -307,7 +307,8 @@ def test_a_dynamic_net_whose_baked_mask_is_not_causal_is_refused_with_why(tools,
                             check=False, contract_options=(c.DYNAMIC,))["block_0"]
     spec = contract.DeploySpec("block_0", "block_0", tuple(s.shape for s in block.inputs[:2]), "BF16",
                                contract.block_flags("bf16", 64) + contract.DYNAMIC_FLAGS, passes_for(c.BLOCK, dynamic=True),
-                               baked=((c.ATTENTION_MASK, block.inputs[2].shape),))
+                               baked=((c.ATTENTION_MASK, block.inputs[2].shape),), dynamic=True)
+
     def one_ahead(steps, history_rows=0):  # every query also sees the next key
         return np.triu(np.full((steps, steps + history_rows), c.MASK_VALUE, np.float32), k=2 + history_rows)[None, None]
 

@@ -42,8 +42,8 @@ def test_the_example_pass_places_itself_and_runs_in_parallel_workers(tmp_path):
     scalars = [onnx.numpy_helper.to_array(i) for i in block.graph.initializer if not i.dims]
     assert not any(abs(float(s) - 32 ** -0.5) < 1e-6 for s in scalars)
     dumps = sorted(p.name for p in (tmp_path / "out.dump" / "block_0").iterdir())
-    assert dumps == ["fx-00-input.py", "fx-12-fold-attention-scale.py", "onnx-00-input.txt"]
-    assert "scale = 1.0" in (tmp_path / "out.dump" / "block_0" / "fx-12-fold-attention-scale.py").read_text()
+    assert dumps == ["fx-00-input.py", "fx-13-fold-attention-scale.py", "onnx-00-input.txt"]
+    assert "scale = 1.0" in (tmp_path / "out.dump" / "block_0" / "fx-13-fold-attention-scale.py").read_text()
 
 
 def test_insert_after_on_the_command_line_overrides_the_pass_and_order_is_checked():

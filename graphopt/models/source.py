@@ -1,7 +1,9 @@
 """A model source: a config, a weightless skeleton of the model, and a weight provider.
 
-The skeleton is built on the meta device, so building it costs nothing whatever the model
-size. A network's modules are given real weights only while that network is traced
+The skeleton's parameters are built on the meta device, so building it costs nothing whatever the
+model size; its buffers are built on the CPU by the modules' own constructors (`weightless`, the
+technique of accelerate's `init_empty_weights(include_buffers=False)`), so those a checkpoint does
+not store (a scaled embedding's factor, a custom rotary's frequencies) hold what `__init__` computes. A network's modules are given real weights only while that network is traced
 (`materialized`), then returned to meta: peak memory is one network, not the model.
 """
 
@@ -44,10 +46,33 @@ class ModelSource:
     # ---- structure ----------------------------------------------------------------------
     @cached_property
     def skeleton(self) -> nn.Module:
-        """The whole model with parameters on the meta device (no memory)."""
-        with torch.device("meta"):
-            model = self.adapter.build() if self.adapter else _model_from_config(self.config)
+        """The whole model with parameters on the meta device (no memory), buffers as its constructor made them."""
+        with weightless():
+            model = self.adapter.build() if self.adapter else _model_from_config(self.config, traceable=True)
+        if isinstance(self.weights, SafetensorsWeights) and not self.adapter:
+            renamings, converters = _checkpoint_conversions(model)
+            self.weights.rename(renamings)
+            self.weights.convert(converters)
         return model.float().eval()
+
+    @cached_property
+    def _constructed_buffers(self) -> dict[str, torch.Tensor]:
+        """The buffers checkpoints do not store (non-persistent), by full name, as the constructor computed them."""
+        found = {}
+        for module_name, module in self.skeleton.named_modules(remove_duplicate=False):
+            for name in module._non_persistent_buffers_set:
+                buffer = getattr(module, name)
+                full = f"{module_name}.{name}" if module_name else name
+                if buffer is not None and buffer.is_meta:
+                    raise GraphoptError(
+                        f"{full} ({type(module).__name__}) is a buffer checkpoints do not store, and its module's "
+                        "constructor computed it from parameters, which are weightless while graphopt builds the "
+                        "model, so graphopt cannot rebuild it. Compute it in __init__ from the config (as "
+                        "transformers' rotary embeddings do), or register it as a persistent buffer so that "
+                        "checkpoints hold it.")
+                if buffer is not None:
+                    found[full] = buffer.detach().clone()
+        return found
 
     @cached_property
     def adapter(self) -> CustomDecoder | None:
@@ -133,19 +158,17 @@ class ModelSource:
     def _fill(self, module: nn.Module) -> None:
         prefix = self._module_names[id(module)]
         prefix = f"{prefix}." if prefix else ""
-        for sub_name, sub in module.named_modules():
-            if sub._non_persistent_buffers_set:
-                raise GraphoptError(
-                    f"{prefix}{sub_name} ({type(sub).__name__}) has buffers that are not stored in checkpoints "
-                    f"({', '.join(sorted(sub._non_persistent_buffers_set))}); graphopt cannot rebuild them."
-                )
         names = self._tensor_names  # before to_empty, which unties tied weights (embedding = lm_head)
+        constructed = self._constructed_buffers
         module.to_empty(device="cpu")
         computed = set()
         with torch.no_grad():
             for name, tensor in [*module.named_parameters(remove_duplicate=False),
                                  *module.named_buffers(remove_duplicate=False)]:
                 full = prefix + name
+                if full in constructed:
+                    tensor.copy_(constructed[full])
+                    continue
                 if self._is_computed(full):
                     computed.add(name.rpartition(".")[0])
                     continue
@@ -215,12 +238,63 @@ class ModelSource:
                 "model_type": self.config.model_type, "config": self.config.to_diff_dict()}
 
 
-def _model_from_config(config) -> nn.Module:
+@contextmanager
+def weightless():
+    """Build modules with their parameters on the meta device and their buffers as the constructors compute
+    them, on the CPU: each parameter moves to meta as it is registered (before any init runs on it, so
+    init costs nothing). Written here rather than taken from accelerate's init_empty_weights, which moves
+    a parameter again when a tie assigns it to a second module, making a copy: the tie comes apart."""
+    register = nn.Module.register_parameter
+
+    def register_on_meta(module: nn.Module, name: str, param) -> None:
+        if param is not None and not param.is_meta:
+            param = type(param)(param.to("meta"), **{"requires_grad": param.requires_grad, **param.__dict__})
+        register(module, name, param)
+
+    nn.Module.register_parameter = register_on_meta
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter = register
+
+
+def _checkpoint_conversions(model: nn.Module) -> tuple[list[tuple[str, str]], list]:
+    """What transformers does to a checkpoint's tensors when it loads this model (transformers 5's
+    conversion_mapping; nothing before it): its renamings, as (regex, replacement), and its converters
+    (several stored tensors made one: a mixture of experts' weights)."""
+    try:
+        from transformers.conversion_mapping import WeightConverter, WeightRenaming, get_model_conversion_mapping
+    except ImportError:
+        return [], []
+    renamings, converters = [], []
+    for rule in get_model_conversion_mapping(model):
+        if isinstance(rule, WeightRenaming):
+            targets = rule.target_patterns
+            renamings += [(source, targets[0] if len(targets) == 1 else target)
+                          for source, target in zip(rule.source_patterns, targets * len(rule.source_patterns))]
+        elif isinstance(rule, WeightConverter):
+            converters.append(rule)
+    return renamings, converters
+
+
+def _model_from_config(config, traceable: bool = False) -> nn.Module:
+    """The transformers model of `config`, with SDPA attention; `traceable`: as the networks are traced (a
+    mixture of experts in a form torch.export follows), not as the reference runs (transformers' default)."""
     from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
 
     auto = AutoModelForSeq2SeqLM if getattr(config, "is_encoder_decoder", False) else AutoModelForCausalLM
+    # A mixture of experts computes the chosen experts by gathering their weights per token (transformers'
+    # batched_mm), not by a loop over the experts the tokens chose, whose length depends on the data.
+    experts = {"experts_implementation": "batched_mm"} if traceable and hasattr(config, "_experts_implementation") else {}
     try:
-        return auto.from_config(config, attn_implementation="sdpa")
+        try:
+            return auto.from_config(config, attn_implementation="sdpa", **experts)
+        except ValueError as error:
+            if "scaled_dot_product_attention" not in str(error):
+                raise
+            # transformers has no SDPA for this architecture: its attention as eager code writes it out, which
+            # the attention-explicit pass reads.
+            return auto.from_config(config, attn_implementation="eager", **experts)
     except ValueError as error:
         raise GraphoptError(
             f"graphopt cannot build a model from this config (model_type '{config.model_type}'): "

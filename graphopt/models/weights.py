@@ -9,6 +9,7 @@ has in the model (tied weights have two, e.g. `model.embed_tokens.weight` and
 from __future__ import annotations
 
 import json
+import re
 import zlib
 from pathlib import Path
 from typing import Protocol, Sequence
@@ -78,21 +79,67 @@ class SafetensorsWeights:
                 "re-save the model with `save_pretrained(dir, safe_serialization=True)`."
             )
         self._handles: dict[Path, object] = {}
+        self.stored_as: dict[str, str] = {}  # a model's name for a tensor -> the checkpoint's (`rename`)
+        self.converters: list = []
+
+    def rename(self, renamings: Sequence[tuple[str, str]]) -> None:
+        """Also find each tensor under the name the model gives it where the checkpoint keeps another:
+        `renamings` are (regex over checkpoint names, replacement), as transformers renames on load
+        (`conversion_mapping`: GPT-NeoX's `embed_out.` is the model's `lm_head.`)."""
+        for stored in list(self.files):
+            name = stored
+            for pattern, replacement in renamings:
+                name = re.sub(pattern, replacement, name)
+            if name != stored and name not in self.files:
+                self.files[name], self.stored_as[name] = self.files[stored], stored
+
+    def convert(self, converters: Sequence) -> None:
+        """Tensors the model keeps as one that the checkpoint keeps as several (transformers 5's
+        WeightConverter rules: a mixture of experts' per-expert weights, stacked and joined), built with the
+        rule's own operations when a network asks for them."""
+        self.converters = list(converters)
+
+    def _converted(self, name: str) -> torch.Tensor | None:
+        for rule in self.converters:
+            target = next((t for t in rule.target_patterns if name.endswith(t)), None)
+            if target is None:
+                continue
+            prefix, parts = name[:-len(target)], {}
+            for source in rule.source_patterns:
+                pattern = re.compile(re.escape(prefix + source).replace(r"\*", r"(\d+)") + "$")
+                found = sorted((int(m.group(1)), key) for key in self.files if (m := pattern.match(key)))
+                if found:
+                    parts[source] = [self._read(key) for _, key in found]
+            if len(parts) != len(rule.source_patterns):
+                continue
+            for operation in rule.operations:
+                parts = operation.convert(parts, rule.source_patterns, rule.target_patterns)
+            (tensor,) = parts.values()
+            return tensor
+        return None
+
+    def _read(self, name: str) -> torch.Tensor:
+        file = self.files[name]
+        if file not in self._handles:
+            self._handles[file] = safe_open(file, framework="pt")
+        return self._handles[file].get_tensor(self.stored_as.get(name, name))  # in the checkpoint's dtype
 
     def fill(self, names: Sequence[str], out: torch.Tensor) -> None:
         name = next((n for n in names if n in self.files), None)
+        if name is None and (tensor := next((t for n in names if (t := self._converted(n)) is not None), None)) is not None:
+            return self._copy(names[0], "converted tensors", tensor, out)
         if name is None:
             raise GraphoptError(
                 f"the checkpoint in {self.directory} has no tensor named {' or '.join(names)}. "
                 "Check that config.json matches the weights (same architecture and layer count)."
             )
-        file = self.files[name]
-        if file not in self._handles:
-            self._handles[file] = safe_open(file, framework="pt")
-        tensor = self._handles[file].get_tensor(name)  # in the checkpoint's dtype (bf16: half the size)
+        self._copy(name, self.files[name].name, self._read(name), out)
+
+    @staticmethod
+    def _copy(name: str, where: str, tensor: torch.Tensor, out: torch.Tensor) -> None:
         if tuple(tensor.shape) != tuple(out.shape):
             raise GraphoptError(
-                f"tensor {name} in {file.name} has shape {tuple(tensor.shape)} but the config implies "
+                f"tensor {name} in {where} has shape {tuple(tensor.shape)} but the config implies "
                 f"{tuple(out.shape)}; config.json and the weights do not belong together."
             )
         out.copy_(tensor)  # converts to fp32 in place

@@ -30,15 +30,19 @@ class Embedding(nn.Module):
 class DecoderBlock(nn.Module):
     """One decoder layer with its rotary embedding, called as the model's forward calls it."""
 
-    def __init__(self, layer: nn.Module, rotary: nn.Module):
+    def __init__(self, layer: nn.Module, rotary: nn.Module, layer_type: str | None = None):
         super().__init__()
         self.layer, self.rotary = layer, rotary
         self._takes_position_embeddings = "position_embeddings" in inspect.signature(layer.forward).parameters
+        # Models whose layers attend in two ways (Gemma 3: sliding and full, config.layer_types) keep a rotary
+        # table for each and ask for the layer's: the rotary then takes the layer's type.
+        takes_type = rotary is not None and "layer_type" in inspect.signature(rotary.forward).parameters
+        self._rotary_args = (layer_type,) if takes_type else ()
 
     def forward(self, input_states, position_ids, attention_mask):
         extra = {}
         if self._takes_position_embeddings:
-            extra["position_embeddings"] = self.rotary(input_states, position_ids)
+            extra["position_embeddings"] = self.rotary(input_states, position_ids, *self._rotary_args)
         out = self.layer(input_states, attention_mask=attention_mask, position_ids=position_ids, **extra)
         # Decoder layers return the hidden states from transformers 4.54 on; up to 4.53 they
         # return a tuple that starts with them (CI runs the goldens on 4.51 too).
@@ -50,13 +54,16 @@ class LmHead(nn.Module):
     logits, and for a token-out contract their TopK(1), the token id."""
 
     def __init__(self, norm: nn.Module | None, head: nn.Module, logit_multiplier: float = 1.0,
-                 token_out: bool = False):
+                 token_out: bool = False, softcap: float | None = None):
         super().__init__()
         self.norm, self.head, self.logit_multiplier, self.token_out = norm, head, logit_multiplier, token_out
+        self.softcap = softcap
 
     def forward(self, hidden_states):
         logits = self.head(hidden_states if self.norm is None else self.norm(hidden_states))
         logits = logits if self.logit_multiplier == 1.0 else logits * self.logit_multiplier
+        if self.softcap is not None:  # the model's forward soft-caps its logits (Gemma 2, 3)
+            logits = torch.tanh(logits / self.softcap) * self.softcap
         return torch.topk(logits, 1).indices if self.token_out else logits
 
 
@@ -141,12 +148,13 @@ def plan_decoder_networks(source: ModelSource, seq_length: int, layers: list[int
         kinds = [(c.BLOCK, rows), (c.BLOCK_CACHE, 1)] + ([(c.BLOCK_KV, rows)] if contract.has(c.BLOCK_KV) else [])
         for kind, steps in kinds:
             norm = parts.norm if norm_in_block and i == last else None
-            plans.append(plan(kind, lambda layer=layer, steps=steps, norm=norm: (
-                _block(source, layer, norm), block_inputs(steps)), lambda layer=layer, norm=norm: (
+            plans.append(plan(kind, lambda layer=layer, steps=steps, norm=norm, i=i: (
+                _block(source, layer, i, norm), block_inputs(steps)), lambda layer=layer, norm=norm: (
                     (layer,) if norm is None else (layer, norm)), i))
     head_norm = None if norm_in_block else parts.norm
     plans.append(plan(c.LM_HEAD, lambda: (LmHead(head_norm, parts.head, parts.logit_multiplier,
-                                                 contract.head_outputs_token), (torch.zeros(1, hidden),)),
+                                                 contract.head_outputs_token, parts.logit_softcap),
+                                          (torch.zeros(1, hidden),)),
                       lambda: (parts.head,) if head_norm is None else (parts.norm, parts.head)))
     if contract.has(c.GREEDY_HEAD):
         plans.append(plan(c.GREEDY_HEAD, lambda: (GreedyHead(), (torch.zeros(1, vocab),)), lambda: ()))
@@ -162,13 +170,14 @@ def plan_decoder_networks(source: ModelSource, seq_length: int, layers: list[int
     return plans
 
 
-def _block(source: ModelSource, layer: nn.Module, final_norm: nn.Module | None = None) -> nn.Module:
+def _block(source: ModelSource, layer: nn.Module, index: int, final_norm: nn.Module | None = None) -> nn.Module:
     if source.parts.call_block is not None:  # a user's model says how its block takes the inputs
         from graphopt.models.custom import CustomBlock
 
         block = CustomBlock(layer, source.parts.call_block)
     else:
-        block = DecoderBlock(layer, source.rotary)
+        layer_types = getattr(source.config, "layer_types", None)
+        block = DecoderBlock(layer, source.rotary, layer_types[index] if layer_types else None)
     return block if final_norm is None else _Normed(block, final_norm)
 
 
