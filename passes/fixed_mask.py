@@ -3,9 +3,12 @@
 The runtime (LLM-TPU's chat demo) builds the causal mask itself and passes it in with a
 fixed shape, [1,1,SEQ,SEQ] for prefill and [1,1,1,SEQ+1] for decode, −10000 where masked.
 This pass wires every attention's mask operand straight to that input (skipping no-op
-slices, replacing `is_causal=True`) and then refuses any mask-building op left in the
-network (arange, cumsum, comparisons, tril/triu, where, masked_fill) that is computed from
-positions and constants alone. The same ops computed from the hidden states are an
+slices, replacing `is_causal=True`). A mask the network builds itself from positions and
+constants (a hand-written model's `arange(t) <= position`) is read by what it computes: run on
+the positions of prompts of several lengths, it must let each prompt row see exactly the keys the
+runtime's causal mask lets it see; then the input replaces it, else the pass says how it
+differs. It then refuses any mask-building op left in the network (arange, cumsum,
+comparisons, tril/triu, where, masked_fill) that is computed from positions and constants alone. The same ops computed from the hidden states are an
 activation, such as Apertus' xIELU (`where(x > 0, ...)`), not a mask. A cross-attention
 (see cross-kv-inputs) takes the `encoder_attention_mask` input [1,1,steps,SRC] instead.
 """
@@ -16,7 +19,8 @@ import torch
 import torch.fx as fx
 
 from graphopt.ir import NetworkGraph, shape_of
-from graphopt.contract import ATTENTION_MASK, BLOCKS, ENCODER_ATTENTION_MASK, INPUT_STATES
+from graphopt.contract import (ATTENTION_MASK, BLOCKS, ENCODER_ATTENTION_MASK, INPUT_STATES, MASK_VALUE, POSITION_IDS,
+                               causal_mask)
 from graphopt.pass_manager import Pass, PassResult, register_pass
 from graphopt.passes._attention import attention_nodes, cross_attention_nodes, sdpa_arg, set_sdpa_arg
 
@@ -24,6 +28,7 @@ aten = torch.ops.aten
 MASK_INPUT = ATTENTION_MASK
 ENCODER_MASK_INPUT = ENCODER_ATTENTION_MASK  # cross-attention's [1, 1, steps, SRC] additive mask
 HIDDEN_INPUT = INPUT_STATES
+POSITION_INPUT = POSITION_IDS
 
 MASK_BUILDING_OPS = {
     aten.arange.default, aten.arange.start, aten.arange.start_step, aten.cumsum.default,
@@ -64,9 +69,10 @@ class FixedMask(Pass):
                 set_sdpa_arg(node, "is_causal", False)
             elif operand is None:
                 raise self.cannot(net, f"attention '{node.name}' uses no mask at all")
-            elif _through_noop_slices(operand) is not mask:
-                raise self.cannot(net, f"the mask of attention '{node.name}' is computed inside "
-                                     f"the network (by '{operand.name}'), not taken from the '{MASK_INPUT}' input")
+            elif _through_noop_slices(operand) is not mask and (why := self._not_causal(net, operand)):
+                raise self.cannot(net, f"the mask of attention '{node.name}' is computed inside the network (by "
+                                     f"'{operand.name}') and is not the causal mask the '{MASK_INPUT}' input "
+                                     f"holds: {why}")
             if operand is not mask:
                 set_sdpa_arg(node, "attn_mask", mask)
                 rewired += 1
@@ -79,6 +85,33 @@ class FixedMask(Pass):
             raise self.cannot(net, "ops that build a mask from positions remain after the "
                                  f"attention masks were rewired: {', '.join(builders)}")
         return PassResult(rewired, f"{rewired} mask operand(s) rewired to '{MASK_INPUT}' or '{ENCODER_MASK_INPUT}'")
+
+    @staticmethod
+    def _not_causal(net: NetworkGraph, operand: fx.Node) -> str | None:
+        """None when `operand`, a mask computed from the positions and constants alone, lets every prompt row i
+        see exactly keys 0..i (run on the positions the runtime writes for prompts of every length up to the
+        network's rows, the rest padding); else how it differs."""
+        allowed = {net.input(POSITION_INPUT), net.input(MASK_INPUT)}
+        reads = [p for p in net.placeholders() if operand in net.computed_from(p)]
+        if other := [p.name for p in reads if p not in allowed]:
+            return f"it is computed from {', '.join(other)}, not from the positions alone"
+        rows = shape_of(net.input(POSITION_INPUT))[1] if net.input(POSITION_INPUT) is not None else 0
+        evaluate = _cut(net, operand)
+        for length in sorted({1, 2, rows // 2, rows - 1, rows} & set(range(1, rows + 1))):
+            positions = torch.zeros(1, rows, dtype=torch.int64)
+            positions[0, :length] = torch.arange(length)
+            feeds = {POSITION_INPUT: positions}
+            if net.input(MASK_INPUT) is not None:
+                feeds[MASK_INPUT] = torch.from_numpy(causal_mask(rows, shape_of(net.input(MASK_INPUT))[-1], length))
+            visible = _visibility(evaluate(feeds))
+            if visible is None:
+                return f"its values do not read as one [queries, keys] mask (shape {list(shape_of(operand))})"
+            expected = torch.ones(length, visible.shape[1], dtype=torch.bool).tril()
+            if not torch.equal(visible[:length], expected):
+                i, j = (visible[:length] != expected).nonzero()[0].tolist()
+                return (f"for a {length}-token prompt it lets row {i} {'see' if visible[i, j] else 'not see'} key "
+                        f"{j}, which the runtime's causal mask does {'not ' if visible[i, j] else ''}allow")
+        return None
 
     def _wire_cross_attention_mask(self, net: NetworkGraph, node: fx.Node) -> int:
         """Cross-attention masks source padding: it takes the `encoder_attention_mask` input."""
@@ -94,3 +127,38 @@ class FixedMask(Pass):
             return 0
         set_sdpa_arg(node, "attn_mask", mask)
         return 1
+
+
+def _cut(net: NetworkGraph, node: fx.Node):
+    """`feeds -> node's value`: the part of the network's graph `node` is computed by (the inputs not fed: zeros)."""
+    needed, stack = set(), [node]
+    while stack:
+        current = stack.pop()
+        if current not in needed:
+            needed.add(current)
+            stack += current.all_input_nodes
+    graph, copied = fx.Graph(), {}
+    for current in net.graph.nodes:
+        if current in needed:
+            copied[current] = graph.node_copy(current, lambda n: copied[n])
+    graph.output(copied[node])
+    gm = fx.GraphModule(net.gm, graph)  # takes only the constants the cut reads
+    placeholders = [n for n in graph.nodes if n.op == "placeholder"]
+
+    def evaluate(feeds: dict[str, torch.Tensor]) -> torch.Tensor:
+        args = [feeds[p.name] if p.name in feeds else torch.zeros(shape_of(p), dtype=p.meta["val"].dtype)
+                for p in placeholders]
+        with torch.no_grad():
+            return gm(*args)
+
+    return evaluate
+
+
+def _visibility(mask: torch.Tensor) -> torch.Tensor | None:
+    """[queries, keys] True where a query may look, from a boolean (True: look) or additive (0: look) mask
+    that is the same for every batch and head; None where it is not."""
+    if mask.dim() < 2:
+        return None
+    visible = mask if mask.dtype == torch.bool else mask > MASK_VALUE / 2
+    flat = visible.reshape(-1, *visible.shape[-2:])
+    return flat[0] if bool((flat == flat[0]).all()) else None

@@ -6,7 +6,7 @@ import torch.nn.functional as F
 from graphopt.errors import PassMatchError
 from graphopt.passes._attention import attention_nodes, sdpa_arg
 from graphopt.passes.fixed_mask import MASK_BUILDING_OPS
-from graphopt.testing import causal_mask, count, prefill_inputs, run_passes, traced
+from graphopt.testing import causal_mask, count, prefill_inputs, run_passes, run_until, traced
 from graphopt.trace import trace_network
 
 S = 8
@@ -52,10 +52,15 @@ def test_is_causal_becomes_the_mask_input():
     torch.testing.assert_close(net.run(*args), before, rtol=1e-5, atol=1e-5)
 
 
-def test_a_mask_built_inside_is_refused():
-    net, _ = _toy(BuildsMask())
-    with pytest.raises(PassMatchError, match="fixed-mask.*block_toy.*computed inside"):
-        run_passes(net, "fixed-mask")
+def test_a_causal_mask_built_inside_from_constants_becomes_the_input():
+    """Read by what it computes: on every prompt length it lets row i see keys 0..i, as the input does."""
+    net, inputs = _toy(BuildsMask())
+    args = tuple(inputs.values())
+    before = net.run(*args)
+    run_passes(net, "fixed-mask")
+    (attention,) = attention_nodes(net)
+    assert sdpa_arg(attention, "attn_mask") is net.input("attention_mask")
+    torch.testing.assert_close(net.run(*args), before, rtol=1e-5, atol=1e-5)
 
 
 def test_llama_block_keeps_numbers_and_has_no_mask_building_ops():
@@ -99,4 +104,39 @@ def test_comparisons_on_hidden_states_are_an_activation_not_a_mask():
 def test_a_mask_built_from_positions_outside_attention_is_refused():
     net, _ = _toy(PositionGate())
     with pytest.raises(PassMatchError, match="fixed-mask.*block_toy.*build a mask from positions remain.*lt"):
+        run_passes(net, "fixed-mask")
+
+
+def _positions_masked(ahead: int):
+    """A block that builds its own mask from positions: key j visible up to position + `ahead`."""
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.qkv = nn.Linear(64, 192, bias=False)
+
+        def forward(self, input_states, position_ids, attention_mask):
+            b, t, _ = input_states.shape
+            q, k, v = (x.view(b, t, 4, 16).transpose(1, 2) for x in self.qkv(input_states).split(64, -1))
+            visible = torch.arange(t)[None, None, :] <= position_ids[:, :, None] + ahead
+            scores = (q @ k.transpose(-2, -1) / 4.0).masked_fill(~visible[:, None], float("-inf"))
+            return (F.softmax(scores, dim=-1) @ v).transpose(1, 2).reshape(b, t, 64)
+
+    inputs = {"input_states": torch.randn(1, 8, 64), "position_ids": torch.arange(8)[None],
+              "attention_mask": torch.zeros(1, 1, 8, 8)}
+    net = trace_network(Block().eval(), inputs, name="block_0", kind="block", output_names=["hidden_states"],
+                        seq_length=8)
+    return run_until(net, "fixed-mask"), tuple(inputs.values())
+
+
+def test_a_causal_mask_built_from_positions_becomes_the_input():
+    net, inputs = _positions_masked(0)
+    run_passes(net, "fixed-mask")
+    (attention,) = attention_nodes(net)
+    assert sdpa_arg(attention, "attn_mask") is net.input("attention_mask")
+    assert count(net, torch.ops.aten.arange.default, torch.ops.aten.le.Tensor) == 0  # the mask's ops are gone
+
+
+def test_a_mask_built_from_positions_that_is_not_causal_is_refused_with_where_it_differs():
+    net, _ = _positions_masked(1)  # every query also sees the next key
+    with pytest.raises(PassMatchError, match="for a 1-token prompt it lets row 0 see key 1"):
         run_passes(net, "fixed-mask")

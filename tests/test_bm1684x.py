@@ -219,6 +219,21 @@ def test_tiny_llama_with_do_sample_draws_on_the_chip_from_transformers_distribut
     assert tokens[0] == tokens[1] and len(tokens[0]) == 4
 
 
+def test_a_hand_written_model_with_an_adapter_only_gives_its_own_tokens_in_the_simulator(net_cache, tmp_path):
+    """examples/custom_model/diy_lm.py (attention written out, a causal mask built from positions, interleaved
+    rotary): compiled bf16 with its adapter only, its simulated greedy tokens for the 8-token prompt equal the
+    fp32 networks', which the run's end-to-end check holds to the model's own forward."""
+    folder = tmp_path / "diy-bf16"
+    model = Path(__file__).resolve().parents[1] / "examples" / "custom_model" / "diy_lm.py"
+    run = graphopt("run", str(model), "--target", "bm1684x", "--quantize", "bf16", "--seq-length", SEQ, "--out",
+                   str(folder), env=net_cache)
+    assert "checks: all passed" in run.stdout, run.stdout
+    report = json.loads((folder / "bm1684x.json").read_text())
+    short = report["generation"]["runs"][0]
+    assert short["prompt_length"] == 8 and short["tokens_identical"] and short["tokens"] == short["fp32_tokens"], short
+    assert json.loads((folder / "report.json").read_text())["end_to_end"]["tokens_identical"]
+
+
 def test_simulated_generation_from_the_command_line_matches_onnxruntime(builds):
     folder, _ = builds["bf16"]
     golden, _ = load_golden("tiny-llama")

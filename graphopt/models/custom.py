@@ -14,9 +14,11 @@
 `call_block` says what a block's inputs mean: graphopt calls it with the contract's
 `input_states [1,T,H]`, `position_ids [1,T]` and the additive `attention_mask [1,1,T,K]`
 (0 / -10000), and it returns the block's hidden states. The same passes as for transformers
-models then rewrite the traced blocks: the block's attention must be one
-`F.scaled_dot_product_attention` call whose mask is that `attention_mask`, and what it computes
-from `position_ids` alone (RoPE angles) becomes tables. Tied weights (a head that shares the
+models then rewrite the traced blocks, reading them by what they compute: attention called as
+`F.scaled_dot_product_attention` or written out (`q @ kᵀ`, scale, mask, softmax, `@ v`); its mask
+that `attention_mask`, or one the block builds from `position_ids` that is the causal mask (then
+`call_block` may leave `attention_mask` out); what it computes from `position_ids` alone (RoPE
+angles) becomes tables. Tied weights (a head that shares the
 embedding's matrix) are found by identity. Weights are seeded random (`init_std`) or, with
 `--model-path DIR`, the model's own `state_dict` names read from DIR's *.safetensors.
 `reference_logits` is the model's own forward, the reference every stage is checked against.
