@@ -50,3 +50,13 @@ def test_soft_capped_attention_is_refused_with_why(tmp_path):
     AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / "gemma2")
     with pytest.raises(GraphoptError, match="soft-capped"):
         compile_model(open_model(str(tmp_path / "gemma2")), ONNX_TARGET, 32, tmp_path / "out", show_progress=False)
+
+
+def test_a_mixture_of_experts_is_refused_by_the_bm1684x_target_before_any_work(tmp_path):
+    from graphopt.targets.bm1684x.contract import check_experts
+
+    config = AutoConfig.for_model("mixtral", **_TINY_COMMON, pad_token_id=0, num_local_experts=4)
+    AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / "mixtral")
+    with pytest.raises(GraphoptError, match=r"mixture of experts \(4 experts a layer\).*--target onnx"):
+        check_experts(open_model(str(tmp_path / "mixtral")))
+    check_experts(open_model("tiny-llama"))  # a dense model passes

@@ -26,6 +26,8 @@ from graphopt.models.seq2seq import Seq2SeqParts, seq2seq_parts
 from graphopt.models.registry import REGISTRY
 from graphopt.models.weights import RandomWeights, SafetensorsWeights, WeightProvider
 
+# Config attributes that count a mixture of experts' experts (Mixtral; Qwen2/3-MoE; DeepSeek).
+EXPERT_COUNTS = ("num_local_experts", "num_experts", "n_routed_experts")
 # graphopt never downloads: a model is a registry name or a local directory.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 RANDOM_SEED = 0
@@ -209,6 +211,11 @@ class ModelSource:
     @property
     def max_positions(self) -> int:
         return int(self.config.max_position_embeddings)
+
+    @property
+    def experts(self) -> int:
+        """How many experts each mixture-of-experts layer has (0: a dense model), from the config."""
+        return max((int(getattr(self.config, name, 0) or 0) for name in EXPERT_COUNTS), default=0)
 
     @cached_property
     def parameter_count(self) -> int:

@@ -180,6 +180,7 @@ def simulator_log() -> Path:
 
 
 def validate(source, options: dict[str, Any]) -> None:
+    contract.check_experts(source)
     contract.check_quantizable(source.config, options["quantize"], options["group_size"])
     contract.check_chunk_length(options.get("chunk_length"), options["seq_length"], options["contract"])
     toolchain.require()

@@ -204,6 +204,18 @@ def check_chunk_length(chunk_length: int | None, seq_length: int, runtime: str) 
                             f"({seq_length // 2}), as llm_convert requires: the decode stages are its multiples below SEQ.")
 
 
+def check_experts(source) -> None:
+    """Mixtures of experts reach the ONNX target, not this one yet: refused before any work."""
+    if source.experts > 1:
+        raise GraphoptError(
+            f"{source.name} is a mixture of experts ({source.experts} experts a layer), which the bm1684x target does "
+            "not compile yet. graphopt traces experts as a per-token gather of the chosen experts' weights "
+            "(transformers' batched_mm): the ONNX target runs it (--target onnx), but TPU-MLIR's simulator fails on "
+            "that form (std::bad_alloc after the router's TopK, tiny Mixtral in bf16). What it takes is a top pass "
+            "that writes TPU-MLIR's own expert matmuls from the gather, as llm_convert writes its MoE blocks (the "
+            "router's TopK, then matmuls that take the expert ids).")
+
+
 def check_quantizable(config, quantize: str, group_size: int) -> None:
     """W4 on BM1684X needs every quantized weight's output channels to be a multiple of 64
     (TPU-MLIR reports `invalid scale channel` otherwise), and its input channels to split into groups."""
