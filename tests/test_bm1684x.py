@@ -221,17 +221,22 @@ def test_tiny_llama_with_do_sample_draws_on_the_chip_from_transformers_distribut
 
 def test_a_hand_written_model_with_an_adapter_only_gives_its_own_tokens_in_the_simulator(net_cache, tmp_path):
     """examples/custom_model/diy_lm.py (attention written out, a causal mask built from positions, interleaved
-    rotary): compiled bf16 with its adapter only, its simulated greedy tokens for the 8-token prompt equal the
-    fp32 networks', which the run's end-to-end check holds to the model's own forward."""
+    rotary): compiled bf16 with its adapter only, every attention fused into FAttention (K found behind the
+    rotary's pairs join, which TPU-MLIR folds into the head repeat), its simulated greedy tokens equal the fp32
+    networks' (which the run's end-to-end check holds to the model's own forward) up to a near-tie the run
+    excuses."""
     folder = tmp_path / "diy-bf16"
     model = Path(__file__).resolve().parents[1] / "examples" / "custom_model" / "diy_lm.py"
     run = graphopt("run", str(model), "--target", "bm1684x", "--quantize", "bf16", "--seq-length", SEQ, "--out",
                    str(folder), env=net_cache)
     assert "checks: all passed" in run.stdout, run.stdout
     report = json.loads((folder / "bm1684x.json").read_text())
-    short = report["generation"]["runs"][0]
-    assert short["prompt_length"] == 8 and short["tokens_identical"] and short["tokens"] == short["fp32_tokens"], short
+    for run in report["generation"]["runs"]:
+        same = run["first_difference"] if not run["tokens_identical"] else len(run["tokens"])
+        assert run["ok"] and same >= 8 and run["tokens"][:same] == run["fp32_tokens"][:same], run
     assert json.loads((folder / "report.json").read_text())["end_to_end"]["tokens_identical"]
+    nets = {n["net"]: n for n in report["nets"]}
+    assert all(nets[f"block_{i}"]["top_passes"]["fuse-flash-attention"]["changed"] == 1 for i in (0, 1))
 
 
 def test_simulated_generation_from_the_command_line_matches_onnxruntime(builds):

@@ -74,7 +74,7 @@ def _fuse(softmax, none, always: bool = False) -> str:
     value = _through(pv.operands[1], REPEAT_OPS)
     repeated = _passes_tile(pv.operands[1], value)
     if not key_is_bshd:
-        key = _through(key, REPEAT_OPS)
+        key = _unrepeated_key(key, qk)
     _, second, third, _ = _rank4(key, "key")
     keys, kv_heads = (second, third) if key_is_bshd else (third, second)
     if shape(value) != [1, kv_heads, keys, head_dim] or heads % kv_heads:
@@ -114,6 +114,8 @@ def _query(value):
         if made is not None and made.name == "top.MulConst" and scale == 1.0:
             scale, value = float_attr(made, "const_val"), made.operands[0]
         elif made is not None and made.name == "top.Reshape" and reshaped is None:
+            if _joins_pairs(made):
+                break  # an interleaved rotary's pairs joined into head_dim: the query as it is
             reshaped, value = made, made.operands[0]
     if reshaped is not None and shape(value)[2] != 1:
         raise NoMatch(f"the query is regrouped from {shape(value)}: only one-token queries regroup as they are")
@@ -135,6 +137,32 @@ def _key(qk):
     raise NoMatch(f"the scores MatMul's right operand is not Kᵀ (a Permute [0,1,3,2] or [0,2,3,1]; it is "
                   f"{'a ' + producer(right).name if producer(right) is not None else 'an argument'}"
                   f"{' ' + str(order) if order else ''})")
+
+
+def _joins_pairs(made) -> bool:
+    """A Reshape [1,H,S,a,b] -> [1,H,S,a·b]: an interleaved rotary's pairs joined into head_dim."""
+    source, out = shape(made.operands[0]), shape(made.results[0])
+    return made.name == "top.Reshape" and len(source) == 5 and len(out) == 4 and source[:3] == out[:3]
+
+
+def _unrepeated_key(key, qk):
+    """K [1,KV,MK,D] behind its repeat to the query heads. After an interleaved rotary TPU-MLIR folds the
+    pairs' join into the repeat's Unsqueeze ([1,KV,MK,a,b] -> [1,KV,1,MK,a·b]): K is then that source with its
+    pairs joined, a Reshape the network already makes (for past_k) or a new one."""
+    while (made := producer(key)) is not None and made.name in REPEAT_OPS:
+        source, out = shape(made.operands[0]), shape(made.results[0])
+        if made.name == "top.Reshape" and len(source) == 5 and len(out) == 5 and out[2] == 1 and \
+                source[:2] == out[:2] and source[2] == out[3]:
+            joined = [1, source[1], source[2], out[4]]
+            existing = next((r for r in users(made.operands[0]) if r.name == "top.Reshape"
+                             and shape(r.results[0]) == joined), None)
+            if existing is not None:
+                return existing.results[0]
+            return create("top.Reshape", tensor_type(made.operands[0], joined), [made.operands[0]],
+                          {"shape": str(joined), "flatten_start_dim": "-1 : i64"}, f"{name_of(qk)}_k_joined",
+                          made).results[0]
+        key = made.operands[0]
+    return key
 
 
 def _through(value, kinds):
