@@ -26,6 +26,7 @@ def test_the_error_names_the_pass_the_network_and_what_was_not_found(self_maskin
         compile_model(open_model(str(self_masking_checkpoint)), ONNX_TARGET, 32, tmp_path / "out", show_progress=False)
     assert (error.value.pass_name, error.value.network) == ("fixed-mask", "block_1")
     assert "computed inside the network" in error.value.missing and "attention_mask" in error.value.missing
+    assert "lets row 2 not see key 0" in error.value.missing  # the window, found by running the mask
     assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out*")), "nothing half-written"
 
 

@@ -1,8 +1,10 @@
-"""A Llama whose chosen layers build their own causal mask: blocks graphopt's passes cannot rewrite.
+"""A Llama whose chosen layers build their own mask, a sliding window of two keys: blocks graphopt's passes
+cannot rewrite.
 
-Many remote-code checkpoints do this (an attention that makes its mask from `arange` instead of
-taking the one the model passes in). The runtime feeds every block a fixed-shape mask, so such a
-block cannot be compiled faithfully, and graphopt must refuse it by pass, network and reason.
+Remote-code checkpoints do this (an attention that makes its mask from `arange` instead of taking the one
+the model passes in). fixed-mask reads such a mask by what it computes: a causal one becomes the runtime's
+input, but a window is not what the runtime's fixed causal mask means, so such a block cannot be compiled
+faithfully, and graphopt must refuse it by pass, network and reason.
 Registered with transformers' Auto classes on import, as a user's own architecture would be,
 so `save_pretrained` directories of it load by name in graphopt's export worker processes too.
 """
@@ -24,7 +26,8 @@ class SelfMaskingLlamaConfig(LlamaConfig):
 
 
 class SelfMaskingAttention(LlamaAttention):
-    """Llama attention (same weights) that ignores the mask it is given and builds a causal one."""
+    """Llama attention (same weights) that ignores the mask it is given and builds its own: each query sees
+    itself and the key before it."""
 
     def forward(self, hidden_states, position_embeddings=None, attention_mask=None, **kwargs):
         batch, steps, _ = hidden_states.shape
@@ -35,7 +38,8 @@ class SelfMaskingAttention(LlamaAttention):
         q, k, v = heads(self.q_proj(hidden_states)), heads(self.k_proj(hidden_states)), heads(self.v_proj(hidden_states))
         q, k = apply_rotary_pos_emb(q, k, *position_embeddings)
         index = torch.arange(steps, device=hidden_states.device)
-        own_mask = torch.where(index[None, :] <= index[:, None], 0.0, float("-inf"))
+        window = (index[None, :] <= index[:, None]) & (index[:, None] - index[None, :] < 2)
+        own_mask = torch.where(window, 0.0, float("-inf"))
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=own_mask, enable_gqa=True)
         return self.o_proj(out.transpose(1, 2).reshape(batch, steps, -1)), None
 
