@@ -248,6 +248,9 @@ def layer_of(spec: NetworkSpec, network: str) -> int | None:
 FP16_MASK_BITS = int(np.float16(MASK_VALUE).view(np.uint16))  # 0xF0E2
 BF16_MASK_BITS = 0xC61C  # bf16 −9984: −10000 is not a bf16 value; the nearest LLM-TPU picked
 
+# TopK(1) over lm_head's logits: every contract whose lm_head answers logits has it.
+GREEDY_HEAD_SPEC = NetworkSpec("greedy_head", GREEDY_HEAD, (M_LOGITS,), (TOKEN,))
+
 # The embedding and the blocks: the same in LLM-TPU's legacy demo and today's.
 LLM_TPU_BLOCKS = (
     NetworkSpec("embedding", EMBEDDING, (INPUT_IDS,), (INPUT_EMBED,)),
@@ -281,11 +284,9 @@ DYNAMIC, HISTORY_KV, DO_SAMPLE = "dynamic", "history-kv", "do-sample"
 CONTRACT_OPTIONS = (DYNAMIC, HISTORY_KV, DO_SAMPLE)
 BLOCK_KV_SPEC = NetworkSpec("block_kv_{layer}", BLOCK_KV, (INPUT_STATES, POSITION_IDS, ATTENTION_MASK, HISTORY_K, HISTORY_V),
                             (HIDDEN_STATES, PAST_K, PAST_V), baked=(ATTENTION_MASK,))
-SAMPLING_HEADS = (
-    NetworkSpec("greedy_head", GREEDY_HEAD, (M_LOGITS,), (TOKEN,)),
-    NetworkSpec("sample_head", SAMPLE_HEAD, (M_LOGITS, INPUT_IDS, PENALTY, TEMPERATURE, TOP_K, TOP_P), (PROBS, TOKEN),
-                launch_length=(INPUT_IDS,)),
-)
+SAMPLE_HEAD_SPEC = NetworkSpec("sample_head", SAMPLE_HEAD, (M_LOGITS, INPUT_IDS, PENALTY, TEMPERATURE, TOP_K, TOP_P),
+                               (PROBS, TOKEN), launch_length=(INPUT_IDS,))
+SAMPLING_HEADS = (GREEDY_HEAD_SPEC, SAMPLE_HEAD_SPEC)
 LLM_TPU_OPTIONAL_HEADS = tuple(s.name for s in SAMPLING_HEADS)  # the demos count them out of the layers
 
 
@@ -317,7 +318,7 @@ LLAMA3_1_DEMO = Contract(
     networks=(
         *LLM_TPU_BLOCKS,
         NetworkSpec("lm_head", LM_HEAD, (HIDDEN_STATES,), (M_LOGITS,)),
-        NetworkSpec("greedy_head", GREEDY_HEAD, (M_LOGITS,), (TOKEN,)),
+        GREEDY_HEAD_SPEC,
         NetworkSpec("penalty_sample_head", PENALTY_SAMPLE_HEAD, (M_LOGITS, INPUT_IDS, TOP_P, TEMPERATURE, PENALTY),
                     (PROBS, TOKEN)),
     ),
@@ -338,7 +339,7 @@ ENCODER_DECODER = Contract(
                     (INPUT_STATES, ATTENTION_MASK, ENCODER_ATTENTION_MASK, CROSS_K, CROSS_V, HISTORY_K, HISTORY_V),
                     (HIDDEN_STATES, PAST_K, PAST_V)),
         NetworkSpec("lm_head", LM_HEAD, (HIDDEN_STATES,), (M_LOGITS,)),
-        NetworkSpec("greedy_head", GREEDY_HEAD, (M_LOGITS,), (TOKEN,)),
+        GREEDY_HEAD_SPEC,
     ),
 )
 
@@ -376,11 +377,11 @@ def contract_of_nets(names, block_inputs: int | None = None) -> Contract:
     if ENCODER_DECODER.network(ENCODER) in names:
         return ENCODER_DECODER
     if LLAMA3_1_DEMO.network(PENALTY_SAMPLE_HEAD) in names or (
-            LLAMA3_1_DEMO.network(GREEDY_HEAD) in names and SAMPLING_HEADS[1].name not in names):
+            LLAMA3_1_DEMO.network(GREEDY_HEAD) in names and SAMPLE_HEAD_SPEC.name not in names):
         return LLAMA3_1_DEMO
     dynamic = block_inputs is not None and block_inputs < len(LLM_TPU.spec(BLOCK).inputs)
     options = ((HISTORY_KV,) if BLOCK_KV_SPEC.network(0) in names else (DYNAMIC,) if dynamic else ()) + (
-        (DO_SAMPLE,) if SAMPLING_HEADS[1].name in names else ())
+        (DO_SAMPLE,) if SAMPLE_HEAD_SPEC.name in names else ())
     return llm_tpu_with(options)
 
 

@@ -102,6 +102,22 @@ class NetworkGraph:
                 reached.add(node)
         return reached
 
+    def subgraph(self, outputs) -> fx.GraphModule:
+        """A module computing the tuple of `outputs` (nodes of this graph) from the inputs they read alone,
+        its placeholders in the network's order, holding only the constants they read."""
+        needed, stack = set(), list(outputs)
+        while stack:
+            node = stack.pop()
+            if node not in needed:
+                needed.add(node)
+                stack.extend(node.all_input_nodes)
+        graph, copied = fx.Graph(), {}
+        for node in self.graph.nodes:
+            if node in needed:
+                copied[node] = graph.node_copy(node, lambda n: copied[n])
+        graph.output(tuple(copied[o] for o in outputs))
+        return fx.GraphModule(self.gm, graph)
+
     def constant(self, attr: str, value: torch.Tensor, before: fx.Node) -> fx.Node:
         """Register `value` on the module under a fresh name and return a get_attr node for it."""
         name, k = attr, 0

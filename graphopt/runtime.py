@@ -77,20 +77,13 @@ class FxBackend:
 
     def head_logits(self):
         """For a token-out lm_head: its FX graph up to the TopK's input (see HeadLogits)."""
-        import copy
-
         import torch
 
         head = next((n for n in self.networks.values() if n.kind == c.LM_HEAD), None)
         topk = next((n for n in head.graph.nodes if n.target == torch.ops.aten.topk.default), None) if head else None
         if topk is None:
             return None
-        gm = copy.deepcopy(head.gm)
-        node = next(n for n in gm.graph.nodes if n.name == topk.name)
-        output = next(n for n in gm.graph.nodes if n.op == "output")
-        output.args = ((node.args[0],),)
-        gm.graph.eliminate_dead_code()
-        gm.recompile()
+        gm = head.subgraph([topk.args[0]])
 
         def logits(hidden: np.ndarray) -> np.ndarray:
             with torch.no_grad():
@@ -148,12 +141,11 @@ class Sampling:
         """As the python_demo reads it: transformers' GenerationConfig of the folder (its defaults, the
         cpp_demo's too, where the file says nothing)."""
         from transformers import GenerationConfig
+        from transformers.utils import logging as transformers_logging
 
         if not path.is_file():
             raise GraphoptError(f"sampling reads the generation config, and {path} is not there: `graphopt run` writes "
                                 "it into config/ beside the networks; copy the model's generation_config.json there.")
-        from transformers.utils import logging as transformers_logging
-
         level = transformers_logging.get_verbosity()
         transformers_logging.set_verbosity_error()  # not its notes on flags greedy generation ignores
         try:

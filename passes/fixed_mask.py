@@ -8,7 +8,8 @@ constants (a hand-written model's `arange(t) <= position`) is read by what it co
 the positions of prompts of several lengths, it must let each prompt row see exactly the keys the
 runtime's causal mask lets it see; then the input replaces it, else the pass says how it
 differs. It then refuses any mask-building op left in the network (arange, cumsum,
-comparisons, tril/triu, where, masked_fill) that is computed from positions and constants alone. The same ops computed from the hidden states are an
+comparisons, tril/triu, where, masked_fill) that is computed from positions and constants
+alone. The same ops computed from the hidden states are an
 activation, such as Apertus' xIELU (`where(x > 0, ...)`), not a mask. A cross-attention
 (see cross-kv-inputs) takes the `encoder_attention_mask` input [1,1,steps,SRC] instead.
 """
@@ -89,8 +90,8 @@ class FixedMask(Pass):
     @staticmethod
     def _not_causal(net: NetworkGraph, operand: fx.Node) -> str | None:
         """None when `operand`, a mask computed from the positions and constants alone, lets every prompt row i
-        see exactly keys 0..i (run on the positions the runtime writes for prompts of every length up to the
-        network's rows, the rest padding); else how it differs."""
+        see exactly keys 0..i (run on the positions the runtime writes for prompts of 1, 2, half, all but one
+        and all of the network's rows, the rest padding); else how it differs."""
         allowed = {net.input(POSITION_INPUT), net.input(MASK_INPUT)}
         reads = [p for p in net.placeholders() if operand in net.computed_from(p)]
         if other := [p.name for p in reads if p not in allowed]:
@@ -131,25 +132,14 @@ class FixedMask(Pass):
 
 def _cut(net: NetworkGraph, node: fx.Node):
     """`feeds -> node's value`: the part of the network's graph `node` is computed by (the inputs not fed: zeros)."""
-    needed, stack = set(), [node]
-    while stack:
-        current = stack.pop()
-        if current not in needed:
-            needed.add(current)
-            stack += current.all_input_nodes
-    graph, copied = fx.Graph(), {}
-    for current in net.graph.nodes:
-        if current in needed:
-            copied[current] = graph.node_copy(current, lambda n: copied[n])
-    graph.output(copied[node])
-    gm = fx.GraphModule(net.gm, graph)  # takes only the constants the cut reads
-    placeholders = [n for n in graph.nodes if n.op == "placeholder"]
+    gm = net.subgraph([node])
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
 
     def evaluate(feeds: dict[str, torch.Tensor]) -> torch.Tensor:
         args = [feeds[p.name] if p.name in feeds else torch.zeros(shape_of(p), dtype=p.meta["val"].dtype)
                 for p in placeholders]
         with torch.no_grad():
-            return gm(*args)
+            return gm(*args)[0]
 
     return evaluate
 

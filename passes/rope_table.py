@@ -32,23 +32,6 @@ def position_only_nodes(net: NetworkGraph, positions: fx.Node) -> set[fx.Node]:
     return {n for n, d in depends.items() if d == {positions} and n is not positions}
 
 
-def _subgraph_module(net: NetworkGraph, positions: fx.Node, outputs: list[fx.Node]) -> fx.GraphModule:
-    """A module computing `outputs` from `positions` alone (their ancestors are all position-only or constant)."""
-    needed, stack = set(), list(outputs)
-    while stack:
-        node = stack.pop()
-        if node not in needed and node is not positions:
-            needed.add(node)
-            stack.extend(node.all_input_nodes)
-    graph = fx.Graph()
-    env = {positions: graph.placeholder(positions.name)}
-    for node in net.graph.nodes:
-        if node in needed:
-            env[node] = graph.node_copy(node, lambda n: env[n])
-    graph.output(tuple(env[o] for o in outputs))
-    return fx.GraphModule(net.gm, graph)
-
-
 def _position_axis(shape: tuple[int, ...], seq: int) -> int | None:
     for axis, size in enumerate(shape):
         if size == seq:
@@ -79,7 +62,7 @@ class RopeTable(Pass):
         if batch != 1 or not frontier:
             raise self.cannot(net, "found no sub-graph that depends only on position_ids "
                                  "(the rotary cos/sin computation)")
-        module = _subgraph_module(net, positions, frontier)
+        module = net.subgraph(frontier)  # its one input: the positions
         rows = net.seq_length
         axes = [_position_axis(shape_of(f), seq) for f in frontier]
         for f, axis in zip(frontier, axes):

@@ -46,14 +46,14 @@ def decoder_parts(model: nn.Module) -> DecoderParts:
     layers: `norm`, `final_layernorm`, `final_layer_norm`, `ln_f`, ...) and the rotary embedding."""
     config = model.config
     owner, layers = _layer_stack(model, int(getattr(config, "num_hidden_layers", 0) or 0))
-    after = list(owner.named_children()) if owner is not None else []
-    after = after[next(i for i, (_, m) in enumerate(after) if m is layers) + 1:] if owner is not None else []
+    beside = list(owner.children()) if owner is not None else []  # the layer list's siblings, in order
+    after = beside[beside.index(layers) + 1:] if owner is not None else []
     found = {
         "embed": model.get_input_embeddings(),
         "layers": layers,
-        "norm": next((m for _, m in reversed(after) if _is_norm(m)), None),
+        "norm": next((m for m in reversed(after) if _is_norm(m)), None),
         "head": model.get_output_embeddings(),
-        "rotary": next((m for _, m in owner.named_children() if "Rotary" in type(m).__name__), None) if owner else None,
+        "rotary": next((m for m in beside if "Rotary" in type(m).__name__), None),
     }
     missing = [k for k, v in found.items() if v is None]
     if missing:

@@ -3,8 +3,9 @@
 The skeleton's parameters are built on the meta device, so building it costs nothing whatever the
 model size; its buffers are built on the CPU by the modules' own constructors (`weightless`, the
 technique of accelerate's `init_empty_weights(include_buffers=False)`), so those a checkpoint does
-not store (a scaled embedding's factor, a custom rotary's frequencies) hold what `__init__` computes. A network's modules are given real weights only while that network is traced
-(`materialized`), then returned to meta: peak memory is one network, not the model.
+not store (a scaled embedding's factor, a custom rotary's frequencies) hold what `__init__` computes.
+A network's modules are given real weights only while that network is traced (`materialized`),
+then returned to meta: peak memory is one network, not the model.
 """
 
 from __future__ import annotations
