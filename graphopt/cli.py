@@ -11,7 +11,7 @@ from pathlib import Path
 
 from graphopt.errors import GraphoptError
 from graphopt.models.registry import REGISTRY
-from graphopt.targets.bm1684x.contract import DEFAULT_GROUP_SIZE
+from graphopt.targets.bm1684x.contract import DEFAULT_GROUP_SIZE, LM_HEAD_MODES, default_quantize
 
 DEFAULT_SEQ_LENGTH = 512
 
@@ -42,8 +42,8 @@ def cmd_run(args) -> int:
     source = open_model(args.model, args.model_path, args.random_weights, args.num_layers)
     out = Path(args.out or f"graphopt-out/{source.name}-{target.name}-seq{args.seq_length}")
     max_input_length, chunk_length = _history_kv_lengths(args)
-    options = {"quantize": args.quantize, "group_size": args.group_size, "jobs": args.jobs,
-               "chunk_length": chunk_length}
+    options = {"quantize": args.quantize or default_quantize(source), "group_size": args.group_size,
+               "lm_head": args.lm_head, "jobs": args.jobs, "chunk_length": chunk_length}
     # compile_model checks everything the user can get wrong before any work starts.
     dump_dir = Path(args.dump_dir) if args.dump_dir else None
     if dump_after is not None and dump_dir is None:
@@ -313,8 +313,12 @@ def build_parser() -> argparse.ArgumentParser:
                      "pass (repeatable, or comma-separated; 'all' for every pass) into --dump-dir (default: OUT.dump)")
     _add_pass_options(run)
     bm = run.add_argument_group("bm1684x target")
-    bm.add_argument("--quantize", default="w4bf16", help="w4bf16 (default), w8bf16, w4f16, w8f16, bf16 or f16: "
-                    "the blocks' weights; embedding and lm_head use the matching 16-bit float")
+    bm.add_argument("--quantize", help="w4bf16 (default), w8bf16, w4f16, w8f16, bf16 or f16: the blocks' weights; "
+                    "embedding and lm_head use the matching 16-bit float. A pre-quantized checkpoint (GPTQ, AWQ, "
+                    "compressed-tensors) keeps its own codes: the default is then its bits and its scales' float")
+    bm.add_argument("--lm-head", choices=LM_HEAD_MODES, default="bf16", help="lm_head's weights: bf16 (default, as "
+                    "today's llm_convert), or w8 / w4 quantized by --group-size (LLM-TPU's legacy script); the report "
+                    "gives its cycles and its logits' cosine against fp32")
     bm.add_argument("--group-size", type=int, default=DEFAULT_GROUP_SIZE,
                     help=f"weight quantization group size (default {DEFAULT_GROUP_SIZE})")
     bm.add_argument("--chunk-length", type=int, help="decode stages (--contract llm-tpu): block_cache_i compiled "

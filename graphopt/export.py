@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from graphopt import contract as c
+from graphopt.checkpoint_codes import SUFFIX as CODES_SUFFIX, network_codes, write_codes
 from graphopt.checks import Check, check_inputs, compare, decode_check, history_check
 from graphopt.errors import GraphoptError
 from graphopt.ir import TensorSpec
@@ -53,6 +54,7 @@ class NetworkResult:
     checks: list[Check] = field(default_factory=list)
     sha256: str = ""  # over the file's and its external data's sha256s (SharedData.digest), taken where written
     prefill_run: PrefillRun | None = field(default=None, repr=False)  # a prefill block's, until its decode twin is checked
+    codes: Path | None = None  # a pre-quantized checkpoint's codes of its Linears (checkpoint_codes.py)
 
 
 @dataclass
@@ -145,6 +147,7 @@ def export_network(job: ExportJob, plan: NetworkPlan, shared: SharedData, on_sta
     onnx_net = timed("onnx export", export_onnx, net, dynamic_axes or None)
     records += timed("onnx passes", PassManager(job.onnx_pipeline, job.dump_dir, stage="onnx",
                                                 dump_after=job.dump_after).run, onnx_net)
+    codes = timed("save", _save_codes, job, plan, onnx_net)
     files = timed("save", save_onnx, onnx_net.model, job.folder / f"{plan.name}.onnx", onnx_net.weights, shared)
     del onnx_net
     prefill_run = None
@@ -162,10 +165,19 @@ def export_network(job: ExportJob, plan: NetworkPlan, shared: SharedData, on_sta
             checks.append(timed("history check", history_check, lambda f: session.run(list(net.output_names), f),
                                 net.inputs, net.output_names, prefill.feeds, prefill.outputs))
         del session
-    digest = timed("hash", shared.digest, files)
+    digest = timed("hash", shared.digest, [*files, *([codes] if codes else [])])
     result = NetworkResult(plan.name, plan.kind, files, net.inputs, net.outputs, dynamic_axes, records, seconds,
-                           checks, digest, prefill_run)
+                           checks, digest, prefill_run, codes)
     return result, net
+
+
+def _save_codes(job: ExportJob, plan: NetworkPlan, onnx_net) -> Path | None:
+    """A pre-quantized checkpoint's codes of the network's Linears, beside its ONNX (checkpoint_codes.py)."""
+    linears = job.source.quantized_linears(plan.weights_of())
+    if not linears:
+        return None
+    codes = network_codes(linears, onnx_net.model, onnx_net.weights, plan.name)
+    return write_codes(job.folder / f"{plan.name}{CODES_SUFFIX}", codes)
 
 
 def _check_contract_io(net, plan: NetworkPlan) -> None:

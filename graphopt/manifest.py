@@ -39,7 +39,8 @@ def build_manifest(source, target, seq_length: int, results, contract) -> dict:
                 "kind": r.kind,
                 "file": r.files[0].name,
                 "external_data": [f.name for f in r.files[1:]],
-                "sha256": r.sha256,
+                "sha256": r.sha256,  # covers the codes file too
+                **({"codes": r.codes.name} if r.codes else {}),
                 "inputs": [s.to_json() for s in r.inputs],
                 "outputs": [s.to_json() for s in r.outputs],
                 "dynamic_axes": r.dynamic_axes,

@@ -24,6 +24,7 @@ from graphopt.errors import GraphoptError
 from graphopt.models.custom import CustomConfig, CustomDecoder, load_adapter, resolve
 from graphopt.models.decoder import DecoderParts, decoder_parts, sliding_window
 from graphopt.models.seq2seq import Seq2SeqParts, seq2seq_parts
+from graphopt.models.quantized import QuantizedLinear, QuantScheme, scheme_of
 from graphopt.models.registry import REGISTRY
 from graphopt.models.weights import RandomWeights, SafetensorsWeights, WeightProvider
 
@@ -178,6 +179,24 @@ class ModelSource:
                 self.weights.fill(names[full], tensor.detach())
             for owner in sorted(computed):  # the model's own init computes them from the config
                 self.skeleton._init_weights(module.get_submodule(owner))
+
+    @property
+    def quantization(self) -> QuantScheme | None:
+        """The checkpoint's quantization (None: its weights are floats)."""
+        return getattr(self.weights, "quantization", None)
+
+    def quantized_linears(self, modules) -> dict[str, QuantizedLinear]:
+        """The checkpoint's codes of every quantized Linear weight in `modules`, by the weight's full name."""
+        if self.quantization is None:
+            return {}
+        found = {}
+        for module in modules:
+            prefix = self._module_names[id(module)]
+            for name, _ in module.named_parameters(remove_duplicate=False):
+                full = f"{prefix}.{name}" if prefix else name
+                if (linear := self.weights.quantized_linear(self._tensor_names[full])) is not None:
+                    found[full] = linear
+        return found
 
     def _is_computed(self, name: str) -> bool:
         """A tensor the model computes from its config instead of storing it: transformers leaves it
@@ -368,7 +387,7 @@ def _open_model(model: str, model_path: str | None, random_weights: bool) -> Mod
         return _open_custom(path, model_path)
     if path.is_dir():
         config = _config_from_directory(path)
-        return ModelSource(path.resolve().name, config, SafetensorsWeights(path), str(path.resolve()))
+        return ModelSource(path.resolve().name, config, SafetensorsWeights(path, scheme_of(config)), str(path.resolve()))
     if model not in REGISTRY:
         known = ", ".join(sorted(REGISTRY))
         raise GraphoptError(
@@ -383,7 +402,8 @@ def _open_model(model: str, model_path: str | None, random_weights: bool) -> Mod
             raise GraphoptError(f"--model-path {model_path} is not a directory. Give the folder that holds the "
                                 f"{model} checkpoint (config.json + *.safetensors).")
         config = _config_from_directory(directory) if (directory / "config.json").exists() else _config_from_dict(entry.config)
-        return ModelSource(model, config, SafetensorsWeights(directory), f"registry:{model} + {directory.resolve()}")
+        return ModelSource(model, config, SafetensorsWeights(directory, scheme_of(config)),
+                           f"registry:{model} + {directory.resolve()}")
     config = _config_from_dict(entry.config)
     if entry.random_weights or random_weights:
         # (Marian and BART call their initializer's scale init_std)

@@ -18,6 +18,7 @@ import torch
 from safetensors import safe_open
 
 from graphopt.errors import GraphoptError
+from graphopt.models.quantized import QuantizedLinear, QuantScheme, read_linear
 
 
 class WeightProvider(Protocol):
@@ -59,10 +60,15 @@ class RandomWeights:
 
 
 class SafetensorsWeights:
-    """Tensors read lazily from a Hugging Face checkpoint directory (sharded or not)."""
+    """Tensors read lazily from a Hugging Face checkpoint directory (sharded or not).
 
-    def __init__(self, directory: Path):
-        self.directory = directory
+    A pre-quantized checkpoint (`quantization`, from its config) stores a Linear's weight as codes
+    (`<module>.qweight` or `.weight_packed`, scales, zero points): the model's `<module>.weight` is
+    then their dequantized value, and `quantized_linear` gives the codes themselves, which the
+    bm1684x target keeps in the bmodel as they are."""
+
+    def __init__(self, directory: Path, quantization: QuantScheme | None = None):
+        self.directory, self.quantization = directory, quantization
         index = directory / "model.safetensors.index.json"
         if index.exists():
             weight_map = json.loads(index.read_text())["weight_map"]
@@ -109,7 +115,7 @@ class SafetensorsWeights:
                 pattern = re.compile(re.escape(prefix + source).replace(r"\*", r"(\d+)") + "$")
                 found = sorted((int(m.group(1)), key) for key in self.files if (m := pattern.match(key)))
                 if found:
-                    parts[source] = [self._read(key) for _, key in found]
+                    parts[source] = [self.read(key) for _, key in found]
             if len(parts) != len(rule.source_patterns):
                 continue
             for operation in rule.operations:
@@ -118,14 +124,47 @@ class SafetensorsWeights:
             return tensor
         return None
 
-    def _read(self, name: str) -> torch.Tensor:
+    def _handle(self, name: str):
         file = self.files[name]
         if file not in self._handles:
             self._handles[file] = safe_open(file, framework="pt")
-        return self._handles[file].get_tensor(self.stored_as.get(name, name))  # in the checkpoint's dtype
+        return self._handles[file]
+
+    def read(self, name: str) -> torch.Tensor:
+        return self._handle(name).get_tensor(self.stored_as.get(name, name))  # in the checkpoint's dtype
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        """A stored tensor's shape, read from the file's header only."""
+        return tuple(self._slice(name).get_shape())
+
+    def dtype(self, name: str) -> str:
+        """A stored tensor's dtype as safetensors names it (F16, BF16, I32, ...), from the header only."""
+        return self._slice(name).get_dtype()
+
+    def _slice(self, name: str):
+        return self._handle(name).get_slice(self.stored_as.get(name, name))
+
+    def quantized_prefixes(self) -> list[str]:
+        """The modules the checkpoint stores as codes (`<module>.qweight` or `.weight_packed`)."""
+        if self.quantization is None:
+            return []
+        tail = f".{self.quantization.suffix}"
+        return sorted(name[:-len(tail)] for name in self.files if name.endswith(tail))
+
+    def quantized_linear(self, names: Sequence[str]) -> QuantizedLinear | None:
+        """The codes of the Linear weight named `names` (None where the checkpoint stores it unquantized)."""
+        if self.quantization is None:
+            return None
+        for name in names:
+            prefix, _, last = name.rpartition(".")
+            if last == "weight" and f"{prefix}.{self.quantization.suffix}" in self.files:
+                return read_linear(self.quantization, prefix, self.read, self.files.__contains__)
+        return None
 
     def fill(self, names: Sequence[str], out: torch.Tensor) -> None:
         name = next((n for n in names if n in self.files), None)
+        if name is None and (linear := self.quantized_linear(names)) is not None:
+            return self._copy(names[0], "dequantized codes", linear.dequantized(), out)
         if name is None and (tensor := next((t for n in names if (t := self._converted(n)) is not None), None)) is not None:
             return self._copy(names[0], "converted tensors", tensor, out)
         if name is None:
@@ -133,7 +172,7 @@ class SafetensorsWeights:
                 f"the checkpoint in {self.directory} has no tensor named {' or '.join(names)}. "
                 "Check that config.json matches the weights (same architecture and layer count)."
             )
-        self._copy(name, self.files[name].name, self._read(name), out)
+        self._copy(name, self.files[name].name, self.read(name), out)
 
     @staticmethod
     def _copy(name: str, where: str, tensor: torch.Tensor, out: torch.Tensor) -> None:
@@ -145,4 +184,5 @@ class SafetensorsWeights:
         out.copy_(tensor)  # converts to fp32 in place
 
     def describe(self) -> str:
-        return f"safetensors in {self.directory}"
+        kept = f" ({self.quantization.describe()} codes)" if self.quantization else ""
+        return f"safetensors in {self.directory}{kept}"

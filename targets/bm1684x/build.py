@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from graphopt import contract as c
-from graphopt.targets.bm1684x import contract, deploy, fake_quant, inspect_bmodel, toolchain, verify
+from graphopt.targets.bm1684x import codes_check, contract, deploy, fake_quant, inspect_bmodel, toolchain, verify
 from graphopt.targets.bm1684x.simulator import Simulator
 from graphopt.targets.bm1684x.top_passes import TOP_PIPELINE
 
@@ -36,6 +36,7 @@ class Bm1684xResult:
     contract: str = ""  # the runtime contract the file is held to (its description)
     memory_checked: bool = False  # the runtime's copies were checked on the file's memory layout
     stages: list[dict] = field(default_factory=list)  # decode stages past stage 0: net, stage, rows, cycles
+    checkpoint: dict | None = None  # a pre-quantized checkpoint: what of its codes the bmodel keeps (kept_codes)
 
     @property
     def ok(self) -> bool:
@@ -68,19 +69,23 @@ class Bm1684xResult:
 
     def report_lines(self) -> list[str]:
         mem = self.memory
+        kept = self.checkpoint or {}
         lines = ["", f"  bm1684x: {self.bmodel} ({self.bmodel_bytes / 1e6:.1f} MB, {self.quantize}, "
                      f"{self.toolchain})",
                  f"  device memory {mem.get('total', 0) / 1e6:.1f} MB: weight {mem.get('weight', 0) / 1e6:.1f}, "
-                 f"runtime {mem.get('runtime', 0) / 1e6:.1f} (shared by the nets)",
-                 f"  {'net':<22} {'mode':<7} {'compile':>9} {'cycles':>12} {'device MB':>10}  "
-                 f"simulator vs onnxruntime: worst output cosine (>= {contract.MIN_COSINE})"]
+                 f"runtime {mem.get('runtime', 0) / 1e6:.1f} (shared by the nets)"]
+        if kept:
+            lines.append(f"  checkpoint codes ({kept['scheme']}): {kept['summary']}")
+        lines.append(f"  {'net':<22} {'mode':<7} {'compile':>9} {'cycles':>12} {'device MB':>10}  "
+                     f"simulator vs onnxruntime{' on the dequantized checkpoint' if kept else ''}: worst output "
+                     f"cosine (>= {contract.MIN_COSINE})")
         for n in self.nets:
             compile_s = "cached" if n["cached"] else f"{sum(n['seconds'].values()):.1f}s"
             cycles = f"{n['total_cycle']:,}" if n.get("total_cycle") else c.DYNAMIC if "--dynamic" in n["flags"] else "-"
             memory = f"{n['memory']['total'] / 1e6:.1f}" if n.get("memory") else "-"
             if "worst" in n:
                 sim = f"{'ok  ' if n['ok'] else 'FAIL'} {n['worst']:.5f}"
-                if n["precision"] in ("W4", "W8"):
+                if n["precision"] in ("W4", "W8") and not n.get("kept_codes"):  # (a kept net's reference is fp32)
                     sim += f"   vs fp32 {n['worst_fp32']:.5f}" + (f" (>= {n['threshold_fp32']})" if n["threshold_fp32"] else "")
             else:
                 sim = "-"
@@ -114,8 +119,7 @@ class Bm1684xResult:
             lines.append(f"  simulated greedy generation vs onnxruntime, {run['prompt_length']}-token prompt: "
                          f"{len(run['tokens'])} tokens {verdict}, min logit cosine {run['min_logit_cosine']:.5f}"
                          f"{'' if run['ok'] else '  FAIL'}"
-                         + (f"; vs fp32 {run['fp32_agreement']:.0%} of tokens equal" if self.quantize.startswith("w")
-                            else ""))
+                         + (f"; vs fp32 {run['fp32_agreement']:.0%} of tokens equal" if self.requantized else ""))
         chat = (self.generation or {}).get("chat")
         for turn in (chat or {}).get("turns", []):
             verdict = "identical" if turn["tokens_identical"] else "identical up to a near-tie" if turn["ok"] else "DIFFER"
@@ -137,12 +141,55 @@ class Bm1684xResult:
                 if self.memory_checked else ""))
         return lines
 
+    @property
+    def requantized(self) -> bool:
+        """Some net's weights were rounded by model_deploy (W4/W8 not from checkpoint codes): its reference is not fp32."""
+        return any(n["quantize"].startswith("W") and not n.get("kept_codes") for n in self.nets)
+
     def to_json(self) -> dict:
         return {"bmodel": self.bmodel, "bmodel_bytes": self.bmodel_bytes, "quantize": self.quantize, "toolchain": self.toolchain, "jobs": self.jobs,
                 "ok": self.ok, "seconds": self.seconds, "memory": self.memory, "estimate": time_estimate(self.nets),
                 "nets": self.nets, "generation": self.generation,
                 "sim_skipped": self.sim_skipped, "contract": self.contract, "contract_problems": self.problems,
-                "memory_checked": self.memory_checked, "decode_stages": self.stages}
+                "memory_checked": self.memory_checked, "decode_stages": self.stages, "checkpoint": self.checkpoint}
+
+
+def _read_back_codes(result: Bm1684xResult, compiled, folder: Path) -> None:
+    """Every net's checkpoint codes, scales and zero points found in its compiled bmodel (codes_check.py); a
+    missing one is a problem of the file."""
+    missing, checked = [], 0
+    for net in compiled:
+        if net.spec.codes and "keep-checkpoint-codes" in net.spec.top_passes:
+            missing += [f"{net.spec.name} {m}" for m in
+                        codes_check.missing_codes(net.bmodel, folder / net.spec.codes, net.spec.quantize[2:])]
+            checked += 1
+    result.checkpoint["read_back"] = {"nets": checked, "missing": missing}
+    result.checkpoint["summary"] += (f"; read back from the {checked} nets' bmodels: " +
+                                     ("all there" if not missing else f"{len(missing)} missing"))
+    result.problems += [f"the bmodel does not hold the checkpoint's {m}" for m in missing[:5]]
+
+
+def kept_codes(source, specs, nets: list[dict]) -> dict | None:
+    """What a pre-quantized checkpoint's codes became: how many of its Linears compute from them (each counted in
+    one net, its prefill block's), and its scales' fate: a mode of their own float keeps them exactly (W4F16 for
+    float16 scales), another rounds them (W4BF16 rounds float16 to bfloat16); a float mode dequantizes everything."""
+    scheme = source.quantization
+    if scheme is None:
+        return None
+    prefixes = source.weights.quantized_prefixes()
+    runtime = c.contract_of_nets({n["net"]: None for n in nets})
+    kept = sum(n["kept_codes"] for n in nets if runtime.spec(n["net"]).kind not in c.DECODE_BLOCKS | {c.BLOCK_KV})
+    modes = sorted({s.quantize for s in specs if s.codes})
+    stored = source.weights.dtype(f"{prefixes[0]}.{'weight_scale' if scheme.method == 'compressed-tensors' else 'scales'}")
+    if not modes:
+        summary = f"dequantized into {specs[0].quantize} nets (a float mode): the codes are not kept"
+    else:
+        half = modes[0][2:]
+        fate = "kept exactly" if stored == half else f"rounded to {half.lower()} by {modes[0]}"
+        summary = (f"{kept} of {len(prefixes)} Linears compute from the checkpoint's own codes and zero points, bit "
+                   f"for bit (A16MatMul); its {stored.lower()} scales {fate}")
+    return {"scheme": scheme.describe(), "linears": len(prefixes), "kept": kept, "modes": modes,
+            "scales": stored, "summary": summary}
 
 
 # TPU-MLIR's profile converts cycles to time at 1 GHz (`total_cycle` 12,784 -> `runtime: 0.012784ms`).
@@ -182,6 +229,7 @@ def simulator_log() -> Path:
 def validate(source, options: dict[str, Any]) -> None:
     contract.check_experts(source)
     contract.check_quantizable(source.config, options["quantize"], options["group_size"])
+    contract.check_checkpoint_codes(source, options["quantize"])
     contract.check_chunk_length(options.get("chunk_length"), options["seq_length"], options["contract"])
     toolchain.require()
 
@@ -194,7 +242,8 @@ def build(folder: Path, manifest: dict, source, options: dict[str, Any], check: 
     quantize, seconds = options["quantize"], {}
     runtime = c.contract_of_manifest(manifest)
     stage_rows = contract.decode_stage_rows(manifest["seq_length"], options.get("chunk_length"))
-    specs = contract.deploy_specs(manifest, quantize, options["group_size"], top_pipeline, len(stage_rows) > 1)
+    specs = contract.deploy_specs(manifest, quantize, options["group_size"], top_pipeline, len(stage_rows) > 1,
+                                  options.get("lm_head", "bf16"))
     onnx_files = {}
     for net in manifest["networks"]:
         files = [folder / net["file"], *(folder / f for f in net["external_data"])]
@@ -218,13 +267,19 @@ def build(folder: Path, manifest: dict, source, options: dict[str, Any], check: 
     for n in nets:
         if n["net"] in staged:
             n["cache_rows"] = stage_rows[0]
+        n["kept_codes"] = n["top_passes"].get("keep-checkpoint-codes", {}).get("changed", 0)
     result = Bm1684xResult(bmodel.name, bmodel.stat().st_size, quantize, tools.describe(), options.get("jobs"), nets,
                            seconds, memory=header.get("memory", {}),
                            problems=inspect_bmodel.contract_problems(infos, runtime),
                            contract=f"{runtime.describe}: {runtime.name}",
                            stages=[{"net": d.spec.name, "stage": d.spec.stage, "cache_rows": d.spec.input_shapes[-1][1],
                                     "total_cycle": d.total_cycle, "cached": d.cached, "seconds": d.seconds}
-                                   for ds in staged.values() for d in ds])
+                                   for ds in staged.values() for d in ds],
+                           checkpoint=kept_codes(source, specs, nets))
+    if result.checkpoint and result.checkpoint["modes"]:
+        start = time.perf_counter()
+        _read_back_codes(result, compiled, folder)
+        seconds["codes read back"] = time.perf_counter() - start
 
     with Simulator(tools, simulator_log()) as sim:
         # Whatever the model's size: where the runtime's copies land in the combined file's memory,

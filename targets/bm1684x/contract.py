@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 from graphopt import contract as c
 from graphopt.errors import GraphoptError
+from graphopt.models.quantized import check_groups_in_order, linear_dims
 from graphopt.targets.bm1684x.top_passes import TOP_PIPELINE, passes_for
 
 # --quantize of the CLI -> (model_deploy mode of the blocks, half-precision mode of the rest)
@@ -64,6 +65,9 @@ class DeploySpec:
     # also passes --dynamic; bench/history_kv.py compiles the same net without it, for TPU-MLIR's cycle
     # estimate at its largest shape.
     dynamic: bool = False
+    # A pre-quantized checkpoint's codes of the net's Linears (the file beside its ONNX, checkpoint_codes.py),
+    # which the keep-checkpoint-codes top pass writes as A16MatMul.
+    codes: str | None = None
 
     @property
     def label(self) -> str:
@@ -135,12 +139,12 @@ def stage_specs(spec: DeploySpec, inputs: list[str], rows: list[int], io_config:
         shapes = tuple((*s[:-1], n + 1) if name == c.ATTENTION_MASK else (s[0], n, *s[2:]) if name in c.HISTORY_INPUTS
                        else s for name, s in zip(inputs, spec.input_shapes))
         out.append(DeploySpec(spec.name, spec.onnx_network, shapes, spec.quantize,
-                              flags + ("--use_io_alone_config", io_config), spec.top_passes, stage))
+                              flags + ("--use_io_alone_config", io_config), spec.top_passes, stage, codes=spec.codes))
     return out
 
 
-def deploy_specs(manifest: dict, quantize: str, group_size: int,
-                 top_pipeline: tuple[str, ...] = TOP_PIPELINE, decode_stages: bool = False) -> list[DeploySpec]:
+def deploy_specs(manifest: dict, quantize: str, group_size: int, top_pipeline: tuple[str, ...] = TOP_PIPELINE,
+                 decode_stages: bool = False, lm_head: str = "bf16") -> list[DeploySpec]:
     """The runtime contract's nets (graphopt/contract.py), each with its mode, flags and top passes, in the
     contract's order (a layer's nets together), which is the order LLM-TPU's compile script combines them.
     `decode_stages`: the decode blocks save their io_alone addresses for stages compiled after them."""
@@ -154,7 +158,9 @@ def deploy_specs(manifest: dict, quantize: str, group_size: int,
         blocks = blocks[:-1]
     # The encoder and cross_kv hold Linear weights like the blocks and take their mode; their outputs stay
     # in the blocks' 16-bit float, so nothing is converted between the nets. The heads stay fp32.
-    modes = {c.EMBEDDING: (half, EMBEDDING_FLAGS), c.LM_HEAD: (half, LM_HEAD_FLAGS),
+    head = lm_head_mode(quantize, lm_head)
+    head_flags = ("--q_group_size", str(group_size)) if head.startswith("W") else ()
+    modes = {c.EMBEDDING: (half, EMBEDDING_FLAGS), c.LM_HEAD: (head, head_flags + LM_HEAD_FLAGS),
              c.BLOCK: (weights, blocks), c.BLOCK_KV: (weights, blocks),
              c.BLOCK_CACHE: (weights, blocks + DECODE_FLAGS + (
                  ("--save_io_alone_config", IO_ALONE_CONFIG) if decode_stages else ())),
@@ -177,8 +183,10 @@ def deploy_specs(manifest: dict, quantize: str, group_size: int,
                        for i in source["inputs"] if i["name"] not in network.baked)
         mode, flags = modes[network.kind]
         baked = tuple((i["name"], tuple(i["shape"])) for i in source["inputs"] if i["name"] in network.baked)
+        codes = source.get("codes") if mode.startswith("W") else None  # a float mode computes the dequantized ONNX
         return DeploySpec(name, source["name"], shapes, mode, flags + (DYNAMIC_FLAGS if network.dynamic else ()),
-                          passes_for(network.kind, top_pipeline, network.dynamic), baked=baked, dynamic=network.dynamic)
+                          passes_for(network.kind, top_pipeline, network.dynamic, codes is not None), baked=baked,
+                          dynamic=network.dynamic, codes=codes)
 
     specs, run = [], []  # run: consecutive per-layer networks, compiled layer by layer
     for network in [*contract.networks, None]:
@@ -243,6 +251,62 @@ def check_quantizable(config, quantize: str, group_size: int) -> None:
         raise GraphoptError(f"--group-size {group_size} does not divide the input channels of every weight "
                             f"({', '.join(f'{k} = {v}' for k, v in uneven.items())}); use a group size that does, "
                             "such as 64.")
+
+
+# --lm-head: lm_head's weight precision. bf16 is today's llm_convert (the head stays 16-bit); w8 and w4 are
+# LLM-TPU's legacy compile script, which quantized lm_head with the blocks (the weight model_deploy rounds by
+# --group-size; the half-precision of the activations stays --quantize's).
+LM_HEAD_MODES = ("bf16", "w8", "w4")
+
+
+def lm_head_mode(quantize: str, lm_head: str) -> str:
+    """model_deploy --quantize of lm_head: the float mode of `quantize`, or W8/W4 with its half precision."""
+    half = QUANT_MODES[quantize][1]
+    return half if lm_head == "bf16" else f"{lm_head.upper()}{half}"
+
+
+def default_quantize(source) -> str:
+    """--quantize when it is left out: w4bf16, or for a pre-quantized checkpoint the mode that keeps it whole, its
+    bits and the 16-bit float of its scales (llm_convert's choice by the checkpoint's dtype): W4F16 keeps float16
+    scales exactly, where W4BF16 would round them to bfloat16."""
+    scheme = source.quantization
+    if scheme is None:
+        return "w4bf16"
+    prefixes = source.weights.quantized_prefixes()
+    scales = f"{prefixes[0]}.{'weight_scale' if scheme.method == 'compressed-tensors' else 'scales'}" if prefixes else None
+    half = "bf16" if scales is None or source.weights.dtype(scales) == "BF16" else "f16"
+    return f"w{scheme.bits}{half}"
+
+
+def check_checkpoint_codes(source, quantize: str) -> None:
+    """A pre-quantized checkpoint's codes fit the mode and the chip: its bits are the mode's, every quantized
+    Linear's groups fit its input channels (in order), and W4's output channels are a multiple of 64."""
+    scheme = source.quantization
+    if scheme is None:
+        return
+    weights_mode = QUANT_MODES[quantize][0]
+    keep = f"w{scheme.bits}{QUANT_MODES[quantize][1].lower()}"
+    if weights_mode.startswith("W") and int(weights_mode[1]) != scheme.bits:
+        raise GraphoptError(
+            f"--quantize {quantize} quantizes weights to {weights_mode[1]} bits, but {source.name} is a pre-quantized "
+            f"checkpoint ({scheme.describe()}), whose codes graphopt keeps as they are. Give --quantize {keep}, or "
+            "leave --quantize out: it then follows the checkpoint.")
+    prefixes = source.weights.quantized_prefixes()
+    if not prefixes:
+        raise GraphoptError(
+            f"{source.name}'s config.json declares {scheme.describe()} weights, but its safetensors hold no "
+            f"'<module>.{scheme.suffix}' tensor. The config and the weights do not belong together: give the "
+            "directory that holds the quantized checkpoint's own files.")
+    for prefix in prefixes:
+        n, k, _ = linear_dims(scheme, prefix, source.weights.shape)
+        if scheme.bits == 4 and n % 64:
+            raise GraphoptError(
+                f"{prefix} has {n} output channels; BM1684X computes 4-bit codes on output channels in multiples of 64 "
+                "(TPU-MLIR reports `invalid scale channel` otherwise, tpu-mlir issues 269 and 275), so this checkpoint's "
+                "codes cannot be kept. Use an 8-bit checkpoint or the unquantized model for it.")
+        for name in (f"{prefix}.g_idx", f"{prefix}.weight_g_idx"):
+            if name in source.weights.files:
+                check_groups_in_order(source.weights.read(name), k, scheme.group_size or k, name)
 
 
 def bmodel_name(model: str, quantize: str, seq_length: int) -> str:

@@ -119,6 +119,7 @@ def compile_in(toolchain: Toolchain, spec: DeploySpec, onnx: Path, work: Path, l
     Returns (seconds per tool, the top passes' reports); raises ToolFailed naming the failed step."""
     mlir, bmodel = f"{spec.name}.mlir", f"{spec.name}.bmodel"
     seconds, reports = {}, []
+    codes = onnx.parent / spec.codes if spec.codes else None  # beside the network's ONNX
     if spec.baked:
         onnx = _with_baked_inputs(spec, onnx, work)
     for tool, args in (("model_transform", spec.transform_args(str(onnx.absolute()), mlir)),
@@ -130,7 +131,7 @@ def compile_in(toolchain: Toolchain, spec: DeploySpec, onnx: Path, work: Path, l
             raise ToolFailed(tool, status)
         if tool == "model_transform" and spec.top_passes:
             try:
-                reports = top_passes.apply(toolchain, work / mlir, spec.top_passes, log, spec.dynamic)
+                reports = top_passes.apply(toolchain, work / mlir, spec.top_passes, log, spec.dynamic, codes)
             except subprocess.CalledProcessError as error:
                 raise ToolFailed("top passes " + ",".join(spec.top_passes), error.returncode) from None
     return seconds, reports

@@ -19,6 +19,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
+from graphopt.checkpoint_codes import kept_initializers
 from graphopt.errors import GraphoptError
 from graphopt.onnx_ir import linear_layout_problems
 
@@ -48,12 +49,14 @@ def linear_weights(model: onnx.ModelProto) -> set[str]:
     return names
 
 
-def write_quantized_copy(src: Path, dst: Path, bits: int, group_size: int) -> int:
-    """`src` with its Linear weights fake-quantized, saved as `dst`; returns how many were. The weights
+def write_quantized_copy(src: Path, dst: Path, bits: int, group_size: int, kept: frozenset[str] = frozenset()) -> int:
+    """`src` with its Linear weights fake-quantized, saved as `dst`; returns how many were. `kept`: weights the
+    bmodel computes from a pre-quantized checkpoint's own codes (checkpoint_codes.py), whose dequantized value
+    the ONNX already holds, so they stay as they are. The weights
     must be in Linear layout ([out, in] behind a Transpose, what onnx-tidy checks): quantizing groups
     along axis 1 of an [in, out] weight would group the wrong channels."""
     model = onnx.load(str(src))
-    names = linear_weights(model)
+    names = linear_weights(model) - kept
     problems = linear_layout_problems(model, names)
     if problems:
         raise GraphoptError(f"{src.name} is not in the Linear layout the W4/W8 reference quantizes: "
@@ -70,14 +73,16 @@ def write_quantized_copy(src: Path, dst: Path, bits: int, group_size: int) -> in
 
 
 def quantized_reference(folder: Path, manifest: dict, specs, group_size: int, into: Path) -> Path:
-    """A copy of the output directory's networks in `into`, with W4/W8 nets fake-quantized."""
+    """A copy of the output directory's networks in `into`, with W4/W8 nets fake-quantized (but for the
+    weights they keep as checkpoint codes: a pre-quantized model's reference is its dequantized self)."""
     into.mkdir(parents=True, exist_ok=True)
     bits_of = {s.onnx_network: s.weight_bits for s in specs}
     for net in manifest["networks"]:
         src = folder / net["file"]
         bits = bits_of.get(net["name"])
-        if bits:
-            write_quantized_copy(src, into / net["file"], bits, group_size)
+        kept = frozenset(kept_initializers(folder / net["codes"] if "codes" in net else None))
+        if bits and linear_weights(onnx.load(str(src), load_external_data=False)) - kept:
+            write_quantized_copy(src, into / net["file"], bits, group_size, kept)
         else:
             for name in [net["file"], *net["external_data"]]:
                 target = into / name

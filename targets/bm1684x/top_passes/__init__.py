@@ -6,12 +6,14 @@ TopPass (name, the network kinds it applies to, what it ensures), so the target'
 and orders it like any pass; its code is one file beside this one, run in the toolchain's Python
 by `run.py` (it needs TPU-MLIR's `mlir` bindings, not graphopt):
 
+  keep_checkpoint_codes.py a pre-quantized checkpoint's Linears -> top.A16MatMul with its own codes
   fuse_flash_attention.py  MatMul/Softmax/MatMul attention -> top.FAttention
   merge_cache_concat.py    a decode block's cache concat merged in place (only_merge), no copy
   small_causal_mask.py     a dynamic net's baked causal mask -> FAttention's small mask (any length)
   dynamic_sequence.py      a dynamic net's Reshapes and Slices open along its sequence axes
 
-The last two run on dynamic nets only (`dynamic_only`: --dynamic block_i, block_kv_i), which
+The first runs on nets that have checkpoint codes only (`codes_only`: a pre-quantized model's);
+the last two on dynamic nets only (`dynamic_only`: --dynamic block_i, block_kv_i), which
 model_deploy then compiles with --dynamic.
 
 Each pass reports how many candidates it changed and, for every candidate it left alone, why.
@@ -24,10 +26,23 @@ import json
 import subprocess
 from pathlib import Path
 
-from graphopt.contract import BLOCK, BLOCK_KV, BLOCKS, DECODE_BLOCKS, DYNAMIC, ENCODER
+from graphopt.contract import BLOCK, BLOCK_KV, BLOCKS, CROSS_KV, DECODE_BLOCKS, DYNAMIC, ENCODER, LM_HEAD
 from graphopt.pass_manager import TopPass, get_pass, register_pass
 
 HERE = Path(__file__).resolve().parent
+
+
+@register_pass
+class KeepCheckpointCodes(TopPass):
+    """A pre-quantized checkpoint's Linears become top.A16MatMul with the checkpoint's codes, scales and zero points,
+    which model_deploy keeps instead of quantizing the weights again."""
+
+    name = "keep-checkpoint-codes"
+    target = "bm1684x"
+    module = "keep_checkpoint_codes"
+    applies_to = BLOCKS | {ENCODER, CROSS_KV, LM_HEAD}
+    codes_only = True
+    ensures = ("weights.checkpoint-codes",)
 
 
 @register_pass
@@ -80,13 +95,17 @@ class DynamicSequence(TopPass):
     ensures = ("shapes.any-length",)
 
 
-TOP_PIPELINE = ("fuse-flash-attention", "merge-cache-concat", "small-causal-mask", "dynamic-sequence")
+TOP_PIPELINE = ("keep-checkpoint-codes", "fuse-flash-attention", "merge-cache-concat", "small-causal-mask",
+                "dynamic-sequence")
 
 
-def passes_for(kind: str, pipeline: tuple[str, ...] = TOP_PIPELINE, dynamic: bool = False) -> tuple[str, ...]:
-    """The passes of `pipeline` that apply to networks of `kind` (compiled --dynamic or not), in order."""
+def passes_for(kind: str, pipeline: tuple[str, ...] = TOP_PIPELINE, dynamic: bool = False,
+               codes: bool = False) -> tuple[str, ...]:
+    """The passes of `pipeline` that apply to networks of `kind` (compiled --dynamic or not, with checkpoint
+    codes or not), in order."""
     return tuple(name for name in pipeline if kind in get_pass(name).applies_to
-                 and (dynamic or not getattr(get_pass(name), "dynamic_only", False)))
+                 and (dynamic or not getattr(get_pass(name), "dynamic_only", False))
+                 and (codes or not getattr(get_pass(name), "codes_only", False)))
 
 
 def digest() -> str:
@@ -98,14 +117,17 @@ def digest() -> str:
     return sha.hexdigest()[:16]
 
 
-def apply(toolchain, mlir: Path, passes: tuple[str, ...], log: Path, dynamic: bool = False) -> list[dict]:
+def apply(toolchain, mlir: Path, passes: tuple[str, ...], log: Path, dynamic: bool = False,
+          codes: Path | None = None) -> list[dict]:
     """Rewrites `mlir` in place (the original kept as NAME_unfused.mlir); returns each pass's report.
-    `dynamic`: the net is compiled --dynamic. A failure raises CalledProcessError with the output in `log`."""
+    `dynamic`: the net is compiled --dynamic; `codes`: its checkpoint codes file. A failure raises
+    CalledProcessError with the output in `log`."""
     original = mlir.with_name(f"{mlir.stem}_unfused.mlir")
     mlir.replace(original)
     modules = [f"{get_pass(name).module}:{name}" for name in passes]
     command = [str(toolchain.python), str(HERE / "run.py"), str(original), str(mlir),
-               json.dumps({DYNAMIC: dynamic}), *modules]  # the JSON is run.py's Context(dynamic=...)
+               json.dumps({DYNAMIC: dynamic, "codes": str(codes.absolute()) if codes else None}),
+               *modules]  # the JSON is run.py's Context(dynamic=..., codes=...)
     with open(log, "a") as handle:
         handle.write(f"$ top passes: {' '.join(passes)}\n")
         handle.flush()

@@ -118,7 +118,9 @@ class Weights:
 
 @dataclass
 class Context:
-    """What a pass knows about the net besides its MLIR: its weights, and whether it is compiled --dynamic."""
+    """What a pass knows about the net besides its MLIR: its weights, whether it is compiled --dynamic, and
+    the file of its checkpoint codes (graphopt/checkpoint_codes.py; None for a float checkpoint)."""
 
     weights: Weights
     dynamic: bool = False
+    codes: str | None = None
