@@ -31,10 +31,10 @@ FORMAT = "graphopt-codes/1"
 
 
 def network_codes(linears: dict[str, QuantizedLinear], model: onnx.ModelProto, weights: dict,
-                  network: str) -> dict[str, tuple[str, QuantizedLinear]]:
-    """{ONNX initializer: (parameter, codes)} for each of the network's quantized Linears (`linears`, by
+                  network: str) -> dict[str, tuple[str, QuantizedLinear, str]]:
+    """{ONNX initializer: (parameter, codes, digest of its dequantized weight)} for each of the network's quantized Linears (`linears`, by
     parameter name), found in the ONNX by value; one the passes changed is an error, naming it."""
-    wanted = {weight_digest(q.dequantized()): (name, q) for name, q in linears.items()}
+    wanted = {(digest := weight_digest(q.dequantized())): (name, q, digest) for name, q in linears.items()}
     shapes = {tuple(q.codes.shape) for q in linears.values()}
     found = {}
     candidates = [*weights.items(), *((i.name, i) for i in model.graph.initializer)]
@@ -45,7 +45,7 @@ def network_codes(linears: dict[str, QuantizedLinear], model: onnx.ModelProto, w
         value = numpy_helper.to_array(tensor) if isinstance(tensor, onnx.TensorProto) else tensor.detach().numpy()
         if value.dtype == np.float32 and (hit := wanted.get(weight_digest(value))) is not None:
             found[onnx_name] = hit
-    missing = sorted(set(linears) - {param for param, _ in found.values()})
+    missing = sorted(set(linears) - {param for param, _, _ in found.values()})
     if missing:
         raise GraphoptError(
             f"network '{network}': the checkpoint's quantized weight {missing[0]} (and {len(missing) - 1} more) is not "
@@ -54,16 +54,16 @@ def network_codes(linears: dict[str, QuantizedLinear], model: onnx.ModelProto, w
     return dict(sorted(found.items()))
 
 
-def write_codes(path: Path, codes: dict[str, tuple[str, QuantizedLinear]]) -> Path:
+def write_codes(path: Path, codes: dict[str, tuple[str, QuantizedLinear, str]]) -> Path:
     """Write `codes` (network_codes) to `path`, under a temporary name renamed when complete."""
     from safetensors.numpy import save_file
 
     tensors, linears = {}, {}
-    for onnx_name, (param, q) in codes.items():
+    for onnx_name, (param, q, digest) in codes.items():
         tensors[f"{onnx_name}.qweight"] = q.packed()
         tensors[f"{onnx_name}.scales"] = q.scales.float().numpy()
         tensors[f"{onnx_name}.zeros"] = q.zeros
-        linears[onnx_name] = {"param": param, "digest": weight_digest(q.dequantized()), "bits": q.bits,
+        linears[onnx_name] = {"param": param, "digest": digest, "bits": q.bits,
                               "group_size": q.group_size, "scale_dtype": str(q.scales.dtype).removeprefix("torch.")}
     partial = path.with_name(path.name + ".partial")
     save_file(tensors, str(partial), metadata={"format": FORMAT, "linears": json.dumps(linears, sort_keys=True)})

@@ -53,6 +53,11 @@ class QuantScheme:
         """The tensor that marks a quantized Linear in the checkpoint: `<module>.<suffix>`."""
         return "weight_packed" if self.method == "compressed-tensors" else "qweight"
 
+    @property
+    def scales_suffix(self) -> str:
+        """The tensor of a quantized Linear's scales: `<module>.<scales_suffix>`."""
+        return "weight_scale" if self.method == "compressed-tensors" else "scales"
+
 
 def _config_error(what: str, config: dict) -> GraphoptError:
     return GraphoptError(

@@ -180,7 +180,7 @@ def kept_codes(source, specs, nets: list[dict]) -> dict | None:
     runtime = c.contract_of_nets({n["net"]: None for n in nets})
     kept = sum(n["kept_codes"] for n in nets if runtime.spec(n["net"]).kind not in c.DECODE_BLOCKS | {c.BLOCK_KV})
     modes = sorted({s.quantize for s in specs if s.codes})
-    stored = source.weights.dtype(f"{prefixes[0]}.{'weight_scale' if scheme.method == 'compressed-tensors' else 'scales'}")
+    stored = source.weights.dtype(f"{prefixes[0]}.{scheme.scales_suffix}")
     if not modes:
         summary = f"dequantized into {specs[0].quantize} nets (a float mode): the codes are not kept"
     else:

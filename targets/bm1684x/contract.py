@@ -273,7 +273,7 @@ def default_quantize(source) -> str:
     if scheme is None:
         return "w4bf16"
     prefixes = source.weights.quantized_prefixes()
-    scales = f"{prefixes[0]}.{'weight_scale' if scheme.method == 'compressed-tensors' else 'scales'}" if prefixes else None
+    scales = f"{prefixes[0]}.{scheme.scales_suffix}" if prefixes else None
     half = "bf16" if scales is None or source.weights.dtype(scales) == "BF16" else "f16"
     return f"w{scheme.bits}{half}"
 
