@@ -43,7 +43,7 @@ def cmd_run(args) -> int:
     out = Path(args.out or f"graphopt-out/{source.name}-{target.name}-seq{args.seq_length}")
     max_input_length, chunk_length = _history_kv_lengths(args)
     options = {"quantize": args.quantize or default_quantize(source), "group_size": args.group_size,
-               "lm_head": args.lm_head, "jobs": args.jobs, "chunk_length": chunk_length}
+               "head_weights": args.lm_head, "jobs": args.jobs, "chunk_length": chunk_length}
     # compile_model checks everything the user can get wrong before any work starts.
     dump_dir = Path(args.dump_dir) if args.dump_dir else None
     if dump_after is not None and dump_dir is None:

@@ -243,7 +243,7 @@ def build(folder: Path, manifest: dict, source, options: dict[str, Any], check: 
     runtime = c.contract_of_manifest(manifest)
     stage_rows = contract.decode_stage_rows(manifest["seq_length"], options.get("chunk_length"))
     specs = contract.deploy_specs(manifest, quantize, options["group_size"], top_pipeline, len(stage_rows) > 1,
-                                  options.get("lm_head", "bf16"))
+                                  options.get("head_weights", "bf16"))
     onnx_files = {}
     for net in manifest["networks"]:
         files = [folder / net["file"], *(folder / f for f in net["external_data"])]
