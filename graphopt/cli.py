@@ -43,7 +43,8 @@ def cmd_run(args) -> int:
     out = Path(args.out or f"graphopt-out/{source.name}-{target.name}-seq{args.seq_length}")
     max_input_length, chunk_length = _history_kv_lengths(args)
     options = {"quantize": args.quantize or default_quantize(source), "group_size": args.group_size,
-               "head_weights": args.lm_head, "jobs": args.jobs, "chunk_length": chunk_length}
+               "head_weights": args.lm_head, "jobs": args.jobs, "chunk_length": chunk_length,
+               "executor": args.executor, "ray_address": args.ray_address}
     # compile_model checks everything the user can get wrong before any work starts.
     dump_dir = Path(args.dump_dir) if args.dump_dir else None
     if dump_after is not None and dump_dir is None:
@@ -325,6 +326,12 @@ def build_parser() -> argparse.ArgumentParser:
                     "again for every multiple of this many cache rows below SEQ, so a decode step attends over the "
                     "smallest that holds the context (at most half of --seq-length); with --history-kv also the "
                     "chunk a prefill takes (default there: a quarter of --seq-length, as llm_convert)")
+    bm.add_argument("--executor", choices=("local", "ray"), default="local", help="where the nets compile: on this "
+                    "machine (default), or as tasks on an existing Ray cluster, each asking for its estimated memory "
+                    "(every node needs graphopt, the toolchain at the same path and --out's folder at the same path; "
+                    "README, \"Building on a Ray cluster\")")
+    bm.add_argument("--ray-address", help="--executor ray: the cluster's head, HOST:PORT (default: $RAY_ADDRESS, "
+                    "or a Ray node started on this machine)")
     run.set_defaults(func=cmd_run)
 
     gen = sub.add_parser("generate", help="generation (greedy, or sampled) with the emitted networks, driven like the "

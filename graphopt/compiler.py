@@ -15,6 +15,9 @@ from typing import TYPE_CHECKING
 from graphopt import contract as c
 from graphopt.checks import end_to_end_check
 from graphopt.config_folder import ConfigFolder, write_config_folder
+from graphopt.disk import DiskNeed, DiskUse, onnx_bytes
+from graphopt.disk import check as check_disk
+from graphopt.disk import describe as describe_disk
 from graphopt.errors import GraphoptError
 from graphopt.export import ExportJob, NetworkResult, export_serially, weight_groups
 from graphopt.export_pool import default_export_jobs, export_in_parallel
@@ -40,6 +43,7 @@ class CompileResult:
     target: object | None = None  # the target build's result (a TargetResult), for hardware targets
     export: dict = field(default_factory=dict)  # processes and wall seconds of the export stage
     config_folder: ConfigFolder | None = None  # config/ for the runtime's demo (tokenizer, generation config)
+    disk: DiskUse | None = None  # what the run planned to write, and (disk.written) what it did
 
     @property
     def ok(self) -> bool:
@@ -110,13 +114,16 @@ def compile_model(source: ModelSource, target: Target, seq_length: int, out_dir:
     target_options = target_options or {}
     target = prepare(source, target, seq_length, target_options, plugins, dump_after, contract, max_input_length,
                      contract_options)
+    runtime = c.contract_for(source.is_encoder_decoder, contract, contract_options)
+    disk = DiskUse.start(disk_plan(source, target, {**target_options, "seq_length": seq_length}, runtime, out_dir,
+                                   layers), out_dir)
+    check_disk(disk.planned)
     staged = StagedDirectory(out_dir)
     if show_progress:
         detail = f", {target_options['quantize']}" if target.build and "quantize" in target_options else ""
-        runtime = c.contract_for(source.is_encoder_decoder, contract, contract_options)
         print(f"graphopt: {source.name} ({source.weights.describe()}) -> target {target.name}{detail}, "
               f"seq {seq_length}{f', max input {max_input_length}' if max_input_length else ''}, "
-              f"contract {runtime.describe}", file=sys.stderr)
+              f"contract {runtime.describe}; writes about {describe_disk(disk.planned)}", file=sys.stderr)
     try:
         job = ExportJob(source, list(target.fx_pipeline), list(target.onnx_pipeline), seq_length, staged.path, layers,
                         check, dump_dir, dump_after, plugins, contract, max_input_length, tuple(contract_options))
@@ -127,10 +134,23 @@ def compile_model(source: ModelSource, target: Target, seq_length: int, out_dir:
                                                show_progress, target.top_pipeline)
             result.seconds.update(result.target.seconds)
         result.out_dir = staged.commit()
+        result.disk = disk
         return result
     except BaseException:
         staged.discard()
         raise
+
+
+def disk_plan(source: ModelSource, target: Target, options: dict, runtime: c.Contract, out: Path,
+              layers: list[int] | None) -> list[DiskNeed]:
+    """What the run writes: the export's ONNX (all of it, or the `layers` asked for), then the target build's part."""
+    onnx = onnx_bytes(source, runtime)
+    if layers is not None and not source.is_encoder_decoder:  # (an estimate: the layers asked for, of all of them)
+        onnx = onnx * len(layers) // max(1, len(source.parts.layers))
+    needs = [DiskNeed("ONNX", out, onnx)]
+    if target.build is not None:
+        needs += target.build.disk_needs(source, options, runtime, out)
+    return needs
 
 
 def _export(job: ExportJob, target: Target, keep_fx: bool, show_progress: bool, jobs: int | None) -> CompileResult:

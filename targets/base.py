@@ -13,6 +13,9 @@ class TargetBuild(Protocol):
     def validate(self, source, options: dict[str, Any]) -> None:
         """Raise GraphoptError for anything wrong with the options or the set-up, before any work."""
 
+    def disk_needs(self, source, options: dict[str, Any], runtime, out: Path) -> list:
+        """What the build writes (graphopt.disk.DiskNeed), beyond the export's ONNX, for the refusal up front."""
+
     def build(self, folder: Path, manifest: dict, source, options: dict[str, Any], check: bool,
               show_progress: bool, top_pipeline: tuple[str, ...] = ()) -> "TargetResult": ...
 

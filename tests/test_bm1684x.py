@@ -7,6 +7,7 @@ per test session, so nothing is taken from an earlier run.
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -410,3 +411,56 @@ def test_embeddings_in_shared_memory_overlap_block_0_and_the_run_says_so(builds,
     # The same nets with io_alone embeddings and lm_head (the contract): no hazard, both prompts right.
     report = json.loads((builds["w4f16-llama3_1"][0] / "bm1684x.json").read_text())
     assert not report["contract_problems"] and all(r["ok"] for r in report["generation"]["runs"])
+
+
+def _without_build_time(bmodel: Path) -> bytes:
+    """The bmodel's bytes but the one field two builds of the same nets differ in: the wall-clock time
+    (ctime) model_tool --combine writes into the header."""
+    data = bmodel.read_bytes()
+    head, stamps = re.subn(rb"[A-Z][a-z]{2} [A-Z][a-z]{2} [ \d]\d \d\d:\d\d:\d\d \d{4}\n", b"(time)", data[:1024])
+    assert stamps == 1
+    return head + data[1024:]
+
+
+@pytest.fixture
+def ray_cluster(tmp_path):
+    """A two-node Ray cluster on loopback (`ray start --head` and a worker), each node with a net cache of its own."""
+    ray = shutil.which("ray", path=str(Path(sys.executable).parent))
+    node_cache = tmp_path / "node-cache"
+    env = {**os.environ, "GRAPHOPT_NET_CACHE": str(node_cache), "RAY_USAGE_STATS_ENABLED": "0"}
+    common = ["--num-cpus", "1", "--node-ip-address", "127.0.0.1", "--disable-usage-stats"]
+    port = "6399"
+    try:
+        subprocess.run([ray, "start", "--head", "--port", port, "--include-dashboard", "false", *common], env=env,
+                       check=True, capture_output=True, timeout=180)
+        subprocess.run([ray, "start", "--address", f"127.0.0.1:{port}", *common], env=env, check=True,
+                       capture_output=True, timeout=180)
+        yield f"127.0.0.1:{port}", node_cache
+    finally:
+        subprocess.run([ray, "stop", "--force"], capture_output=True, timeout=120)
+
+
+def test_the_ray_executor_builds_the_same_bytes_as_a_local_run(builds, ray_cluster, tmp_path):
+    address, node_cache = ray_cluster
+    folder, _ = builds["w4bf16"]
+    name = f"tiny-llama_w4bf16_seq{SEQ}_bm1684x_1dev.bmodel"
+    driver_cache = tmp_path / "driver-cache"
+    run = graphopt("run", "tiny-llama", "--target", "bm1684x", "--quantize", "w4bf16", "--seq-length", SEQ,
+                   "--executor", "ray", "--ray-address", address, "--no-check", "--out", str(tmp_path / "ray"),
+                   env={"GRAPHOPT_NET_CACHE": str(driver_cache)})
+    assert _without_build_time(tmp_path / "ray" / name) == _without_build_time(folder / name)
+    report = json.loads((tmp_path / "ray" / "bm1684x.json").read_text())
+    nodes = {n["net"]: n["node"] for n in report["nets"]}
+    assert all(nodes.values()) and not any(n["cached"] for n in report["nets"]), nodes  # compiled by the nodes
+    assert "on 2 of 2 nodes" in report["schedule"], report["schedule"]
+    # The nodes compiled into their own cache; the driver's holds the same entries, under the same keys.
+    entries = {p.name for p in node_cache.iterdir() if not p.name.endswith(".log")}
+    assert entries == {p.name for p in driver_cache.iterdir() if not p.name.endswith(".log")}
+    assert "compile schedule: on Ray at" in run.stdout
+
+
+def test_ray_address_without_the_ray_executor_is_refused(tmp_path):
+    run = graphopt("run", "tiny-llama", "--target", "bm1684x", "--ray-address", "127.0.0.1:6379", "--out",
+                   str(tmp_path / "o"), check=False)
+    assert run.returncode == 2 and "--ray-address" in run.stderr and "Traceback" not in run.stderr
+    assert not (tmp_path / "o").exists()

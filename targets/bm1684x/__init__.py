@@ -28,6 +28,11 @@ class Bm1684xBuild:
 
         validate(source, options)
 
+    def disk_needs(self, *args):
+        from graphopt.targets.bm1684x.build import disk_needs
+
+        return disk_needs(*args)
+
     def build(self, *args, **kwargs):
         from graphopt.targets.bm1684x.build import build
 

@@ -13,6 +13,9 @@ from pathlib import Path
 from typing import Any
 
 from graphopt import contract as c
+from graphopt import ray_executor
+from graphopt.disk import DiskNeed
+from graphopt.errors import GraphoptError
 from graphopt.targets.bm1684x import codes_check, contract, deploy, fake_quant, inspect_bmodel, toolchain, verify
 from graphopt.targets.bm1684x.simulator import Simulator
 from graphopt.targets.bm1684x.top_passes import TOP_PIPELINE
@@ -37,6 +40,7 @@ class Bm1684xResult:
     memory_checked: bool = False  # the runtime's copies were checked on the file's memory layout
     stages: list[dict] = field(default_factory=list)  # decode stages past stage 0: net, stage, rows, cycles
     checkpoint: dict | None = None  # a pre-quantized checkpoint: what of its codes the bmodel keeps (kept_codes)
+    schedule: str = ""  # how the compiles were run together (scheduler.Schedule.describe); "" when all were cached
 
     @property
     def ok(self) -> bool:
@@ -97,6 +101,7 @@ class Bm1684xResult:
         lines.append(f"  estimated chip time (TPU-MLIR cycle model, 1 GHz): {encode}{prefill}, decode "
                      f"{t['decode_ms_per_token']:.3f} ms per token ({1000 / max(t['decode_ms_per_token'], 1e-9):,.0f} "
                      "tokens/s)")
+        lines += self._schedule_lines()
         lines += self._top_pass_lines()
         if self.stages:
             first = next(n for n in self.nets if n["net"] == self.stages[0]["net"])
@@ -141,6 +146,16 @@ class Bm1684xResult:
                 if self.memory_checked else ""))
         return lines
 
+    def _schedule_lines(self) -> list[str]:
+        """How the compiles ran together, and each compiled net's measured peak against the estimate it was planned by."""
+        measured = [n for n in self.nets if n.get("peak_rss") and not n["cached"]]
+        if not self.schedule or not measured:
+            return []
+        worst = max(measured, key=lambda n: max(n["peak_rss"].values()) / n["estimated_peak"])
+        peak = max(worst["peak_rss"].values())
+        return [f"  compile schedule: {self.schedule}; largest measured peak / estimate {peak / 2**30:.2f} / "
+                f"{worst['estimated_peak'] / 2**30:.2f} GiB ({worst['net']})"]
+
     @property
     def requantized(self) -> bool:
         """Some net's weights were rounded by model_deploy (W4/W8 not from checkpoint codes): its reference is not fp32."""
@@ -151,7 +166,8 @@ class Bm1684xResult:
                 "ok": self.ok, "seconds": self.seconds, "memory": self.memory, "estimate": time_estimate(self.nets),
                 "nets": self.nets, "generation": self.generation,
                 "sim_skipped": self.sim_skipped, "contract": self.contract, "contract_problems": self.problems,
-                "memory_checked": self.memory_checked, "decode_stages": self.stages, "checkpoint": self.checkpoint}
+                "memory_checked": self.memory_checked, "decode_stages": self.stages, "checkpoint": self.checkpoint,
+                "schedule": self.schedule}
 
 
 def _read_back_codes(result: Bm1684xResult, compiled, folder: Path) -> None:
@@ -232,6 +248,47 @@ def validate(source, options: dict[str, Any]) -> None:
     contract.check_checkpoint_codes(source, options["quantize"])
     contract.check_chunk_length(options.get("chunk_length"), options["seq_length"], options["contract"])
     toolchain.require()
+    if options.get("ray_address") and options.get("executor") != "ray":
+        raise GraphoptError("--ray-address is where --executor ray sends the compiles; give --executor ray too, or "
+                            "leave --ray-address out to build on this machine.")
+    if options.get("executor") == "ray":
+        ray_executor.connect(_ray_address(options))  # before the export: no cluster, no hour lost
+
+
+def _ray_address(options: dict[str, Any]) -> str | None:
+    """Where --executor ray compiles ("auto": $RAY_ADDRESS or a node on this machine); None: on this machine."""
+    return (options.get("ray_address") or "auto") if options.get("executor") == "ray" else None
+
+
+# What every bmodel carries besides weights, measured at TPU-MLIR 1.30.2: the kernel module
+# (libbm1684x_kernel_module.so, 5.6 MB), instructions and, in the cache, the MLIR text and logs.
+NET_OVERHEAD = 6_500_000
+
+
+def disk_needs(source, options: dict[str, Any], runtime: c.Contract, out: Path) -> list[DiskNeed]:
+    """What the build writes beside the export's ONNX: the bmodel in --out, each net's bmodel in the net cache
+    (a block's weights once per block network: block_i, block_cache_i, ...; each decode stage again), and
+    while a net compiles, model_transform's fp32 weight copies (about twice its ONNX) for each job at once."""
+    if source.is_encoder_decoder:
+        layers, count, embed, head = source.parameter_count, 1, 0, 0
+    else:
+        parts = source.parts
+        count = len(parts.layers)
+        layers, embed, head = (sum(p.numel() for p in m.parameters()) for m in (parts.layers, parts.embed, parts.head))
+    quantize, group = options["quantize"], options["group_size"]
+    per_weight = {"W4": 0.5 + 4 / group, "W8": 1 + 4 / group}  # codes, then a scale and a zero point per group
+    block_bytes = layers * per_weight.get(contract.QUANT_MODES[quantize][0][:2], 2)
+    head_mode = contract.lm_head_mode(quantize, options.get("head_weights", "bf16"))
+    head_bytes = embed * 2 + head * per_weight.get(head_mode[:2], 2)
+    stages = len(contract.decode_stage_rows(options["seq_length"], options.get("chunk_length"))) - 1
+    copies = sum(1 for n in runtime.networks if n.kind in c.BLOCKS) + stages
+    nets = copies * count + sum(1 for n in runtime.networks if n.kind not in c.BLOCKS)
+    largest = 4 * max(layers // max(1, count), embed, head)
+    parallel = options.get("jobs") or os.cpu_count() or 1
+    cache = deploy.nets_cache()
+    return [DiskNeed("bmodel", out, int(block_bytes + head_bytes) + NET_OVERHEAD),
+            DiskNeed("net cache", cache, int(block_bytes * copies + head_bytes) + nets * NET_OVERHEAD),
+            DiskNeed("compile work (while it runs)", cache, 2 * largest * parallel)]
 
 
 def build(folder: Path, manifest: dict, source, options: dict[str, Any], check: bool, show_progress: bool,
@@ -247,10 +304,13 @@ def build(folder: Path, manifest: dict, source, options: dict[str, Any], check: 
     onnx_files = {}
     for net in manifest["networks"]:
         files = [folder / net["file"], *(folder / f for f in net["external_data"])]
-        onnx_files[net["name"]] = deploy.OnnxFile(files[0], net["sha256"], sum(f.stat().st_size for f in files))
+        onnx_files[net["name"]] = deploy.OnnxFile(files[0], net["sha256"], sum(f.stat().st_size for f in files),
+                                                  tuple(files[1:]))
 
     start = time.perf_counter()
-    compiled = deploy.deploy_all(tools, specs, onnx_files, options.get("jobs"), show_progress)
+    ray_address = _ray_address(options)
+    deployed = deploy.deploy_all(tools, specs, onnx_files, options.get("jobs"), show_progress, ray_address)
+    compiled = deployed.nets
     staged = _compile_decode_stages(tools, compiled, manifest, runtime, stage_rows, onnx_files, options, show_progress)
     seconds["bm1684x compile"] = time.perf_counter() - start
 
@@ -262,6 +322,7 @@ def build(folder: Path, manifest: dict, source, options: dict[str, Any], check: 
     seconds["combine"] = time.perf_counter() - start
     nets = [{"net": d.spec.name, "quantize": d.spec.quantize, "flags": list(d.spec.flags), "cached": d.cached,
              "seconds": d.seconds, "total_cycle": d.total_cycle, "memory": d.memory,
+             "peak_rss": d.peak_rss, "node": d.node, "estimated_peak": deploy.estimated_peak(onnx_files[d.spec.onnx_network].size),
              "top_passes": {r["pass"]: {k: r[k] for k in ("changed", "summary", "skipped")} for r in d.top_passes},
              "cache_dir": str(d.directory)} for d in compiled]
     for n in nets:
@@ -275,7 +336,8 @@ def build(folder: Path, manifest: dict, source, options: dict[str, Any], check: 
                            stages=[{"net": d.spec.name, "stage": d.spec.stage, "cache_rows": d.spec.input_shapes[-1][1],
                                     "total_cycle": d.total_cycle, "cached": d.cached, "seconds": d.seconds}
                                    for ds in staged.values() for d in ds],
-                           checkpoint=kept_codes(source, specs, nets))
+                           checkpoint=kept_codes(source, specs, nets),
+                           schedule=deployed.schedule.describe() if deployed.schedule else "")
     if result.checkpoint and result.checkpoint["modes"]:
         start = time.perf_counter()
         _read_back_codes(result, compiled, folder)
@@ -311,7 +373,8 @@ def _compile_decode_stages(tools, compiled, manifest: dict, runtime, stage_rows:
     specs = [s for d in compiled if runtime.spec(d.spec.name).kind in c.DECODE_BLOCKS
              for s in contract.stage_specs(d.spec, inputs[d.spec.onnx_network], stage_rows,
                                            str(d.directory / contract.IO_ALONE_CONFIG))]
-    done = deploy.deploy_all(tools, specs, onnx_files, options.get("jobs"), show_progress)
+    ray_address = _ray_address(options)
+    done = deploy.deploy_all(tools, specs, onnx_files, options.get("jobs"), show_progress, ray_address).nets
     staged: dict[str, list] = {}
     for d in done:
         staged.setdefault(d.spec.name, []).append(d)

@@ -10,6 +10,8 @@ failed job's directory is kept as `<key>.failed` with its log.
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import hashlib
 import json
 import os
@@ -19,7 +21,6 @@ import subprocess
 import sys
 import threading
 import time
-from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -28,7 +29,9 @@ from tqdm import tqdm
 
 from graphopt import contract as c
 from graphopt.errors import GraphoptError
-from graphopt.machine import parallel_jobs
+from graphopt.machine import available_memory
+from graphopt.ray_executor import RaySchedule, RemoteJob, run_on_ray
+from graphopt.scheduler import Job, Schedule, run_jobs
 from graphopt.targets.bm1684x.contract import TRANSFORM_FLAGS, DeploySpec
 from graphopt.targets.bm1684x.inspect_bmodel import read_info
 from graphopt.targets.bm1684x.toolchain import Toolchain, cache_root, log_tail
@@ -49,6 +52,8 @@ class DeployedNet:
     memory: dict[str, int] | None  # device bytes of the net alone: total, weight, instruct, runtime
     directory: Path
     top_passes: list[dict] = field(default_factory=list)  # what each top pass changed (top_passes/run.py's reports)
+    peak_rss: dict[str, int] = field(default_factory=dict)  # per tool, its largest process's resident bytes
+    node: str = ""  # the Ray node that compiled it (--executor ray)
 
 
 class DeployError(GraphoptError):
@@ -88,15 +93,23 @@ def read_total_cycle(profile: Path) -> int | None:
     return int(found[-1]) if found else None
 
 
+def cached(toolchain: Toolchain, spec: DeploySpec, onnx_sha256: str) -> DeployedNet | None:
+    """The net's cache entry, if a run compiled it already."""
+    final = nets_cache() / cache_key(spec, onnx_sha256, toolchain)
+    if not (final / RESULT).is_file():
+        return None
+    data = json.loads((final / RESULT).read_text())
+    return DeployedNet(spec, final / f"{spec.name}.bmodel", True, data["seconds"], data["total_cycle"],
+                       data["memory"], final, data.get("top_passes", []), data.get("peak_rss", {}))
+
+
 def deploy_network(toolchain: Toolchain, spec: DeploySpec, onnx: Path, onnx_sha256: str,
                    threads: int | None = None) -> DeployedNet:
-    key = cache_key(spec, onnx_sha256, toolchain)
-    final = nets_cache() / key
-    if (final / RESULT).is_file():
-        data = json.loads((final / RESULT).read_text())
-        return DeployedNet(spec, final / f"{spec.name}.bmodel", True, data["seconds"], data["total_cycle"],
-                           data["memory"], final, data.get("top_passes", []))
-    work = final.with_name(f"{key}.partial-{os.getpid()}-{threading.get_ident()}")
+    found = cached(toolchain, spec, onnx_sha256)
+    if found is not None:
+        return found
+    final = nets_cache() / cache_key(spec, onnx_sha256, toolchain)
+    work = final.with_name(f"{final.name}.partial-{os.getpid()}-{threading.get_ident()}")
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
     try:
@@ -114,9 +127,10 @@ class ToolFailed(Exception):
 
 
 def compile_in(toolchain: Toolchain, spec: DeploySpec, onnx: Path, work: Path, log: Path,
-               threads: int | None = None) -> tuple[dict[str, float], list[dict]]:
+               threads: int | None = None, peak_rss: dict[str, int] | None = None) -> tuple[dict[str, float], list[dict]]:
     """model_transform, the spec's top passes, model_deploy, in `work`, logging to `log`.
-    Returns (seconds per tool, the top passes' reports); raises ToolFailed naming the failed step."""
+    Returns (seconds per tool, the top passes' reports); raises ToolFailed naming the failed step.
+    `peak_rss` gets each tool's largest process's resident bytes."""
     mlir, bmodel = f"{spec.name}.mlir", f"{spec.name}.bmodel"
     seconds, reports = {}, []
     codes = onnx.parent / spec.codes if spec.codes else None  # beside the network's ONNX
@@ -125,7 +139,7 @@ def compile_in(toolchain: Toolchain, spec: DeploySpec, onnx: Path, work: Path, l
     for tool, args in (("model_transform", spec.transform_args(str(onnx.absolute()), mlir)),
                        ("model_deploy", spec.deploy_args(mlir, bmodel))):
         start = time.perf_counter()
-        status = toolchain.run(tool, args, cwd=work, log=log, threads=threads)
+        status = toolchain.run(tool, args, cwd=work, log=log, threads=threads, peak_rss=peak_rss)
         seconds[tool] = round(time.perf_counter() - start, 2)
         if status != 0 or (tool == "model_deploy" and not (work / bmodel).is_file()):
             raise ToolFailed(tool, status)
@@ -184,8 +198,9 @@ def _constant(graph, name: str):
 def _compile(toolchain, spec, onnx, onnx_sha256, threads, work: Path, final: Path) -> DeployedNet:
     log = work / "compile.log"
     mlir, bmodel = f"{spec.name}.mlir", f"{spec.name}.bmodel"
+    peak_rss: dict[str, int] = {}
     try:
-        seconds, reports = compile_in(toolchain, spec, onnx, work, log, threads)
+        seconds, reports = compile_in(toolchain, spec, onnx, work, log, threads, peak_rss)
     except ToolFailed as failure:
         failed = final.with_name(f"{final.name}.failed")
         shutil.rmtree(failed, ignore_errors=True)
@@ -201,19 +216,24 @@ def _compile(toolchain, spec, onnx, onnx_sha256, threads, work: Path, final: Pat
         elif path.suffix in (".npz", ".onnx", ".prototxt") or path.is_dir():
             shutil.rmtree(path) if path.is_dir() else path.unlink()
     (work / RESULT).write_text(json.dumps({"net": spec.name, "onnx_sha256": onnx_sha256, "seconds": seconds,
-                                           "total_cycle": total_cycle, "memory": memory, "top_passes": reports, "transform": spec.transform_args("NET.onnx", mlir),
+                                           "total_cycle": total_cycle, "memory": memory, "top_passes": reports,
+                                           "peak_rss": peak_rss, "transform": spec.transform_args("NET.onnx", mlir),
                                            "deploy": spec.deploy_args(mlir, bmodel)}, indent=2) + "\n")
     shutil.rmtree(final, ignore_errors=True)
     work.rename(final)
-    return DeployedNet(spec, final / bmodel, False, seconds, total_cycle, memory, final, reports)
+    return DeployedNet(spec, final / bmodel, False, seconds, total_cycle, memory, final, reports, peak_rss)
 
 
-def default_jobs(onnx_bytes: int) -> int:
-    """As many parallel jobs as cores, fewer when memory would not hold them. Measured peaks at
-    Llama-3.1-8B shape: model_transform 4.3 GB for an 873 MB block and 9.0 GB for the 2.1 GB
-    lm_head (about 5x the ONNX); model_deploy W4BF16 1.6 GB for the block."""
-    per_job = 5 * onnx_bytes + (1 << 30)
-    return parallel_jobs(per_job)
+def estimated_peak(onnx_bytes: int) -> int:
+    """A net's compile peak, from its ONNX size. Measured at Llama-3.1-8B shape: model_transform 4.3 GB
+    for an 873 MB block and 9.0 GB for the 2.1 GB lm_head (about 5x the ONNX); model_deploy W4BF16
+    1.6 GB for the block. Every compile records its tools' peaks (DeployedNet.peak_rss) to hold this to."""
+    return 5 * onnx_bytes + (1 << 30)
+
+
+def memory_budget() -> int:
+    """What the compiles may hold together: available memory, less 1 GiB for graphopt's own process."""
+    return max(1 << 30, available_memory() - (1 << 30))
 
 
 @dataclass(frozen=True)
@@ -221,43 +241,113 @@ class OnnxFile:
     path: Path
     sha256: str  # of the file and its external data (SharedData.digest), from the manifest
     size: int  # bytes, external data included
+    external: tuple[Path, ...] = ()  # its external data files
+
+
+@dataclass
+class Deployed:
+    """Every net of a deploy_all, in spec order, and how the compiles were scheduled (None: all cached)."""
+
+    nets: list[DeployedNet]
+    schedule: Schedule | RaySchedule | None
 
 
 def deploy_all(toolchain: Toolchain, specs: list[DeploySpec], onnx_files: dict[str, OnnxFile],
-               jobs: int | None, show_progress: bool = True) -> list[DeployedNet]:
-    """Compiles every spec (biggest first, `jobs` at a time); results in spec order."""
-    jobs = jobs or default_jobs(max(f.size for f in onnx_files.values()))
-    threads = max(1, (os.cpu_count() or 1) // jobs)
-    order = sorted(specs, key=lambda s: -onnx_files[s.onnx_network].size)
-    bar = tqdm(total=len(specs), unit="net", file=sys.stderr, dynamic_ncols=True, leave=False,
-               disable=None if show_progress else True, desc=f"bm1684x ({jobs} jobs)")
+               jobs: int | None, show_progress: bool = True, ray_address: str | None = None) -> Deployed:
+    """Compiles every spec not in the net cache, each planned by its own estimated peak: on this machine as
+    many at once as `jobs` (default: the cores) and the memory budget allow, biggest first; or, given a
+    `ray_address` ("auto" for Ray's own default), as Ray tasks on that cluster's nodes."""
+    found = {s.label: cached(toolchain, s, onnx_files[s.onnx_network].sha256) for s in specs}
+    todo = [s for s in specs if found[s.label] is None]
+    parallel = jobs or os.cpu_count() or 1
+    where = "on Ray" if ray_address else f"up to {parallel} jobs"
+    bar = tqdm(total=len(specs), initial=len(specs) - len(todo), unit="net", file=sys.stderr, dynamic_ncols=True,
+               leave=False, disable=None if show_progress else True, desc=f"bm1684x ({where})")
     started = time.perf_counter()
-    lock = threading.Lock()
 
-    def job(spec: DeploySpec) -> DeployedNet:
-        onnx = onnx_files[spec.onnx_network]
-        done = deploy_network(toolchain, spec, onnx.path, onnx.sha256, threads)
-        with lock:
-            bar.update(1)
-            if show_progress:
-                how = "cached" if done.cached else " + ".join(f"{k} {v:.1f}s" for k, v in done.seconds.items())
-                bar.write(f"  {spec.label:<22} {spec.quantize:<7} {how:<44} (elapsed {time.perf_counter() - started:6.1f}s)",
-                          file=sys.stderr)
-        return done
+    def finished(job, done: DeployedNet) -> None:
+        found[job.name] = done
+        bar.update(1)
+        if show_progress:
+            how = " + ".join(f"{k} {v:.1f}s" for k, v in done.seconds.items())
+            peak = max(done.peak_rss.values(), default=0) / 2**30
+            node = f" on {done.node}" if done.node else ""
+            bar.write(f"  {done.spec.label:<22} {done.spec.quantize:<7} {how:<44} peak {peak:4.1f} GiB{node} "
+                      f"(elapsed {time.perf_counter() - started:6.1f}s)", file=sys.stderr)
 
-    with ThreadPoolExecutor(max_workers=jobs) as pool:
-        futures = {pool.submit(job, spec): spec.label for spec in order}
-        finished, pending = wait(futures, return_when=FIRST_EXCEPTION)
-        for future in pending:
-            future.cancel()
-        errors = [f.exception() for f in finished if f.exception() is not None]
-        if errors:
-            wait(pending)
-            bar.close()
-            raise errors[0]
-    bar.close()
-    by_label = {f.result().spec.label: f.result() for f in futures}
-    return [by_label[s.label] for s in specs]
+    schedule = None
+    try:
+        if todo and ray_address:
+            by_label = {s.label: s for s in todo}
+            work = [RemoteJob(s.label, estimated_peak(onnx_files[s.onnx_network].size), compile_on_node,
+                              (s, _files_of(onnx_files[s.onnx_network]), onnx_files[s.onnx_network].sha256))
+                    for s in todo]
+            schedule = run_on_ray(work, ray_address, lambda job, result: finished(
+                job, _store_from_node(toolchain, by_label[job.name], onnx_files[by_label[job.name].onnx_network], result)))
+        elif todo:
+            threads = max(1, (os.cpu_count() or 1) // parallel)
+            work = [Job(s.label, estimated_peak(onnx_files[s.onnx_network].size),
+                        functools.partial(deploy_network, toolchain, s, onnx_files[s.onnx_network].path,
+                                          onnx_files[s.onnx_network].sha256, threads)) for s in todo]
+            schedule = run_jobs(work, parallel, memory_budget(), finished)
+    finally:
+        bar.close()
+    return Deployed([found[s.label] for s in specs], schedule)
+
+
+# ---- on a Ray node (--executor ray) ---------------------------------------------------------------
+
+def _files_of(onnx: OnnxFile) -> list[str]:
+    """The ONNX file and its external data, as absolute paths: what a node must see at the same place."""
+    return [str(p.absolute()) for p in (onnx.path, *onnx.external)]
+
+
+def compile_on_node(spec: DeploySpec, onnx_paths: list[str], onnx_sha256: str) -> dict:
+    """A Ray task: the net compiled on this node into its own net cache (the same key as anywhere), returned as
+    the cache entry's files. Raises GraphoptError naming the node when it cannot see the ONNX or has no toolchain."""
+    node = _node_ip()
+    missing = [p for p in onnx_paths if not Path(p).is_file()]
+    if missing:
+        raise GraphoptError(f"Ray node {node} cannot see {missing[0]} ({spec.name}'s ONNX). --executor ray needs the "
+                            "output folder at the same path on every node: a shared filesystem, or a copy made "
+                            "before the build (README, \"Building on a Ray cluster\").")
+    from graphopt.targets.bm1684x import toolchain as toolchains
+
+    try:
+        net = deploy_network(toolchains.require(), spec, Path(onnx_paths[0]), onnx_sha256, threads=1)
+    except GraphoptError as error:
+        raise GraphoptError(f"on Ray node {node}: {error}") from None
+    files = {f.name: f.read_bytes() for f in sorted(net.directory.iterdir()) if f.is_file()}
+    return {"key": net.directory.name, "files": files, "node": node, "cached": net.cached}
+
+
+def _node_ip() -> str:
+    """This Ray node: its IP and the start of its id (nodes on one machine share the IP)."""
+    import ray
+
+    return f"{ray.util.get_node_ip_address()}/{ray.get_runtime_context().get_node_id()[:8]}"
+
+
+def _store_from_node(toolchain: Toolchain, spec: DeploySpec, onnx: OnnxFile, result: dict) -> DeployedNet:
+    """A node's cache entry, written into this machine's net cache under the same key (unless the node wrote
+    it there itself: a shared cache), then read as any cached net."""
+    key = cache_key(spec, onnx.sha256, toolchain)
+    if result["key"] != key:
+        raise GraphoptError(f"Ray node {result['node']} compiled {spec.name} under cache key {result['key']}, this "
+                            f"machine expects {key}: the node's TPU-MLIR is another version or at another path "
+                            f"than {toolchain.describe()}. Install the same toolchain at the same path on every node "
+                            "(graphopt toolchain install bm1684x).")
+    final = nets_cache() / key
+    if not (final / RESULT).is_file():
+        partial = final.with_name(f"{key}.partial-{os.getpid()}-{threading.get_ident()}")
+        shutil.rmtree(partial, ignore_errors=True)
+        partial.mkdir(parents=True)
+        for name, data in result["files"].items():
+            (partial / name).write_bytes(data)
+        shutil.rmtree(final, ignore_errors=True)
+        partial.rename(final)
+    net = cached(toolchain, spec, onnx.sha256)
+    return dataclasses.replace(net, cached=result["cached"], node=result["node"])
 
 
 def combine(toolchain: Toolchain, nets: list[DeployedNet], out: Path) -> Path:

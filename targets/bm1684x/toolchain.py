@@ -76,13 +76,25 @@ class Toolchain:
             env["OMP_NUM_THREADS"] = str(threads)
         return env
 
-    def run(self, name: str, args: list[str], cwd: Path, log: Path, threads: int | None = None) -> int:
-        """Runs a tool with its output appended to `log`; returns the exit status."""
+    def run(self, name: str, args: list[str], cwd: Path, log: Path, threads: int | None = None,
+            peak_rss: dict[str, int] | None = None) -> int:
+        """Runs a tool with its output appended to `log`; returns the exit status. `peak_rss[name]` gets the
+        resident bytes of its largest process (the tool or one it ran and waited for: tpuc-opt, say)."""
         with open(log, "a") as handle:
             handle.write(f"$ {shlex.join([name, *args])}\n")
             handle.flush()
-            return subprocess.run([*self.tool(name), *args], cwd=cwd, env=self.environ(threads),
-                                  stdout=handle, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL).returncode
+            process = subprocess.Popen([*self.tool(name), *args], cwd=cwd, env=self.environ(threads),
+                                       stdout=handle, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+            try:
+                _, status, usage = os.wait4(process.pid, 0)
+            except BaseException:
+                process.kill()
+                process.wait()
+                raise
+            process.returncode = os.waitstatus_to_exitcode(status)
+            if peak_rss is not None:
+                peak_rss[name] = max(peak_rss.get(name, 0), usage.ru_maxrss * 1024)
+            return process.returncode
 
     def describe(self) -> str:
         return f"TPU-MLIR {self.version} ({self.origin}: {self.root})"

@@ -1,0 +1,165 @@
+"""Build speed side by side (issue 22): graphopt and TPU-MLIR's own llm_convert on the same checkpoint, on
+this machine, with the same number of compile jobs, in one run: wall time, per-net seconds, peak memory of
+the process tree, disk written.
+
+The checkpoint is Llama-3.1-8B's shape with --num-layers layers and seeded random weights (N(0, 0.02), norms
+1), saved in bf16 with transformers' save_pretrained; config.json gets the legacy `torch_dtype`, `rope_theta`
+and `rope_scaling` keys Meta's file has, which llm_convert reads.
+
+llm_convert comes with the toolchain graphopt installs (its venv's bin first on PATH, as its deploy scripts'
+`#!/usr/bin/env python3` need). It runs its model_deploy calls through GNU parallel (`apt-get install
+parallel`) with a hard-coded `-j max(cpu_count, 4)`; this bench puts a `parallel` of its own first on PATH
+that replaces that -j with --jobs and adds a --joblog (each net's seconds). llm_convert itself is not changed.
+graphopt runs with `--jobs` alike, with a fresh net cache, and with its checks (as a user runs it).
+
+    python bench/build_vs_llm_convert.py                      # 1 layer, seq 512, w4bf16, 1 job each
+    python bench/build_vs_llm_convert.py --num-layers 32 --jobs 2   # the full model (about 1 h each here)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import stat
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from harness import directory_bytes, graphopt_command, markdown_table, measure, publish, remove  # noqa: E402
+
+LLAMA_31_8B = dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_attention_heads=32,
+                   num_key_value_heads=8, hidden_act="silu", max_position_embeddings=131072, rms_norm_eps=1e-5,
+                   tie_word_embeddings=False, bos_token_id=128000, eos_token_id=[128001, 128008, 128009])
+ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 8192}
+
+# GNU parallel with llm_convert's -j replaced by $BENCH_JOBS and each call's joblog kept ($BENCH_JOBLOG_DIR).
+PARALLEL_WRAPPER = """#!/usr/bin/env bash
+args=()
+while [ $# -gt 0 ]; do
+  case "$1" in
+    -j) shift; args+=(-j "$BENCH_JOBS") ;;
+    -j*|--jobs=*) args+=(-j "$BENCH_JOBS") ;;
+    *) args+=("$1") ;;
+  esac
+  shift
+done
+exec /usr/bin/parallel --joblog "$BENCH_JOBLOG_DIR/joblog-$$-$RANDOM" "${args[@]}"
+"""
+
+
+def write_checkpoint(folder: Path, layers: int) -> Path:
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    if (folder / "config.json").is_file():
+        return folder
+    config = LlamaConfig(**LLAMA_31_8B, num_hidden_layers=layers, rope_theta=500000.0, rope_scaling=ROPE)
+    torch.manual_seed(0)
+    with torch.device("meta"):
+        model = LlamaForCausalLM(config)
+    model = model.to_empty(device="cpu").to(torch.bfloat16)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            param.fill_(1.0) if "norm" in name else param.normal_(0.0, 0.02)
+    model.save_pretrained(folder, max_shard_size="1GB")
+    values = json.loads((folder / "config.json").read_text())
+    values.update(torch_dtype="bfloat16", rope_theta=500000.0, rope_scaling=ROPE)
+    (folder / "config.json").write_text(json.dumps(values, indent=2) + "\n")
+    return folder
+
+
+def toolchain_bin() -> Path:
+    from graphopt.targets.bm1684x import toolchain
+
+    return toolchain.require().python.parent
+
+
+def run_llm_convert(checkpoint: Path, seq: int, quantize: str, jobs: int, work: Path) -> dict:
+    out, wrap, joblogs = work / "llm_convert", work / "wrap", work / "joblogs"
+    remove(out), remove(joblogs)
+    wrap.mkdir(parents=True, exist_ok=True)
+    joblogs.mkdir(parents=True)
+    (wrap / "parallel").write_text(PARALLEL_WRAPPER)
+    (wrap / "parallel").chmod(0o755 | stat.S_IXUSR)
+    venv_bin = toolchain_bin()
+    env = {"PATH": f"{wrap}:{venv_bin}:{os.environ['PATH']}", "VIRTUAL_ENV": str(venv_bin.parent),
+           "BENCH_JOBS": str(jobs), "BENCH_JOBLOG_DIR": str(joblogs)}
+    measured = measure([str(venv_bin / "llm_convert.py"), "-m", str(checkpoint), "-s", str(seq), "-q", quantize,
+                        "-g", "64", "-c", "bm1684x", "-o", str(out)], work / "llm_convert.log", env=env)
+    bmodels = sorted(out.rglob("*.bmodel"))
+    final = [b for b in bmodels if b.parent == out or "_1dev" in b.name]
+    row = {"tool": "llm_convert", "measured": measured, "disk_bytes": directory_bytes(out),
+           "bmodel_bytes": final[0].stat().st_size if final else None, "nets": joblog_seconds(joblogs)}
+    remove(out)
+    return row
+
+
+def joblog_seconds(folder: Path) -> dict[str, float]:
+    """{net: model_deploy seconds} from GNU parallel's joblogs (JobRuntime, and the command's --model N.bmodel)."""
+    seconds = {}
+    for log in folder.glob("joblog-*"):
+        for line in log.read_text().splitlines()[1:]:
+            fields = line.split("\t")
+            found = re.search(r"--model\s+(\S+?)\.bmodel", fields[-1]) if len(fields) > 8 else None
+            if found:
+                seconds[Path(found.group(1)).name] = float(fields[3])
+    return seconds
+
+
+def run_graphopt(checkpoint: Path, seq: int, quantize: str, jobs: int, work: Path) -> dict:
+    out, cache = work / "graphopt", work / "graphopt-nets"
+    remove(out), remove(cache)
+    measured = measure(graphopt_command("run", str(checkpoint), "--target", "bm1684x", "--quantize", quantize,
+                                        "--seq-length", str(seq), "--jobs", str(jobs), "--out", str(out)),
+                       work / "graphopt.log", env={"GRAPHOPT_NET_CACHE": str(cache)})
+    row = {"tool": "graphopt", "measured": measured, "disk_bytes": directory_bytes(out) + directory_bytes(cache)}
+    if measured.ok:
+        report, target = (json.loads((out / f).read_text()) for f in ("report.json", "bm1684x.json"))
+        row.update(bmodel_bytes=target["bmodel_bytes"], stage_seconds=report["stage_seconds"],
+                   nets={n["net"]: sum(n["seconds"].values()) for n in target["nets"]},
+                   schedule=target.get("schedule"), disk=report.get("disk"), checks_ok=report["ok"])
+    remove(out), remove(cache)
+    return row
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--num-layers", type=int, default=1)
+    parser.add_argument("--seq-length", type=int, default=512)
+    parser.add_argument("--quantize", default="w4bf16")
+    parser.add_argument("--jobs", type=int, default=1, help="compile jobs, the same for both (llm_convert's -j)")
+    parser.add_argument("--work", help="scratch directory; the checkpoint and logs stay there (default: a new one)")
+    parser.add_argument("--json", help="where to write the results (default bench/results/build_vs_llm_convert.json)")
+    args = parser.parse_args(argv)
+
+    work = Path(args.work or tempfile.mkdtemp(prefix="graphopt-bench-build-"))
+    checkpoint = write_checkpoint(work / f"llama3.1-8b-shape-{args.num_layers}l", args.num_layers)
+    rows = [run_llm_convert(checkpoint, args.seq_length, args.quantize, args.jobs, work),
+            run_graphopt(checkpoint, args.seq_length, args.quantize, args.jobs, work)]
+
+    table = markdown_table(
+        ["tool", "wall s", "peak memory GB (tree)", "largest process GB", "disk written GB", "bmodel MB", "ok"],
+        [[r["tool"], r["measured"].wall_s, r["measured"].peak_rss_gb, r["measured"].peak_process_rss_gb,
+          round(r["disk_bytes"] / 1e9, 2), round((r.get("bmodel_bytes") or 0) / 1e6, 1), r["measured"].ok]
+         for r in rows])
+    names = sorted(set(rows[0]["nets"]) | set(rows[1].get("nets", {})))
+    table += "\n\nPer net, seconds (llm_convert: model_deploy; graphopt: model_transform + model_deploy):\n\n"
+    table += markdown_table(["net", "llm_convert", "graphopt"],
+                            [[n, rows[0]["nets"].get(n), round(rows[1].get("nets", {}).get(n, 0), 1) or None]
+                             for n in names])
+    if "stage_seconds" in rows[1]:
+        table += "\n\ngraphopt's stages: " + ", ".join(f"{k} {v:.1f} s" for k, v in rows[1]["stage_seconds"].items())
+        table += f"\n\ngraphopt's compile schedule: {rows[1].get('schedule')}"
+    publish("build_vs_llm_convert", f"Build, llm_convert vs graphopt: Llama-3.1-8B shape, {args.num_layers} layer(s), "
+            f"seq {args.seq_length}, {args.quantize}, {args.jobs} job(s) each", table,
+            {"num_layers": args.num_layers, "seq_length": args.seq_length, "quantize": args.quantize,
+             "jobs": args.jobs, "rows": rows, "work": str(work)}, args.json)
+    return 0 if all(r["measured"].ok for r in rows) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
