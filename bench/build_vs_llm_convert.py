@@ -36,18 +36,19 @@ LLAMA_31_8B = dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336,
 ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
         "original_max_position_embeddings": 8192}
 
-# GNU parallel with llm_convert's -j replaced by $BENCH_JOBS and each call's joblog kept ($BENCH_JOBLOG_DIR).
+# GNU parallel with llm_convert's -j and --joblog replaced: -j $BENCH_JOBS, a joblog per call in $BENCH_JOBLOG_DIR
+# (llm_convert's own task.txt.log is overwritten by its second, empty, call).
 PARALLEL_WRAPPER = """#!/usr/bin/env bash
 args=()
 while [ $# -gt 0 ]; do
   case "$1" in
-    -j) shift; args+=(-j "$BENCH_JOBS") ;;
-    -j*|--jobs=*) args+=(-j "$BENCH_JOBS") ;;
+    -j|--joblog) shift; [ "$1" = "${1#-}" ] || continue ;;  # llm_convert's -j N and --joblog F: ours below
+    -j*|--jobs=*) ;;
     *) args+=("$1") ;;
   esac
   shift
 done
-exec /usr/bin/parallel --joblog "$BENCH_JOBLOG_DIR/joblog-$$-$RANDOM" "${args[@]}"
+exec /usr/bin/parallel -j "$BENCH_JOBS" --joblog "$BENCH_JOBLOG_DIR/joblog-$$-$RANDOM" "${args[@]}"
 """
 
 

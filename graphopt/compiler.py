@@ -160,7 +160,9 @@ def _export(job: ExportJob, target: Target, keep_fx: bool, show_progress: bool, 
     jobs = 1 if keep_fx else min(jobs or default_export_jobs(source), len(groups))
     progress = Progress(len(plans), enabled=show_progress, workers=jobs)
     started = time.perf_counter()
-    if jobs == 1:
+    # A large model's weights stay in the process that exported them (the allocator keeps freed memory): in a
+    # worker, they go with it, and the target's compiles get the memory (8B, --jobs 1: 7 GB held otherwise).
+    if jobs == 1 and (keep_fx or source.is_small or target.build is None):
         done, kept = export_serially(job, plans, keep_fx, progress)
     else:
         done, kept = export_in_parallel(job, groups, jobs, progress), {}

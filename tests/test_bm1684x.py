@@ -311,6 +311,42 @@ def test_a_failed_compile_names_the_network_and_its_log(tools, tmp_path, monkeyp
     assert not list((tmp_path / "cache").glob("*.partial-*")) and not list((tmp_path / "cache").glob("*/result.json"))
 
 
+def test_the_transform_server_writes_what_the_model_transform_command_writes(tools, tmp_path):
+    """transform_server.py runs model_transform for many nets in one process and skips copies graphopt never
+    reads: the top MLIR and its weights must be the same bytes as the command's, net after net."""
+    from graphopt.export import export_networks
+    from graphopt.models import open_model
+    from graphopt.targets import get_target
+    from graphopt.targets.bm1684x.model_transform import TransformServers
+
+    nets = export_networks(open_model("tiny-llama"), ["block_0", "lm_head"], 32, tmp_path / "onnx",
+                           target=get_target("bm1684x"), check=False)
+    servers = TransformServers()
+    try:
+        for name, net in nets.items():
+            args = contract.DeploySpec(name, name, tuple(s.shape for s in net.inputs), "BF16", ()).transform_args(
+                str(net.files[0]), f"{name}.mlir")
+            for how in ("command", "server", "server again"):
+                (tmp_path / how / name).mkdir(parents=True)
+            assert tools.run("model_transform", args, tmp_path / "command" / name, tmp_path / "command.log") == 0
+            peaks = {}
+            for how in ("server", "server again"):
+                assert servers.run(tools, args, tmp_path / how / name, tmp_path / f"{how}.log", 1, peaks) == 0
+            assert peaks["model_transform"] > 0
+            for made in sorted((tmp_path / "command" / name).glob("*.mlir")) + sorted(
+                    (tmp_path / "command" / name).glob("*_top_*weight.npz")):
+                for how in ("server", "server again"):
+                    assert (tmp_path / how / name / made.name).read_bytes() == made.read_bytes(), (how, made.name)
+        broken = tmp_path / "broken.onnx"
+        broken.write_bytes(b"this is not an onnx model")
+        (tmp_path / "broken").mkdir()
+        status = servers.run(tools, ["--model_name", "x", "--model_def", str(broken), "--input_shapes", "[[1]]",
+                                     "--mlir", "x.mlir"], tmp_path / "broken", tmp_path / "broken.log")
+        assert status != 0 and "Traceback" in (tmp_path / "broken.log").read_text()
+    finally:
+        servers.close()
+
+
 def test_a_dynamic_net_whose_baked_mask_is_not_causal_is_refused_with_why(tools, tmp_path, monkeypatch):
     """small-causal-mask swaps a dynamic net's baked mask for TPU-MLIR's small causal mask only where the baked
     one is exactly causal after the cache: any other mask would be wrong at every other length, so the compile

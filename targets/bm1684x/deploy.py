@@ -34,6 +34,7 @@ from graphopt.ray_executor import RaySchedule, RemoteJob, run_on_ray
 from graphopt.scheduler import Job, Schedule, run_jobs
 from graphopt.targets.bm1684x.contract import TRANSFORM_FLAGS, DeploySpec
 from graphopt.targets.bm1684x.inspect_bmodel import read_info
+from graphopt.targets.bm1684x.model_transform import TransformServers
 from graphopt.targets.bm1684x.toolchain import Toolchain, cache_root, log_tail
 from graphopt.targets.bm1684x import top_passes
 
@@ -104,7 +105,9 @@ def cached(toolchain: Toolchain, spec: DeploySpec, onnx_sha256: str) -> Deployed
 
 
 def deploy_network(toolchain: Toolchain, spec: DeploySpec, onnx: Path, onnx_sha256: str,
-                   threads: int | None = None) -> DeployedNet:
+                   threads: int | None = None, transform: TransformServers | None = None) -> DeployedNet:
+    """The net from the cache, or compiled into it. `transform`: servers to run model_transform in (deploy_all's);
+    None runs the command."""
     found = cached(toolchain, spec, onnx_sha256)
     if found is not None:
         return found
@@ -113,7 +116,7 @@ def deploy_network(toolchain: Toolchain, spec: DeploySpec, onnx: Path, onnx_sha2
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
     try:
-        return _compile(toolchain, spec, onnx, onnx_sha256, threads, work, final)
+        return _compile(toolchain, spec, onnx, onnx_sha256, threads, work, final, transform)
     finally:
         shutil.rmtree(work, ignore_errors=True)  # gone already unless this job failed or was interrupted
 
@@ -127,7 +130,8 @@ class ToolFailed(Exception):
 
 
 def compile_in(toolchain: Toolchain, spec: DeploySpec, onnx: Path, work: Path, log: Path,
-               threads: int | None = None, peak_rss: dict[str, int] | None = None) -> tuple[dict[str, float], list[dict]]:
+               threads: int | None = None, peak_rss: dict[str, int] | None = None,
+               transform: TransformServers | None = None) -> tuple[dict[str, float], list[dict]]:
     """model_transform, the spec's top passes, model_deploy, in `work`, logging to `log`.
     Returns (seconds per tool, the top passes' reports); raises ToolFailed naming the failed step.
     `peak_rss` gets each tool's largest process's resident bytes."""
@@ -139,7 +143,10 @@ def compile_in(toolchain: Toolchain, spec: DeploySpec, onnx: Path, work: Path, l
     for tool, args in (("model_transform", spec.transform_args(str(onnx.absolute()), mlir)),
                        ("model_deploy", spec.deploy_args(mlir, bmodel))):
         start = time.perf_counter()
-        status = toolchain.run(tool, args, cwd=work, log=log, threads=threads, peak_rss=peak_rss)
+        if tool == "model_transform" and transform is not None:
+            status = transform.run(toolchain, args, work, log, threads, peak_rss)
+        else:
+            status = toolchain.run(tool, args, cwd=work, log=log, threads=threads, peak_rss=peak_rss)
         seconds[tool] = round(time.perf_counter() - start, 2)
         if status != 0 or (tool == "model_deploy" and not (work / bmodel).is_file()):
             raise ToolFailed(tool, status)
@@ -195,12 +202,12 @@ def _constant(graph, name: str):
     return numpy_helper.to_array(node.attribute[0].t)
 
 
-def _compile(toolchain, spec, onnx, onnx_sha256, threads, work: Path, final: Path) -> DeployedNet:
+def _compile(toolchain, spec, onnx, onnx_sha256, threads, work: Path, final: Path, transform=None) -> DeployedNet:
     log = work / "compile.log"
     mlir, bmodel = f"{spec.name}.mlir", f"{spec.name}.bmodel"
     peak_rss: dict[str, int] = {}
     try:
-        seconds, reports = compile_in(toolchain, spec, onnx, work, log, threads, peak_rss)
+        seconds, reports = compile_in(toolchain, spec, onnx, work, log, threads, peak_rss, transform)
     except ToolFailed as failure:
         failed = final.with_name(f"{final.name}.failed")
         shutil.rmtree(failed, ignore_errors=True)
@@ -275,7 +282,7 @@ def deploy_all(toolchain: Toolchain, specs: list[DeploySpec], onnx_files: dict[s
             bar.write(f"  {done.spec.label:<22} {done.spec.quantize:<7} {how:<44} peak {peak:4.1f} GiB{node} "
                       f"(elapsed {time.perf_counter() - started:6.1f}s)", file=sys.stderr)
 
-    schedule = None
+    schedule, transform = None, TransformServers()
     try:
         if todo and ray_address:
             by_label = {s.label: s for s in todo}
@@ -288,9 +295,10 @@ def deploy_all(toolchain: Toolchain, specs: list[DeploySpec], onnx_files: dict[s
             threads = max(1, (os.cpu_count() or 1) // parallel)
             work = [Job(s.label, estimated_peak(onnx_files[s.onnx_network].size),
                         functools.partial(deploy_network, toolchain, s, onnx_files[s.onnx_network].path,
-                                          onnx_files[s.onnx_network].sha256, threads)) for s in todo]
+                                          onnx_files[s.onnx_network].sha256, threads, transform)) for s in todo]
             schedule = run_jobs(work, parallel, memory_budget(), finished)
     finally:
+        transform.close()
         bar.close()
     return Deployed([found[s.label] for s in specs], schedule)
 
@@ -313,10 +321,13 @@ def compile_on_node(spec: DeploySpec, onnx_paths: list[str], onnx_sha256: str) -
                             "before the build (README, \"Building on a Ray cluster\").")
     from graphopt.targets.bm1684x import toolchain as toolchains
 
+    transform = TransformServers()
     try:
-        net = deploy_network(toolchains.require(), spec, Path(onnx_paths[0]), onnx_sha256, threads=1)
+        net = deploy_network(toolchains.require(), spec, Path(onnx_paths[0]), onnx_sha256, 1, transform)
     except GraphoptError as error:
         raise GraphoptError(f"on Ray node {node}: {error}") from None
+    finally:
+        transform.close()
     files = {f.name: f.read_bytes() for f in sorted(net.directory.iterdir()) if f.is_file()}
     return {"key": net.directory.name, "files": files, "node": node, "cached": net.cached}
 

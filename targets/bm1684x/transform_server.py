@@ -1,0 +1,116 @@
+"""model_transform, run many times in one toolchain process (run in TPU-MLIR's Python, like the top passes).
+
+TPU-MLIR's own model_transform.py runs unchanged for each net (its `__main__`, by runpy); what this
+process saves is work that is the same for every net or that graphopt's ONNX never needs. Measured on
+one Llama-3.1-8B block (873 MB ONNX, 19.7 s in all) and lm_head (2.1 GB, 41.6 s):
+  - the imports, 4 s a net (onnxruntime_extensions alone pulls in transformers), paid once per worker;
+  - FakeQuantNodelProcessor's full onnx.load (1.5 s / 3.8 s), made to read the graph without its weights:
+    it only looks for fake-quant op types, which graphopt never writes;
+  - the `NAME_opt.onnx` copy of the whole model that OnnxConverter saves for model_validate (2.3 s / 5.7 s),
+    which graphopt never runs (no --test_input).
+The MLIR and weight files it writes are byte-for-byte those of the command (transform_test.py holds it to that).
+
+Protocol: one JSON request per line on stdin, {"args": [...], "cwd": DIR, "log": FILE}; one JSON answer per
+line on the original stdout, {"status": N, "peak_rss": BYTES}. The tool's own output goes to the log.
+"""
+
+import json
+import os
+import resource
+import runpy
+import sys
+import traceback
+
+
+def _patch(tools: str) -> None:
+    import onnx
+
+    sys.path.insert(0, tools)
+    from tpu_mlir.python.tools import deploy_qat
+    from tpu_mlir.python.utils import auto_remove  # noqa: F401  (its list of files to clean, reset per net)
+
+    def fakequant_nodes(self, path):
+        self.model = onnx.load(path, load_external_data=False)  # the op types are all it reads
+        self.graph = self.model.graph
+        return any(node.op_type in set(self.ALL_FAKEQUANTIZER) for node in self.graph.node)
+
+    deploy_qat.FakeQuantNodelProcessor.check_onnx_for_fakequant_nodes = fakequant_nodes
+    save = onnx.save
+
+    def save_but_the_opt_copy(model, path, *args, **kwargs):
+        if isinstance(path, str) and path.endswith("_opt.onnx"):
+            return None
+        return save(model, path, *args, **kwargs)
+
+    onnx.save = save_but_the_opt_copy
+
+
+def _peak_rss() -> int:
+    """The largest of this process since the last reset and of the processes it waited for (tpuc-opt)."""
+    own = 0
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("VmHWM:"):
+                own = int(line.split()[1]) * 1024
+    return max(own, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024)
+
+
+def _release() -> None:
+    """Gives back what the net held (the converter's weights sit in reference cycles; glibc keeps freed heap),
+    so the next net starts from the worker's own size, as the memory plan counts it."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except OSError:
+        pass
+
+
+def _rss() -> int:
+    with open("/proc/self/status") as status:
+        return next(int(line.split()[1]) * 1024 for line in status if line.startswith("VmRSS:"))
+
+
+def main() -> None:
+    try:
+        import tpu_mlir  # noqa: F401  (the wheel's: sets TPU-MLIR's environment, which graphopt also passes)
+    except ImportError:
+        pass  # a tpuc_dev image: envsetup.sh set it
+
+    tools = os.path.join(os.environ["TPUC_ROOT"], "python", "tools")
+    script = os.path.join(tools, "model_transform.py")
+    _patch(tools)
+    from tpu_mlir.python.utils import auto_remove
+
+    answers = os.fdopen(os.dup(1), "w")
+    saved = os.dup(1), os.dup(2)
+    for line in sys.stdin:
+        request = json.loads(line)
+        with open("/proc/self/clear_refs", "w") as refs:
+            refs.write("5")  # resets VmHWM: this net's peak, not the worker's
+        status = 0
+        with open(request["log"], "a") as log:
+            sys.stdout.flush(), sys.stderr.flush()
+            os.dup2(log.fileno(), 1), os.dup2(log.fileno(), 2)
+            try:
+                os.chdir(request["cwd"])
+                auto_remove.g_auto_remove_files.clear()
+                sys.argv = [script, *request["args"]]
+                runpy.run_path(script, run_name="__main__")
+            except SystemExit as exit_:
+                status = exit_.code if isinstance(exit_.code, int) else (0 if exit_.code is None else 1)
+            except BaseException:
+                traceback.print_exc()
+                status = 1
+            finally:
+                sys.stdout.flush(), sys.stderr.flush()
+                os.dup2(saved[0], 1), os.dup2(saved[1], 2)
+        _release()
+        answers.write(json.dumps({"status": status, "peak_rss": _peak_rss(), "rss_after": _rss()}) + "\n")
+        answers.flush()
+
+
+if __name__ == "__main__":
+    main()
