@@ -13,7 +13,8 @@ that replaces that -j with --jobs and adds a --joblog (each net's seconds). llm_
 graphopt runs with `--jobs` alike, with a fresh net cache, and with its checks (as a user runs it).
 
     python bench/build_vs_llm_convert.py                      # 1 layer, seq 512, w4bf16, 1 job each
-    python bench/build_vs_llm_convert.py --num-layers 32 --jobs 2   # the full model (about 1 h each here)
+    python bench/build_vs_llm_convert.py --num-layers 32 --jobs 2 --tools graphopt --random-weights \
+        --json bench/results/build_full_8b.json                # the full model, graphopt alone
 """
 
 from __future__ import annotations
@@ -111,10 +112,12 @@ def joblog_seconds(folder: Path) -> dict[str, float]:
     return seconds
 
 
-def run_graphopt(checkpoint: Path, seq: int, quantize: str, jobs: int, work: Path) -> dict:
+def run_graphopt(checkpoint: Path | str, seq: int, quantize: str, jobs: int, work: Path) -> dict:
     out, cache = work / "graphopt", work / "graphopt-nets"
     remove(out), remove(cache)
-    measured = measure(graphopt_command("run", str(checkpoint), "--target", "bm1684x", "--quantize", quantize,
+    model = ["llama3.1-8b", "--random-weights", "--num-layers", checkpoint.split(":")[1]] \
+        if isinstance(checkpoint, str) else [str(checkpoint)]
+    measured = measure(graphopt_command("run", *model, "--target", "bm1684x", "--quantize", quantize,
                                         "--seq-length", str(seq), "--jobs", str(jobs), "--out", str(out)),
                        work / "graphopt.log", env={"GRAPHOPT_NET_CACHE": str(cache)})
     row = {"tool": "graphopt", "measured": measured, "disk_bytes": directory_bytes(out) + directory_bytes(cache)}
@@ -127,34 +130,48 @@ def run_graphopt(checkpoint: Path, seq: int, quantize: str, jobs: int, work: Pat
     return row
 
 
+def _net_order(name: str):
+    """embedding, the blocks by layer, then the heads."""
+    layer = re.search(r"_(\d+)$", name)
+    return (0 if name.startswith("embedding") else 2 if layer is None else 1, int(layer.group(1)) if layer else 0, name)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--num-layers", type=int, default=1)
     parser.add_argument("--seq-length", type=int, default=512)
     parser.add_argument("--quantize", default="w4bf16")
     parser.add_argument("--jobs", type=int, default=1, help="compile jobs, the same for both (llm_convert's -j)")
+    parser.add_argument("--tools", default="llm_convert,graphopt", help="which to run (the full model takes about "
+                        "an hour each here: one at a time, into JSON files of their own)")
+    parser.add_argument("--random-weights", action="store_true", help="graphopt only: the registry's llama3.1-8b "
+                        "with --random-weights (no checkpoint written: the full model's would be 16 GB)")
     parser.add_argument("--work", help="scratch directory; the checkpoint and logs stay there (default: a new one)")
     parser.add_argument("--json", help="where to write the results (default bench/results/build_vs_llm_convert.json)")
     args = parser.parse_args(argv)
 
     work = Path(args.work or tempfile.mkdtemp(prefix="graphopt-bench-build-"))
-    checkpoint = write_checkpoint(work / f"llama3.1-8b-shape-{args.num_layers}l", args.num_layers)
-    rows = [run_llm_convert(checkpoint, args.seq_length, args.quantize, args.jobs, work),
-            run_graphopt(checkpoint, args.seq_length, args.quantize, args.jobs, work)]
+    if args.random_weights and args.tools != "graphopt":
+        parser.error("--random-weights is for --tools graphopt: llm_convert reads a checkpoint")
+    checkpoint = f"random:{args.num_layers}" if args.random_weights else \
+        write_checkpoint(work / f"llama3.1-8b-shape-{args.num_layers}l", args.num_layers)
+    runners = {"llm_convert": run_llm_convert, "graphopt": run_graphopt}
+    rows = [runners[tool](checkpoint, args.seq_length, args.quantize, args.jobs, work) for tool in args.tools.split(",")]
+    by_tool = {r["tool"]: r for r in rows}
 
     table = markdown_table(
         ["tool", "wall s", "peak memory GB (tree)", "largest process GB", "disk written GB", "bmodel MB", "ok"],
         [[r["tool"], r["measured"].wall_s, r["measured"].peak_rss_gb, r["measured"].peak_process_rss_gb,
           round(r["disk_bytes"] / 1e9, 2), round((r.get("bmodel_bytes") or 0) / 1e6, 1), r["measured"].ok]
          for r in rows])
-    names = sorted(set(rows[0]["nets"]) | set(rows[1].get("nets", {})))
+    names = sorted({n for r in rows for n in r.get("nets", {})}, key=_net_order)
     table += "\n\nPer net, seconds (llm_convert: model_deploy; graphopt: model_transform + model_deploy):\n\n"
-    table += markdown_table(["net", "llm_convert", "graphopt"],
-                            [[n, rows[0]["nets"].get(n), round(rows[1].get("nets", {}).get(n, 0), 1) or None]
-                             for n in names])
-    if "stage_seconds" in rows[1]:
-        table += "\n\ngraphopt's stages: " + ", ".join(f"{k} {v:.1f} s" for k, v in rows[1]["stage_seconds"].items())
-        table += f"\n\ngraphopt's compile schedule: {rows[1].get('schedule')}"
+    table += markdown_table(["net", *by_tool], [[n, *[round(r.get("nets", {}).get(n, 0), 1) or None
+                                                      for r in by_tool.values()]] for n in names])
+    if "stage_seconds" in by_tool.get("graphopt", {}):
+        graphopt = by_tool["graphopt"]
+        table += "\n\ngraphopt's stages: " + ", ".join(f"{k} {v:.1f} s" for k, v in graphopt["stage_seconds"].items())
+        table += f"\n\ngraphopt's compile schedule: {graphopt.get('schedule')}"
     publish("build_vs_llm_convert", f"Build, llm_convert vs graphopt: Llama-3.1-8B shape, {args.num_layers} layer(s), "
             f"seq {args.seq_length}, {args.quantize}, {args.jobs} job(s) each", table,
             {"num_layers": args.num_layers, "seq_length": args.seq_length, "quantize": args.quantize,

@@ -45,14 +45,20 @@ def _patch(tools: str) -> None:
     onnx.save = save_but_the_opt_copy
 
 
-def _peak_rss() -> int:
-    """The largest of this process since the last reset and of the processes it waited for (tpuc-opt)."""
+def _children_peak() -> int:
+    return resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024
+
+
+def _peak_rss(children_before: int) -> int:
+    """This net's peak: this process's since the reset, or the largest process it waited for (tpuc-opt) when
+    that one set a new high (the kernel keeps one maximum over all children, so a smaller one is not seen)."""
     own = 0
     with open("/proc/self/status") as status:
         for line in status:
             if line.startswith("VmHWM:"):
                 own = int(line.split()[1]) * 1024
-    return max(own, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024)
+    children = _children_peak()
+    return max(own, children if children > children_before else 0)
 
 
 def _release() -> None:
@@ -90,6 +96,7 @@ def main() -> None:
         request = json.loads(line)
         with open("/proc/self/clear_refs", "w") as refs:
             refs.write("5")  # resets VmHWM: this net's peak, not the worker's
+        children_before = _children_peak()
         status = 0
         with open(request["log"], "a") as log:
             sys.stdout.flush(), sys.stderr.flush()
@@ -108,7 +115,7 @@ def main() -> None:
                 sys.stdout.flush(), sys.stderr.flush()
                 os.dup2(saved[0], 1), os.dup2(saved[1], 2)
         _release()
-        answers.write(json.dumps({"status": status, "peak_rss": _peak_rss(), "rss_after": _rss()}) + "\n")
+        answers.write(json.dumps({"status": status, "peak_rss": _peak_rss(children_before), "rss_after": _rss()}) + "\n")
         answers.flush()
 
 
