@@ -92,9 +92,10 @@ def _sim_backend(directory: Path, manifest: dict, stack):
     if not report.is_file():
         raise GraphoptError(f"{directory} holds no bmodel ({REPORT} is missing): --backend bm1684x-sim needs the "
                             "output of `graphopt run MODEL --target bm1684x --out DIR`.")
-    bmodel = directory / json.loads(report.read_text())["bmodel"]
+    built = json.loads(report.read_text())
+    bmodel = directory / built["bmodel"]
     tools = toolchain.require()
-    sim = stack.enter_context(Simulator(tools, simulator_log()))
+    sim = stack.enter_context(Simulator(tools, simulator_log(), built.get("memory", {}).get("total", 0)))
     return SimBackend(sim, bmodel, manifest)
 
 
@@ -239,7 +240,7 @@ def cmd_inspect(args) -> int:
     if not problems:  # names and shapes are right: then where the runtime's copies land, and its mask bits
         manifest_path = path.parent / MANIFEST
         manifest = json.loads(manifest_path.read_text()) if manifest_path.is_file() else None
-        with Simulator(tools, simulator_log()) as sim:
+        with Simulator(tools, simulator_log(), header.get("memory", {}).get("total", 0)) as sim:
             problems = inspect_bmodel.runtime_problems(sim.layout(path), nets, manifest)
     print(inspect_bmodel.render(path, header, nets, problems))
     return 1 if problems else 0

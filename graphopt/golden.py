@@ -176,7 +176,7 @@ def _target_stage(build, golden: Golden) -> StageResult:
     from graphopt.targets.bm1684x.verify import compare_greedy
 
     bmodel = build.out_dir / build.target.bmodel
-    with Simulator(toolchain.require(), simulator_log()) as sim:
+    with Simulator(toolchain.require(), simulator_log(), build.target.memory.get("total", 0)) as sim:
         # A token-out lm_head answers no logits: they are its reference head's over the row the chip fed it.
         runtime = runtime_for(SimBackend(sim, bmodel, build.manifest), build.manifest,
                               head_logits_for(build.out_dir, build.manifest))

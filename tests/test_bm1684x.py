@@ -500,3 +500,14 @@ def test_ray_address_without_the_ray_executor_is_refused(tmp_path):
                    str(tmp_path / "o"), check=False)
     assert run.returncode == 2 and "--ray-address" in run.stderr and "Traceback" not in run.stderr
     assert not (tmp_path / "o").exists()
+
+
+def test_the_simulator_takes_the_device_memory_a_large_bmodel_needs(builds, tools, tmp_path):
+    """An 8B W4 bmodel needs 6 GB of device memory, past the cmodel's default; the simulator is started with
+    CMODEL_GLOBAL_MEM_SIZE, which the cmodel reads in hexadecimal (a decimal value loads nothing at all)."""
+    from graphopt.targets.bm1684x.simulator import Simulator
+
+    folder, _ = builds["w4bf16"]
+    bmodel = folder / f"tiny-llama_w4bf16_seq{SEQ}_bm1684x_1dev.bmodel"
+    with Simulator(tools, tmp_path / "sim.log", 7 << 30) as sim:
+        assert set(sim.layout(bmodel)) == set(NETS["llm-tpu"])

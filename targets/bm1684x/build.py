@@ -343,7 +343,7 @@ def build(folder: Path, manifest: dict, source, options: dict[str, Any], check: 
         _read_back_codes(result, compiled, folder)
         seconds["codes read back"] = time.perf_counter() - start
 
-    with Simulator(tools, simulator_log()) as sim:
+    with Simulator(tools, simulator_log(), result.memory.get("total", 0)) as sim:
         # Whatever the model's size: where the runtime's copies land in the combined file's memory,
         # and what its mask bits mean to the nets (inspect_bmodel.runtime_problems).
         if not result.problems:

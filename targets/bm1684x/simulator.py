@@ -22,6 +22,12 @@ from graphopt.errors import GraphoptError
 from graphopt.targets.bm1684x.toolchain import Toolchain
 
 WORKER = Path(__file__).with_name("sim_worker.py")
+# The cmodel's device memory: CMODEL_GLOBAL_MEM_SIZE bytes, in hexadecimal (libcmodel_1684x reads it), else a
+# default an 8B bmodel does not fit ("Memory exhausted: cannot find a slot" from bmlib's pool). Pages are
+# touched as used: tiny-llama's layout with 8 GiB of it takes 87 MB.
+CMODEL_MEMORY_ENV = "CMODEL_GLOBAL_MEM_SIZE"
+CMODEL_DEFAULT_MEMORY = 4 << 30
+CMODEL_SPARE = 1 << 30  # beyond the bmodel's own: what the runtime and the programs allocate
 
 
 def _pack(arrays: dict[str, np.ndarray]) -> bytes:
@@ -37,13 +43,17 @@ class Simulator:
     The simulator's own output goes to `log`, which is removed when the worker ends cleanly
     and kept (and named in the error) when it does not."""
 
-    def __init__(self, toolchain: Toolchain, log: Path):
+    def __init__(self, toolchain: Toolchain, log: Path, device_memory: int = 0):
+        """`device_memory`: the bytes the bmodels it loads need on the device (model_tool's total); the cmodel's
+        global memory is made that large where its default is not (an 8B W4 bmodel needs 6 GB)."""
         self.log = log
         log.parent.mkdir(parents=True, exist_ok=True)
         self._log_handle = open(log, "wb")
+        env = toolchain.environ()
+        if device_memory + CMODEL_SPARE > CMODEL_DEFAULT_MEMORY:
+            env[CMODEL_MEMORY_ENV] = hex(device_memory + CMODEL_SPARE)  # read as hexadecimal: "8589934592" is 0x8589934592
         self.process = subprocess.Popen([str(toolchain.python), str(WORKER)], stdin=subprocess.PIPE,
-                                        stdout=subprocess.PIPE, stderr=self._log_handle, env=toolchain.environ(),
-                                        cwd=log.parent)
+                                        stdout=subprocess.PIPE, stderr=self._log_handle, env=env, cwd=log.parent)
         self._layouts: dict[Path, dict] = {}
 
     def _request(self, bmodel: Path, what: str, arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
