@@ -43,7 +43,7 @@ class CompileResult:
     target: object | None = None  # the target build's result (a TargetResult), for hardware targets
     export: dict = field(default_factory=dict)  # processes and wall seconds of the export stage
     config_folder: ConfigFolder | None = None  # config/ for the runtime's demo (tokenizer, generation config)
-    disk: DiskUse | None = None  # what the run planned to write, and (disk.written) what it did
+    disk: DiskUse | None = None  # what the run planned to write, and what it wrote
 
     @property
     def ok(self) -> bool:
@@ -134,6 +134,7 @@ def compile_model(source: ModelSource, target: Target, seq_length: int, out_dir:
                                                show_progress, target.top_pipeline)
             result.seconds.update(result.target.seconds)
         result.out_dir = staged.commit()
+        disk.finish(result.out_dir)
         result.disk = disk
         return result
     except BaseException:

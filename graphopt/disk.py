@@ -76,28 +76,29 @@ def _gb(size: int) -> str:
 
 @dataclass
 class DiskUse:
-    """A run's disk: what was planned, then what it wrote (--out's files, and what the other places grew by)."""
+    """A run's disk: what was planned, then (`finish`) what it wrote: --out's files, and what each other place
+    grew by."""
 
     planned: list[DiskNeed]
-    out: Path
     before: dict[str, int]  # bytes under each place outside --out, at the start
+    written: dict[str, int] | None = None  # place -> bytes, --out first; set by finish
 
     @classmethod
     def start(cls, planned: list[DiskNeed], out: Path) -> "DiskUse":
         places = {str(n.path) for n in planned if not _inside(n.path, out)}
-        return cls(planned, out, {p: tree_bytes(Path(p)) if Path(p).exists() else 0 for p in sorted(places)})
+        return cls(planned, {p: tree_bytes(Path(p)) if Path(p).exists() else 0 for p in sorted(places)})
 
-    def written(self, out: Path) -> dict[str, int]:
+    def finish(self, out: Path) -> None:
         grown = {p: (tree_bytes(Path(p)) if Path(p).exists() else 0) - b for p, b in self.before.items()}
-        return {str(out): tree_bytes(out), **grown}
+        self.written = {str(out): tree_bytes(out), **grown}
 
-    def to_json(self, out: Path) -> dict:
-        return {"planned": {n.what: n.bytes for n in self.planned}, "written": self.written(out)}
+    def to_json(self) -> dict:
+        return {"planned": {n.what: n.bytes for n in self.planned}, "written": self.written}
 
-    def report_line(self, out: Path) -> str:
-        written = self.written(out)
-        grown = "".join(f", {p} {'+' if b >= 0 else ''}{_gb(b)}" for p, b in written.items() if p != str(out))
-        return (f"  disk: planned {describe(self.planned)}; written {_gb(written[str(out)])} to {out}{grown}")
+    def report_line(self) -> str:
+        (out, in_out), *others = self.written.items()
+        grown = "".join(f", {p} {'+' if b >= 0 else ''}{_gb(b)}" for p, b in others)
+        return f"  disk: planned {describe(self.planned)}; written {_gb(in_out)} to {out}{grown}"
 
 
 def _inside(path: Path, folder: Path) -> bool:

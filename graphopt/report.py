@@ -63,7 +63,7 @@ def render(result: CompileResult, wall_seconds: float) -> str:
     lines.append("  stages: " + ", ".join(f"{stage} {s:.1f}s" for stage, s in result.seconds.items())
                  + f"; total {wall_seconds:.1f}s")
     if result.disk is not None:
-        lines.append(result.disk.report_line(result.out_dir))
+        lines.append(result.disk.report_line())
     for prefix, what in (("decode vs prefill (", "decode blocks vs their prefill blocks, same weights"),
                          ("history chunk vs prefill (", "history-KV chunks (block_kv_i) vs their prefill blocks")):
         checked = [(net.name, c) for net in result.networks for c in net.checks if c.stage.startswith(prefix)]
@@ -113,7 +113,7 @@ def write_json(result: CompileResult, wall_seconds: float) -> Path:
         "pass_changes": pass_changes(result),
         "end_to_end": result.end_to_end,
         "export": result.export,
-        "disk": result.disk.to_json(result.out_dir) if result.disk is not None else None,
+        "disk": result.disk.to_json() if result.disk is not None else None,
         "config_folder": result.config_folder.to_json() if result.config_folder is not None else None,
         "target": result.target.to_json() if result.target is not None else None,
     }

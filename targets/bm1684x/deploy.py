@@ -283,7 +283,7 @@ def deploy_all(toolchain: Toolchain, specs: list[DeploySpec], onnx_files: dict[s
             bar.write(f"  {done.spec.label:<22} {done.spec.quantize:<7} {how:<44} peak {peak:4.1f} GiB{node} "
                       f"(elapsed {time.perf_counter() - started:6.1f}s)", file=sys.stderr)
 
-    schedule, transform = None, TransformServers()
+    schedule = None
     try:
         if todo and ray_address:
             by_label = {s.label: s for s in todo}
@@ -294,12 +294,15 @@ def deploy_all(toolchain: Toolchain, specs: list[DeploySpec], onnx_files: dict[s
                 job, _store_from_node(toolchain, by_label[job.name], onnx_files[by_label[job.name].onnx_network], result)))
         elif todo:
             threads = max(1, (os.cpu_count() or 1) // parallel)
+            transform = TransformServers()
             work = [Job(s.label, estimated_peak(onnx_files[s.onnx_network].size),
                         functools.partial(deploy_network, toolchain, s, onnx_files[s.onnx_network].path,
                                           onnx_files[s.onnx_network].sha256, threads, transform)) for s in todo]
-            schedule = run_jobs(work, parallel, memory_budget(), finished)
+            try:
+                schedule = run_jobs(work, parallel, memory_budget(), finished)
+            finally:
+                transform.close()
     finally:
-        transform.close()
         bar.close()
     return Deployed([found[s.label] for s in specs], schedule)
 

@@ -27,7 +27,6 @@ def _patch(tools: str) -> None:
 
     sys.path.insert(0, tools)
     from tpu_mlir.python.tools import deploy_qat
-    from tpu_mlir.python.utils import auto_remove  # noqa: F401  (its list of files to clean, reset per net)
 
     def fakequant_nodes(self, path):
         self.model = onnx.load(path, load_external_data=False)  # the op types are all it reads
@@ -52,11 +51,8 @@ def _children_peak() -> int:
 def _peak_rss(children_before: int) -> int:
     """This net's peak: this process's since the reset, or the largest process it waited for (tpuc-opt) when
     that one set a new high (the kernel keeps one maximum over all children, so a smaller one is not seen)."""
-    own = 0
     with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith("VmHWM:"):
-                own = int(line.split()[1]) * 1024
+        own = next(int(line.split()[1]) * 1024 for line in status if line.startswith("VmHWM:"))
     children = _children_peak()
     return max(own, children if children > children_before else 0)
 
@@ -72,11 +68,6 @@ def _release() -> None:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except OSError:
         pass
-
-
-def _rss() -> int:
-    with open("/proc/self/status") as status:
-        return next(int(line.split()[1]) * 1024 for line in status if line.startswith("VmRSS:"))
 
 
 def main() -> None:
@@ -115,7 +106,7 @@ def main() -> None:
                 sys.stdout.flush(), sys.stderr.flush()
                 os.dup2(saved[0], 1), os.dup2(saved[1], 2)
         _release()
-        answers.write(json.dumps({"status": status, "peak_rss": _peak_rss(children_before), "rss_after": _rss()}) + "\n")
+        answers.write(json.dumps({"status": status, "peak_rss": _peak_rss(children_before)}) + "\n")
         answers.flush()
 
 
