@@ -29,6 +29,7 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from graphopt.machine import HUGE_PAGE_MALLOC  # noqa: E402
 from harness import directory_bytes, graphopt_command, markdown_table, measure, publish, remove  # noqa: E402
 
 LLAMA_31_8B = dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_attention_heads=32,
@@ -61,9 +62,11 @@ def write_checkpoint(folder: Path, layers: int) -> Path:
         return folder
     config = LlamaConfig(**LLAMA_31_8B, num_hidden_layers=layers, rope_theta=500000.0, rope_scaling=ROPE)
     torch.manual_seed(0)
+    torch.set_default_dtype(torch.bfloat16)  # built in bf16: the full model's fp32 copy (32 GB) would not fit
     with torch.device("meta"):
         model = LlamaForCausalLM(config)
-    model = model.to_empty(device="cpu").to(torch.bfloat16)
+    model = model.to_empty(device="cpu")
+    torch.set_default_dtype(torch.float32)
     with torch.no_grad():
         for name, param in model.named_parameters():
             param.fill_(1.0) if "norm" in name else param.normal_(0.0, 0.02)
@@ -80,7 +83,8 @@ def toolchain_bin() -> Path:
     return toolchain.require().python.parent
 
 
-def run_llm_convert(checkpoint: Path, seq: int, quantize: str, jobs: int, work: Path) -> dict:
+def run_llm_convert(checkpoint: Path, seq: int, quantize: str, jobs: int, work: Path, huge_pages: bool = False) -> dict:
+    """`huge_pages`: with the glibc tunable graphopt gives its own tools (graphopt.machine.HUGE_PAGE_MALLOC)."""
     out, wrap, joblogs = work / "llm_convert", work / "wrap", work / "joblogs"
     remove(out), remove(joblogs)
     wrap.mkdir(parents=True, exist_ok=True)
@@ -90,11 +94,13 @@ def run_llm_convert(checkpoint: Path, seq: int, quantize: str, jobs: int, work: 
     venv_bin = toolchain_bin()
     env = {"PATH": f"{wrap}:{venv_bin}:{os.environ['PATH']}", "VIRTUAL_ENV": str(venv_bin.parent),
            "BENCH_JOBS": str(jobs), "BENCH_JOBLOG_DIR": str(joblogs)}
+    if huge_pages:
+        env["GLIBC_TUNABLES"] = HUGE_PAGE_MALLOC
     measured = measure([str(venv_bin / "llm_convert.py"), "-m", str(checkpoint), "-s", str(seq), "-q", quantize,
                         "-g", "64", "-c", "bm1684x", "-o", str(out)], work / "llm_convert.log", env=env)
     bmodels = sorted(out.rglob("*.bmodel"))
     final = [b for b in bmodels if b.parent == out or "_1dev" in b.name]
-    row = {"tool": "llm_convert", "measured": measured, "disk_bytes": directory_bytes(out),
+    row = {"tool": "llm_convert" + (" (huge-page malloc)" if huge_pages else ""), "measured": measured, "disk_bytes": directory_bytes(out),
            "bmodel_bytes": final[0].stat().st_size if final else None, "nets": joblog_seconds(joblogs)}
     remove(out)
     return row
@@ -142,21 +148,25 @@ def main(argv=None) -> int:
     parser.add_argument("--seq-length", type=int, default=512)
     parser.add_argument("--quantize", default="w4bf16")
     parser.add_argument("--jobs", type=int, default=1, help="compile jobs, the same for both (llm_convert's -j)")
-    parser.add_argument("--tools", default="llm_convert,graphopt", help="which to run (the full model takes about "
-                        "an hour each here: one at a time, into JSON files of their own)")
-    parser.add_argument("--random-weights", action="store_true", help="graphopt only: the registry's llama3.1-8b "
-                        "with --random-weights (no checkpoint written: the full model's would be 16 GB)")
+    parser.add_argument("--tools", default="llm_convert,llm_convert_huge_pages,graphopt",
+                        help="which to run, in order: llm_convert as a user runs it, llm_convert_huge_pages (with the "
+                        "malloc setting graphopt gives its own tools), graphopt")
+    parser.add_argument("--random-weights", action="store_true", help="graphopt runs the registry's llama3.1-8b "
+                        "with --random-weights (same shape and distribution, no checkpoint read) instead of the "
+                        "checkpoint llm_convert reads")
     parser.add_argument("--work", help="scratch directory; the checkpoint and logs stay there (default: a new one)")
     parser.add_argument("--json", help="where to write the results (default bench/results/build_vs_llm_convert.json)")
     args = parser.parse_args(argv)
 
     work = Path(args.work or tempfile.mkdtemp(prefix="graphopt-bench-build-"))
-    if args.random_weights and args.tools != "graphopt":
-        parser.error("--random-weights is for --tools graphopt: llm_convert reads a checkpoint")
-    checkpoint = f"random:{args.num_layers}" if args.random_weights else \
-        write_checkpoint(work / f"llama3.1-8b-shape-{args.num_layers}l", args.num_layers)
-    runners = {"llm_convert": run_llm_convert, "graphopt": run_graphopt}
-    rows = [runners[tool](checkpoint, args.seq_length, args.quantize, args.jobs, work) for tool in args.tools.split(",")]
+    tools = args.tools.split(",")
+    checkpoint = write_checkpoint(work / f"llama3.1-8b-shape-{args.num_layers}l", args.num_layers) \
+        if any(t.startswith("llm_convert") for t in tools) else None
+    random = f"random:{args.num_layers}"
+    runners = {"llm_convert": run_llm_convert, "graphopt": run_graphopt,
+               "llm_convert_huge_pages": lambda *a: run_llm_convert(*a, huge_pages=True)}
+    rows = [runners[tool](random if tool == "graphopt" and args.random_weights else checkpoint, args.seq_length,
+                          args.quantize, args.jobs, work) for tool in tools]
     by_tool = {r["tool"]: r for r in rows}
 
     table = markdown_table(

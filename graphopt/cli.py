@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 from graphopt.errors import GraphoptError
+from graphopt.machine import huge_page_malloc_for_children
 from graphopt.models.registry import REGISTRY
 from graphopt.targets.bm1684x.contract import DEFAULT_GROUP_SIZE, LM_HEAD_MODES, default_quantize
 
@@ -390,6 +391,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    huge_page_malloc_for_children()
     try:
         return args.func(args)
     except GraphoptError as error:

@@ -385,6 +385,35 @@ def test_without_a_toolchain_the_error_says_how_to_install_one(tmp_path):
     assert "Traceback" not in proc.stderr and not (tmp_path / "o").exists()
 
 
+def _thp_mode() -> str:
+    try:
+        text = Path("/sys/kernel/mm/transparent_hugepage/enabled").read_text()
+    except OSError:
+        return "never"
+    return text[text.index("[") + 1:text.index("]")]
+
+
+# A 64 MiB malloc, every page touched; what of this process is in transparent huge pages.
+HUGE_PAGES_OF_A_MALLOC = ("b = bytearray(64 << 20); b[::4096] = b'x' * len(b[::4096]); "
+                          "print(next(int(l.split()[1]) for l in open('/proc/self/smaps_rollup') "
+                          "if l.startswith('AnonHugePages')))")
+
+
+@pytest.mark.skipif(_thp_mode() == "never", reason="transparent huge pages are off on this machine")
+def test_the_toolchains_processes_get_their_malloc_in_huge_pages(tools):
+    """graphopt.machine.HUGE_PAGE_MALLOC reaches TPU-MLIR's tools (Toolchain.environ): the copies of
+    gigabytes of weights are not spent faulting in 4 KiB pages."""
+    env = tools.environ()
+    huge_kb = int(subprocess.run([str(tools.python), "-c", HUGE_PAGES_OF_A_MALLOC], env=env, check=True,
+                                 capture_output=True, text=True).stdout)
+    assert huge_kb >= 32 << 10
+    if _thp_mode() == "madvise":  # then malloc asks for them only with the tunable
+        env.pop("GLIBC_TUNABLES")
+        plain_kb = int(subprocess.run([str(tools.python), "-c", HUGE_PAGES_OF_A_MALLOC], env=env, check=True,
+                                      capture_output=True, text=True).stdout)
+        assert plain_kb < huge_kb
+
+
 def test_toolchain_status_names_the_toolchain_in_use(tools):
     out = graphopt("toolchain", "status").stdout
     assert f"used by --target bm1684x: {tools.describe()}" in out

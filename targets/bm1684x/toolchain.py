@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from graphopt.errors import GraphoptError
+from graphopt.machine import with_huge_page_malloc
 
 TPU_MLIR_VERSION = "1.30.2"
 # Measured to work together with tpu_mlir 1.30.2 (README, "The BM1684X target"): its ONNX front end imports
@@ -74,7 +75,7 @@ class Toolchain:
             env[key] = os.pathsep.join(filter(None, [value, os.environ.get(key)])) if key in SEARCH_PATHS else value
         if threads:
             env["OMP_NUM_THREADS"] = str(threads)
-        return env
+        return with_huge_page_malloc(env)
 
     def run(self, name: str, args: list[str], cwd: Path, log: Path, threads: int | None = None,
             peak_rss: dict[str, int] | None = None) -> int:
