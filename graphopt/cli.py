@@ -32,6 +32,7 @@ def _parse_ids(text: str) -> list[int]:
 def cmd_run(args) -> int:
     from graphopt.compiler import compile_model
     from graphopt.models import open_model
+    from graphopt.ray_executor import address_of
     from graphopt.report import render, write_json
     from graphopt.targets import get_target
 
@@ -43,9 +44,9 @@ def cmd_run(args) -> int:
     source = open_model(args.model, args.model_path, args.random_weights, args.num_layers)
     out = Path(args.out or f"graphopt-out/{source.name}-{target.name}-seq{args.seq_length}")
     max_input_length, chunk_length = _history_kv_lengths(args)
+    ray_address = address_of(args.executor, args.ray_address)
     options = {"quantize": args.quantize or default_quantize(source), "group_size": args.group_size,
-               "head_weights": args.lm_head, "jobs": args.jobs, "chunk_length": chunk_length,
-               "executor": args.executor, "ray_address": args.ray_address}
+               "head_weights": args.lm_head, "jobs": args.jobs, "chunk_length": chunk_length}
     # compile_model checks everything the user can get wrong before any work starts.
     dump_dir = Path(args.dump_dir) if args.dump_dir else None
     if dump_after is not None and dump_dir is None:
@@ -54,7 +55,7 @@ def cmd_run(args) -> int:
     result = compile_model(source, target, args.seq_length, out, check=not args.no_check, dump_dir=dump_dir,
                            target_options=options, jobs=args.jobs, plugins=plugins, dump_after=dump_after,
                            contract=args.contract, max_input_length=max_input_length,
-                           contract_options=_contract_options(args))
+                           contract_options=_contract_options(args), ray_address=ray_address)
     wall = time.perf_counter() - start
     write_json(result, wall)
     print(render(result, wall))
@@ -308,6 +309,13 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--random-weights", action="store_true", help="seeded random weights instead of a checkpoint")
     run.add_argument("--num-layers", type=int, help="keep only the first N decoder layers (dry runs, benchmarks)")
     run.add_argument("--no-check", action="store_true", help="skip the stage-by-stage numeric checks")
+    run.add_argument("--executor", choices=("local", "ray"), default="local", help="where the export and the "
+                     "compiles run: on this machine (default), or as tasks on an existing Ray cluster, a weight group's "
+                     "export or a net's compile each, asking for its estimated memory (every node needs graphopt, the "
+                     "checkpoint, the toolchain and --out's folder at the same paths; README, \"Building on a Ray "
+                     "cluster\")")
+    run.add_argument("--ray-address", help="--executor ray: the cluster's head, HOST:PORT (default: $RAY_ADDRESS, "
+                     "or a Ray node started on this machine)")
     run.add_argument("--jobs", type=int, help="processes exporting (and, for bm1684x, compiling) networks in "
                      "parallel (default: as many as cores and memory allow; 1 for models under 200M parameters)")
     run.add_argument("--dump-dir", help="write each network's graph after every pass (or those of --dump-after) "
@@ -328,12 +336,6 @@ def build_parser() -> argparse.ArgumentParser:
                     "again for every multiple of this many cache rows below SEQ, so a decode step attends over the "
                     "smallest that holds the context (at most half of --seq-length); with --history-kv also the "
                     "chunk a prefill takes (default there: a quarter of --seq-length, as llm_convert)")
-    bm.add_argument("--executor", choices=("local", "ray"), default="local", help="where the nets compile: on this "
-                    "machine (default), or as tasks on an existing Ray cluster, each asking for its estimated memory "
-                    "(every node needs graphopt, the toolchain at the same path and --out's folder at the same path; "
-                    "README, \"Building on a Ray cluster\")")
-    bm.add_argument("--ray-address", help="--executor ray: the cluster's head, HOST:PORT (default: $RAY_ADDRESS, "
-                    "or a Ray node started on this machine)")
     run.set_defaults(func=cmd_run)
 
     gen = sub.add_parser("generate", help="generation (greedy, or sampled) with the emitted networks, driven like the "

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from graphopt import contract as c
+from graphopt import ray_executor
 from graphopt.checks import end_to_end_check
 from graphopt.config_folder import ConfigFolder, write_config_folder
 from graphopt.disk import DiskNeed, DiskUse, onnx_bytes
@@ -20,7 +21,7 @@ from graphopt.disk import check as check_disk
 from graphopt.disk import describe as describe_disk
 from graphopt.errors import GraphoptError
 from graphopt.export import ExportJob, NetworkResult, export_serially, weight_groups
-from graphopt.export_pool import default_export_jobs, export_in_parallel
+from graphopt.export_pool import default_export_jobs, export_in_parallel, export_on_ray
 from graphopt.ir import NetworkGraph
 from graphopt.manifest import build_manifest, write_manifest
 from graphopt.models.source import ModelSource
@@ -54,7 +55,7 @@ class CompileResult:
 def prepare(source: ModelSource, target: Target, seq_length: int, options: dict,
             plugins: PassPlugins | None = None, dump_after: frozenset[str] | None = None,
             contract: str | None = None, max_input_length: int | None = None,
-            contract_options: tuple[str, ...] = ()) -> Target:
+            contract_options: tuple[str, ...] = (), ray_address: str | None = None) -> Target:
     """Everything the user can get wrong, checked before any work: the target with the user passes placed."""
     source.check_structure()
     source.check_seq_length(seq_length)
@@ -66,6 +67,8 @@ def prepare(source: ModelSource, target: Target, seq_length: int, options: dict,
     if target.build:  # the target's options, with the run's SEQ and contract they depend on
         runtime = c.contract_for(source.is_encoder_decoder, contract, contract_options)
         target.build.validate(source, {**options, "seq_length": seq_length, "contract": runtime.key})
+    if ray_address is not None:
+        ray_executor.connect(ray_address)  # no cluster: said now, not after the export
     return target
 
 
@@ -106,14 +109,15 @@ def compile_model(source: ModelSource, target: Target, seq_length: int, out_dir:
                   target_options: dict | None = None, jobs: int | None = None,
                   plugins: PassPlugins | None = None, dump_after: frozenset[str] | None = None,
                   contract: str | None = None, max_input_length: int | None = None,
-                  contract_options: tuple[str, ...] = ()) -> CompileResult:
+                  contract_options: tuple[str, ...] = (), ray_address: str | None = None) -> CompileResult:
     """Compile `source` for `target` into `out_dir`. `plugins` adds user passes to the target's
     pipelines; `dump_after` limits the `dump_dir` graphs to those passes (None: after every pass);
     `contract`: the runtime contract of a decoder-only model's networks (graphopt/contract.py);
-    `max_input_length`: the prefill's rows, where fewer than SEQ; `contract_options`: --dynamic, --history-kv, --do-sample."""
-    target_options = target_options or {}
+    `max_input_length`: the prefill's rows, where fewer than SEQ; `contract_options`: --dynamic, --history-kv, --do-sample;
+    `ray_address`: the export and the target build's compiles as tasks on that Ray cluster (graphopt.ray_executor)."""
+    target_options = {**(target_options or {}), "ray_address": ray_address}
     target = prepare(source, target, seq_length, target_options, plugins, dump_after, contract, max_input_length,
-                     contract_options)
+                     contract_options, ray_address)
     runtime = c.contract_for(source.is_encoder_decoder, contract, contract_options)
     disk = DiskUse.start(disk_plan(source, target, {**target_options, "seq_length": seq_length}, runtime, out_dir,
                                    layers), out_dir)
@@ -127,7 +131,7 @@ def compile_model(source: ModelSource, target: Target, seq_length: int, out_dir:
     try:
         job = ExportJob(source, list(target.fx_pipeline), list(target.onnx_pipeline), seq_length, staged.path, layers,
                         check, dump_dir, dump_after, plugins, contract, max_input_length, tuple(contract_options))
-        result = _export(job, target, keep_fx, show_progress, jobs)
+        result = _export(job, target, keep_fx, show_progress, jobs, ray_address)
         result.config_folder = write_config_folder(source, staged.path, sampling=c.DO_SAMPLE in contract_options)
         if target.build:
             result.target = target.build.build(staged.path, result.manifest, source, target_options, check,
@@ -154,16 +158,22 @@ def disk_plan(source: ModelSource, target: Target, options: dict, runtime: c.Con
     return needs
 
 
-def _export(job: ExportJob, target: Target, keep_fx: bool, show_progress: bool, jobs: int | None) -> CompileResult:
+def _export(job: ExportJob, target: Target, keep_fx: bool, show_progress: bool, jobs: int | None,
+            ray_address: str | None = None) -> CompileResult:
     source = job.source
     plans = job.plans()
     groups = weight_groups(plans)
-    jobs = 1 if keep_fx else min(jobs or default_export_jobs(source), len(groups))
+    on_ray = ray_address is not None and not keep_fx  # (keep_fx: the graphs stay in this process)
+    jobs = 1 if keep_fx else len(groups) if on_ray else min(jobs or default_export_jobs(source), len(groups))
     progress = Progress(len(plans), enabled=show_progress, workers=jobs)
     started = time.perf_counter()
+    where: dict = {"processes": jobs}
     # A large model's weights stay in the process that exported them (the allocator keeps freed memory): in a
     # worker, they go with it, and the target's compiles get the memory (8B, --jobs 1: 7 GB held otherwise).
-    if jobs == 1 and (keep_fx or source.is_small or target.build is None):
+    if on_ray:
+        (done, schedule), kept = export_on_ray(job, groups, ray_address, progress), {}
+        where = {"tasks": len(groups), "ray": schedule.describe(), "nodes": schedule.ran_on}
+    elif jobs == 1 and (keep_fx or source.is_small or target.build is None):
         done, kept = export_serially(job, plans, keep_fx, progress)
     else:
         done, kept = export_in_parallel(job, groups, jobs, progress), {}
@@ -175,7 +185,7 @@ def _export(job: ExportJob, target: Target, keep_fx: bool, show_progress: bool, 
     manifest = build_manifest(source, target, job.seq_length, results, job.runtime_contract)
     write_manifest(job.folder, manifest)
     result = CompileResult(job.folder, manifest, results, totals, fx_networks=kept if keep_fx else None,
-                           export={"processes": jobs, "wall_seconds": round(time.perf_counter() - started, 2)})
+                           export={**where, "wall_seconds": round(time.perf_counter() - started, 2)})
     if job.check and job.layers is None and source.is_small:
         start = time.perf_counter()
         result.end_to_end = end_to_end_check(source, job.folder, manifest)

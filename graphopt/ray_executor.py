@@ -1,10 +1,13 @@
 """Jobs on an existing Ray cluster (`--executor ray`): each job one Ray task that asks for its estimated peak
 memory and one CPU, so Ray places them across the nodes by memory, as graphopt.scheduler does on one
 machine. The driver keeps the results in the order they finish; the first failure cancels the rest.
+Two kinds of job run there: a weight group's export (graphopt.export_pool.export_on_node) and a net's
+compile (for bm1684x, deploy.compile_on_node).
 
-Every node needs graphopt (the same version) and what the task runs (for bm1684x: the toolchain, from
-`graphopt toolchain install bm1684x`, at the same path), and sees the driver's output folder at the same path
-(a shared filesystem, or a copy). Ray itself is optional: `pip install 'graphopt[ray]'`.
+Every node needs graphopt (the same version), the model's checkpoint at the same path (unless
+--random-weights), what the compiles run (for bm1684x: the toolchain, from `graphopt toolchain install
+bm1684x`, at the same path), and sees the driver's output folder at the same path (a shared filesystem).
+Ray itself is optional: `pip install 'graphopt[ray]'`.
 """
 
 from __future__ import annotations
@@ -33,6 +36,22 @@ class RaySchedule:
     def describe(self) -> str:
         used = sorted(set(self.ran_on.values()))
         return f"on Ray at {self.address}: {len(self.ran_on)} tasks on {len(used)} of {self.nodes} nodes"
+
+
+def address_of(executor: str | None, ray_address: str | None) -> str | None:
+    """Where the run's tasks go: a Ray address ("auto": $RAY_ADDRESS or a node on this machine) for
+    --executor ray; None for this machine."""
+    if ray_address and executor != "ray":
+        raise GraphoptError("--ray-address is where --executor ray sends the export and the compiles; give "
+                            "--executor ray too, or leave --ray-address out to build on this machine.")
+    return (ray_address or "auto") if executor == "ray" else None
+
+
+def node_name() -> str:
+    """The Ray node this task runs on: its IP and the start of its id (nodes on one machine share the IP)."""
+    import ray
+
+    return f"{ray.util.get_node_ip_address()}/{ray.get_runtime_context().get_node_id()[:8]}"
 
 
 def connect(address: str | None):

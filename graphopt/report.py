@@ -56,7 +56,10 @@ def render(result: CompileResult, wall_seconds: float) -> str:
         checks = ", ".join(f"{'ok' if c.ok else 'FAIL'} {c.max_abs_err:.1e}" for c in net.checks) or "-"
         lines.append(f"  {net.name:<22} {_size(files):>10} {sum(net.seconds.values()):8.1f}  {checks:<40}")
     lines.append("")
-    if result.export.get("processes", 1) > 1:
+    if "ray" in result.export:
+        lines.append(f"  export: {result.export['ray']}, {result.export['wall_seconds']:.1f}s wall "
+                     "(the per-network and per-stage seconds are each task's own, summed)")
+    elif result.export.get("processes", 1) > 1:
         lines.append(f"  export: {result.export['processes']} processes, {result.export['wall_seconds']:.1f}s wall "
                      "(the per-network and per-stage seconds are each process's own, summed)")
     lines += _pass_lines(result)

@@ -505,7 +505,7 @@ def ray_cluster(tmp_path):
         subprocess.run([ray, "stop", "--force"], capture_output=True, timeout=120)
 
 
-def test_the_ray_executor_builds_the_same_bytes_as_a_local_run(builds, ray_cluster, tmp_path):
+def test_the_ray_executor_exports_and_builds_the_same_bytes_as_a_local_run(builds, ray_cluster, tmp_path):
     address, node_cache = ray_cluster
     folder, _ = builds["w4bf16"]
     name = f"tiny-llama_w4bf16_seq{SEQ}_bm1684x_1dev.bmodel"
@@ -514,6 +514,12 @@ def test_the_ray_executor_builds_the_same_bytes_as_a_local_run(builds, ray_clust
                    "--executor", "ray", "--ray-address", address, "--no-check", "--out", str(tmp_path / "ray"),
                    env={"GRAPHOPT_NET_CACHE": str(driver_cache)})
     assert _without_build_time(tmp_path / "ray" / name) == _without_build_time(folder / name)
+    # Exported by the nodes too, a weight group a task: the same ONNX bytes as the local run's.
+    export = json.loads((tmp_path / "ray" / "report.json").read_text())["export"]
+    assert export["tasks"] == 3 and len(export["nodes"]) == 3 and all(export["nodes"].values()), export
+    manifests = [json.loads((f / "manifest.json").read_text())["networks"] for f in (tmp_path / "ray", folder)]
+    assert [(n["name"], n["sha256"]) for n in manifests[0]] == [(n["name"], n["sha256"]) for n in manifests[1]]
+    assert "export: on Ray at" in run.stdout
     report = json.loads((tmp_path / "ray" / "bm1684x.json").read_text())
     nodes = {n["net"]: n["node"] for n in report["nets"]}
     assert all(nodes.values()) and not any(n["cached"] for n in report["nets"]), nodes  # compiled by the nodes

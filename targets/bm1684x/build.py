@@ -13,7 +13,6 @@ from pathlib import Path
 from typing import Any
 
 from graphopt import contract as c
-from graphopt import ray_executor
 from graphopt.disk import DiskNeed
 from graphopt.errors import GraphoptError
 from graphopt.targets.bm1684x import codes_check, contract, deploy, fake_quant, inspect_bmodel, toolchain, verify
@@ -248,16 +247,6 @@ def validate(source, options: dict[str, Any]) -> None:
     contract.check_checkpoint_codes(source, options["quantize"])
     contract.check_chunk_length(options.get("chunk_length"), options["seq_length"], options["contract"])
     toolchain.require()
-    if options.get("ray_address") and options.get("executor") != "ray":
-        raise GraphoptError("--ray-address is where --executor ray sends the compiles; give --executor ray too, or "
-                            "leave --ray-address out to build on this machine.")
-    if options.get("executor") == "ray":
-        ray_executor.connect(_ray_address(options))  # before the export: no cluster, no hour lost
-
-
-def _ray_address(options: dict[str, Any]) -> str | None:
-    """Where --executor ray compiles ("auto": $RAY_ADDRESS or a node on this machine); None: on this machine."""
-    return (options.get("ray_address") or "auto") if options.get("executor") == "ray" else None
 
 
 # What every bmodel carries besides weights, measured at TPU-MLIR 1.30.2: the kernel module
@@ -308,8 +297,8 @@ def build(folder: Path, manifest: dict, source, options: dict[str, Any], check: 
                                                   tuple(files[1:]))
 
     start = time.perf_counter()
-    ray_address = _ray_address(options)
-    deployed = deploy.deploy_all(tools, specs, onnx_files, options.get("jobs"), show_progress, ray_address)
+    # ray_address: --executor ray's cluster (None: this machine), connected to by compiler.prepare
+    deployed = deploy.deploy_all(tools, specs, onnx_files, options.get("jobs"), show_progress, options.get("ray_address"))
     compiled = deployed.nets
     staged = _compile_decode_stages(tools, compiled, manifest, runtime, stage_rows, onnx_files, options, show_progress)
     seconds["bm1684x compile"] = time.perf_counter() - start
@@ -373,8 +362,8 @@ def _compile_decode_stages(tools, compiled, manifest: dict, runtime, stage_rows:
     specs = [s for d in compiled if runtime.spec(d.spec.name).kind in c.DECODE_BLOCKS
              for s in contract.stage_specs(d.spec, inputs[d.spec.onnx_network], stage_rows,
                                            str(d.directory / contract.IO_ALONE_CONFIG))]
-    ray_address = _ray_address(options)
-    done = deploy.deploy_all(tools, specs, onnx_files, options.get("jobs"), show_progress, ray_address).nets
+    done = deploy.deploy_all(tools, specs, onnx_files, options.get("jobs"), show_progress,
+                             options.get("ray_address")).nets
     staged: dict[str, list] = {}
     for d in done:
         staged.setdefault(d.spec.name, []).append(d)

@@ -30,7 +30,7 @@ from tqdm import tqdm
 from graphopt import contract as c
 from graphopt.errors import GraphoptError
 from graphopt.machine import available_memory
-from graphopt.ray_executor import RaySchedule, RemoteJob, run_on_ray
+from graphopt.ray_executor import RaySchedule, RemoteJob, node_name, run_on_ray
 from graphopt.scheduler import Job, Schedule, run_jobs
 from graphopt.targets.bm1684x.contract import TRANSFORM_FLAGS, DeploySpec
 from graphopt.targets.bm1684x.inspect_bmodel import read_info
@@ -317,7 +317,7 @@ def _files_of(onnx: OnnxFile) -> list[str]:
 def compile_on_node(spec: DeploySpec, onnx_paths: list[str], onnx_sha256: str) -> dict:
     """A Ray task: the net compiled on this node into its own net cache (the same key as anywhere), returned as
     the cache entry's files. Raises GraphoptError naming the node when it cannot see the ONNX or has no toolchain."""
-    node = _node_ip()
+    node = node_name()
     missing = [p for p in onnx_paths if not Path(p).is_file()]
     if missing:
         raise GraphoptError(f"Ray node {node} cannot see {missing[0]} ({spec.name}'s ONNX). --executor ray needs the "
@@ -334,13 +334,6 @@ def compile_on_node(spec: DeploySpec, onnx_paths: list[str], onnx_sha256: str) -
         transform.close()
     files = {f.name: f.read_bytes() for f in sorted(net.directory.iterdir()) if f.is_file()}
     return {"key": net.directory.name, "files": files, "node": node, "cached": net.cached}
-
-
-def _node_ip() -> str:
-    """This Ray node: its IP and the start of its id (nodes on one machine share the IP)."""
-    import ray
-
-    return f"{ray.util.get_node_ip_address()}/{ray.get_runtime_context().get_node_id()[:8]}"
 
 
 def _store_from_node(toolchain: Toolchain, spec: DeploySpec, onnx: OnnxFile, result: dict) -> DeployedNet:
