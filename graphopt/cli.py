@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 from graphopt.errors import GraphoptError
-from graphopt.machine import huge_page_malloc_for_children
+from graphopt.machine import huge_page_malloc_for_children, limit_memory
 from graphopt.models.registry import REGISTRY
 from graphopt.targets.bm1684x.contract import DEFAULT_GROUP_SIZE, LM_HEAD_MODES, default_quantize
 
@@ -41,6 +41,12 @@ def cmd_run(args) -> int:
     target = get_target(args.target)
     if args.jobs is not None and args.jobs < 1:
         raise GraphoptError(f"--jobs {args.jobs} must be at least 1 (or left out: as many as cores and memory allow).")
+    if args.max_memory is not None and args.max_memory < 2:
+        raise GraphoptError(f"--max-memory {args.max_memory:g} GiB leaves nothing for the build's processes: graphopt's "
+                            "own process is planned at 1 GiB, and every export process or compile needs more (an 8B "
+                            "block's compile 2.6 GiB). Give 2 or more, or leave it out to plan by the memory the machine "
+                            "has available.")
+    limit_memory(int(args.max_memory * (1 << 30)) if args.max_memory is not None else None)
     source = open_model(args.model, args.model_path, args.random_weights, args.num_layers)
     out = Path(args.out or f"graphopt-out/{source.name}-{target.name}-seq{args.seq_length}")
     max_input_length, chunk_length = _history_kv_lengths(args)
@@ -318,6 +324,9 @@ def build_parser() -> argparse.ArgumentParser:
                      "or a Ray node started on this machine)")
     run.add_argument("--jobs", type=int, help="processes exporting (and, for bm1684x, compiling) networks in "
                      "parallel (default: as many as cores and memory allow; 1 for models under 200M parameters)")
+    run.add_argument("--max-memory", type=float, metavar="GIB", help="memory the run may hold at once, GiB: "
+                     "export processes and compiles are planned to stay under it, and a net larger than it compiles "
+                     "alone (default: what the machine has available)")
     run.add_argument("--dump-dir", help="write each network's graph after every pass (or those of --dump-after) "
                      "into this directory")
     run.add_argument("--dump-after", action="append", metavar="PASS", help="write each network's graph after this "

@@ -1,20 +1,32 @@
-"""What this machine can give a parallel stage: cores and available memory."""
+"""What this machine can give a parallel stage: cores and available memory (capped by --max-memory); and
+the environment of the processes graphopt starts."""
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
 
+_memory_limit: int | None = None  # --max-memory, bytes: the run's share, whatever the machine has
+
+
+def limit_memory(limit: int | None) -> None:
+    """From now on this run plans its processes (export workers, compiles) to hold at most `limit` bytes at once."""
+    global _memory_limit
+    _memory_limit = limit
+
 
 def available_memory() -> int:
-    """Bytes the kernel says can be allocated without swapping (MemAvailable); 8 GiB if unknown."""
+    """Bytes the kernel says can be allocated without swapping (MemAvailable; 8 GiB if unknown), at most
+    the run's --max-memory."""
+    found = 8 << 30
     try:
         for line in Path("/proc/meminfo").read_text().splitlines():
             if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
+                found = int(line.split()[1]) * 1024
+                break
     except OSError:
         pass
-    return 8 << 30
+    return min(found, _memory_limit) if _memory_limit else found
 
 
 def parallel_jobs(bytes_per_job: int) -> int:

@@ -9,3 +9,25 @@ def test_huge_page_malloc_joins_the_callers_tunables_and_keeps_a_hugetlb_of_thei
         f"glibc.malloc.arena_max=2:{HUGE_PAGE_MALLOC}"
     off = {"GLIBC_TUNABLES": "glibc.malloc.hugetlb=0", "PATH": "/bin"}
     assert with_huge_page_malloc(off) == off
+
+
+def test_max_memory_caps_what_the_stages_plan_with():
+    from graphopt.machine import available_memory, limit_memory, parallel_jobs
+
+    try:
+        limit_memory(3 << 30)
+        assert available_memory() <= 3 << 30
+        assert parallel_jobs(2 << 30) == 1  # two 2 GiB processes do not fit in 3 GiB, whatever the machine has
+    finally:
+        limit_memory(None)
+    assert available_memory() > 0
+
+
+def test_a_max_memory_too_small_for_any_process_is_refused_before_any_work(tmp_path):
+    import subprocess
+    import sys
+
+    run = subprocess.run([sys.executable, "-m", "graphopt", "run", "tiny-llama", "--max-memory", "0.5", "--out",
+                          str(tmp_path / "o")], capture_output=True, text=True)
+    assert run.returncode == 2 and "--max-memory 0.5 GiB" in run.stderr and "Traceback" not in run.stderr
+    assert not (tmp_path / "o").exists()
