@@ -343,6 +343,9 @@ def test_the_transform_server_writes_what_the_model_transform_command_writes(too
         status = servers.run(tools, ["--model_name", "x", "--model_def", str(broken), "--input_shapes", "[[1]]",
                                      "--mlir", "x.mlir"], tmp_path / "broken", tmp_path / "broken.log")
         assert status != 0 and "Traceback" in (tmp_path / "broken.log").read_text()
+        # model_validate would read the weights the server's converter lets go of: refused, and the log says so.
+        status = servers.run(tools, [*args, "--test_input", "in.npz"], tmp_path / "broken", tmp_path / "validate.log")
+        assert status == 2 and "--test_input is not served" in (tmp_path / "validate.log").read_text()
     finally:
         servers.close()
 
