@@ -130,7 +130,7 @@ def export_network(job: ExportJob, plan: NetworkPlan, shared: SharedData, on_sta
     net = timed("trace", trace_plan, job.source, plan, job.seq_length)
     checks = []
     args = check_inputs(net, vocab)
-    # The checks' reference runs count as "check": at 8B they are a third of the export's time.
+    # The checks' reference runs count as "check": with the onnxruntime runs, half the 8B export's time.
     traced_out = timed("check", net.run, *args) if job.check and plan.kind not in INPUTS_REWRITTEN else None
     records = timed("fx passes", PassManager(job.fx_pipeline, job.dump_dir, dump_after=job.dump_after).run, net)
     _check_contract_io(net, plan)
