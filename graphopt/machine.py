@@ -51,6 +51,15 @@ def with_huge_page_malloc(env: dict[str, str]) -> dict[str, str]:
     return {**env, "GLIBC_TUNABLES": ":".join(tunables)}
 
 
+def without_huge_page_malloc(env: dict[str, str]) -> dict[str, str]:
+    """`env` without HUGE_PAGE_MALLOC. For model_deploy: its codegen writes a field it never set into the bmodel
+    (lm_head's ArgMax command), and with huge-page malloc that field held another heap's leftovers from run to
+    run, so two builds of the same net differed; with glibc's default it reads as zeros, every time."""
+    tunables = [t for t in env.get("GLIBC_TUNABLES", "").split(":") if t and t != HUGE_PAGE_MALLOC]
+    env = {k: v for k, v in env.items() if k != "GLIBC_TUNABLES"}
+    return {**env, "GLIBC_TUNABLES": ":".join(tunables)} if tunables else env
+
+
 def huge_page_malloc_for_children() -> None:
     """Every process started from here on (export workers, TPU-MLIR's tools) gets HUGE_PAGE_MALLOC. This
     process's own malloc read GLIBC_TUNABLES when it started and is not changed."""

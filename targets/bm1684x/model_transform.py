@@ -51,7 +51,7 @@ class TransformServers:
         if server is None or server.poll() is not None:
             server = subprocess.Popen([str(toolchain.python), str(SERVER)], stdin=subprocess.PIPE,
                                       stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
-                                      env=toolchain.environ(threads), text=True)
+                                      env=toolchain.environ(threads, huge_pages=True), text=True)
             self._local.server = server
             with self._lock:
                 self._all.append(server)
