@@ -161,7 +161,7 @@ def main(argv=None) -> int:
     work = Path(args.work or tempfile.mkdtemp(prefix="graphopt-bench-build-"))
     tools = args.tools.split(",")
     checkpoint = write_checkpoint(work / f"llama3.1-8b-shape-{args.num_layers}l", args.num_layers) \
-        if any(t.startswith("llm_convert") for t in tools) else None
+        if any(t.startswith("llm_convert") for t in tools) or not args.random_weights else None
     random = f"random:{args.num_layers}"
     runners = {"llm_convert": run_llm_convert, "graphopt": run_graphopt,
                "llm_convert_huge_pages": lambda *a: run_llm_convert(*a, huge_pages=True)}
