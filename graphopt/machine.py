@@ -51,13 +51,18 @@ def with_huge_page_malloc(env: dict[str, str]) -> dict[str, str]:
     return {**env, "GLIBC_TUNABLES": ":".join(tunables)}
 
 
+# malloc hands out zeroed memory (perturb N fills each allocation with ~N). model_deploy's codegen writes a field
+# it never set into the bmodel (lm_head's ArgMax command): it held heap leftovers that differed between two
+# builds of the same net (the Ray test: `01 f8 80 ff` here, `01 00 00 00` on a node). Zeroed, it is the same.
+ZEROED_MALLOC = "glibc.malloc.perturb=255"
+
+
 def without_huge_page_malloc(env: dict[str, str]) -> dict[str, str]:
-    """`env` without HUGE_PAGE_MALLOC. For model_deploy: its codegen writes a field it never set into the bmodel
-    (lm_head's ArgMax command), and with huge-page malloc that field held another heap's leftovers from run to
-    run, so two builds of the same net differed; with glibc's default it reads as zeros, every time."""
+    """`env` for model_deploy: without HUGE_PAGE_MALLOC, with ZEROED_MALLOC."""
     tunables = [t for t in env.get("GLIBC_TUNABLES", "").split(":") if t and t != HUGE_PAGE_MALLOC]
-    env = {k: v for k, v in env.items() if k != "GLIBC_TUNABLES"}
-    return {**env, "GLIBC_TUNABLES": ":".join(tunables)} if tunables else env
+    if not any(t.startswith("glibc.malloc.perturb=") for t in tunables):
+        tunables.append(ZEROED_MALLOC)
+    return {**env, "GLIBC_TUNABLES": ":".join(tunables)}
 
 
 def huge_page_malloc_for_children() -> None:
