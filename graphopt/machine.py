@@ -43,12 +43,18 @@ def parallel_jobs(bytes_per_job: int) -> int:
 HUGE_PAGE_MALLOC = "glibc.malloc.hugetlb=1"
 
 
+def _with_tunable(env: dict[str, str], tunable: str, drop: str = "") -> dict[str, str]:
+    """`env` with `tunable` in GLIBC_TUNABLES (unless the caller set that tunable to a value of their own),
+    and without the entry `drop`."""
+    tunables = [t for t in env.get("GLIBC_TUNABLES", "").split(":") if t and t != drop]
+    if not any(t.startswith(tunable.split("=")[0] + "=") for t in tunables):
+        tunables.append(tunable)
+    return {**env, "GLIBC_TUNABLES": ":".join(tunables)}
+
+
 def with_huge_page_malloc(env: dict[str, str]) -> dict[str, str]:
     """`env` with HUGE_PAGE_MALLOC added to GLIBC_TUNABLES (a hugetlb setting of the caller's own is kept)."""
-    tunables = [t for t in env.get("GLIBC_TUNABLES", "").split(":") if t]
-    if not any(t.startswith("glibc.malloc.hugetlb=") for t in tunables):
-        tunables.append(HUGE_PAGE_MALLOC)
-    return {**env, "GLIBC_TUNABLES": ":".join(tunables)}
+    return _with_tunable(env, HUGE_PAGE_MALLOC)
 
 
 # malloc hands out zeroed memory (perturb N fills each allocation with ~N). model_deploy's codegen writes a field
@@ -57,12 +63,9 @@ def with_huge_page_malloc(env: dict[str, str]) -> dict[str, str]:
 ZEROED_MALLOC = "glibc.malloc.perturb=255"
 
 
-def without_huge_page_malloc(env: dict[str, str]) -> dict[str, str]:
-    """`env` for model_deploy: without HUGE_PAGE_MALLOC, with ZEROED_MALLOC."""
-    tunables = [t for t in env.get("GLIBC_TUNABLES", "").split(":") if t and t != HUGE_PAGE_MALLOC]
-    if not any(t.startswith("glibc.malloc.perturb=") for t in tunables):
-        tunables.append(ZEROED_MALLOC)
-    return {**env, "GLIBC_TUNABLES": ":".join(tunables)}
+def with_zeroed_malloc(env: dict[str, str]) -> dict[str, str]:
+    """`env` for model_deploy and the other tools: ZEROED_MALLOC, and not HUGE_PAGE_MALLOC."""
+    return _with_tunable(env, ZEROED_MALLOC, drop=HUGE_PAGE_MALLOC)
 
 
 def huge_page_malloc_for_children() -> None:

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from graphopt.errors import GraphoptError
-from graphopt.machine import with_huge_page_malloc, without_huge_page_malloc
+from graphopt.machine import with_huge_page_malloc, with_zeroed_malloc
 
 TPU_MLIR_VERSION = "1.30.2"
 # Measured to work together with tpu_mlir 1.30.2 (README, "The BM1684X target"): its ONNX front end imports
@@ -70,14 +70,14 @@ class Toolchain:
 
     def environ(self, threads: int | None = None, huge_pages: bool = False) -> dict[str, str]:
         """The tools' environment. `huge_pages`: with HUGE_PAGE_MALLOC (graphopt/machine.py), for the tools whose
-        output does not depend on it (model_transform: transform_test.py holds it to the command's bytes)."""
+        output does not depend on it (model_transform: tests/test_bm1684x.py holds the server to the command's bytes)."""
         env = dict(os.environ)
         for key, value in self.env.items():
             # Search paths are TPU-MLIR's entries in front of the caller's own.
             env[key] = os.pathsep.join(filter(None, [value, os.environ.get(key)])) if key in SEARCH_PATHS else value
         if threads:
             env["OMP_NUM_THREADS"] = str(threads)
-        return with_huge_page_malloc(env) if huge_pages else without_huge_page_malloc(env)
+        return with_huge_page_malloc(env) if huge_pages else with_zeroed_malloc(env)
 
     def run(self, name: str, args: list[str], cwd: Path, log: Path, threads: int | None = None,
             peak_rss: dict[str, int] | None = None) -> int:
