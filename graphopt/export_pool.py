@@ -1,6 +1,7 @@
 """The export spread over processes, or over a Ray cluster's nodes: one weight group (a layer's block and
 decode block; the embedding and the heads) per task, so a group shares its external data file and each
-process holds one network's weights at a time. Spawned, not forked: a fork of a process whose OpenMP pool has run can deadlock.
+process holds one network's weights at a time. Spawned, not forked: a fork of a process whose OpenMP pool
+has run can deadlock.
 Every network's bytes are the same whichever process writes them (tests/test_determinism.py)."""
 
 from __future__ import annotations
