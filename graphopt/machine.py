@@ -43,29 +43,19 @@ def parallel_jobs(bytes_per_job: int) -> int:
 HUGE_PAGE_MALLOC = "glibc.malloc.hugetlb=1"
 
 
-def _with_tunable(env: dict[str, str], tunable: str, drop: str = "") -> dict[str, str]:
-    """`env` with `tunable` in GLIBC_TUNABLES (unless the caller set that tunable to a value of their own),
-    and without the entry `drop`."""
-    tunables = [t for t in env.get("GLIBC_TUNABLES", "").split(":") if t and t != drop]
-    if not any(t.startswith(tunable.split("=")[0] + "=") for t in tunables):
-        tunables.append(tunable)
+def with_huge_page_malloc(env: dict[str, str]) -> dict[str, str]:
+    """`env` with HUGE_PAGE_MALLOC added to GLIBC_TUNABLES (a hugetlb setting of the caller's own is kept)."""
+    tunables = [t for t in env.get("GLIBC_TUNABLES", "").split(":") if t]
+    if not any(t.startswith(HUGE_PAGE_MALLOC.split("=")[0] + "=") for t in tunables):
+        tunables.append(HUGE_PAGE_MALLOC)
     return {**env, "GLIBC_TUNABLES": ":".join(tunables)}
 
 
-def with_huge_page_malloc(env: dict[str, str]) -> dict[str, str]:
-    """`env` with HUGE_PAGE_MALLOC added to GLIBC_TUNABLES (a hugetlb setting of the caller's own is kept)."""
-    return _with_tunable(env, HUGE_PAGE_MALLOC)
-
-
-# malloc hands out zeroed memory (perturb N fills each allocation with ~N). model_deploy's codegen writes a field
-# it never set into the bmodel (lm_head's ArgMax command): it held heap leftovers that differed between two
-# builds of the same net (the Ray test: `01 f8 80 ff` here, `01 00 00 00` on a node). Zeroed, it is the same.
-ZEROED_MALLOC = "glibc.malloc.perturb=255"
-
-
-def with_zeroed_malloc(env: dict[str, str]) -> dict[str, str]:
-    """`env` for model_deploy and the other tools: ZEROED_MALLOC, and not HUGE_PAGE_MALLOC."""
-    return _with_tunable(env, ZEROED_MALLOC, drop=HUGE_PAGE_MALLOC)
+def without_huge_page_malloc(env: dict[str, str]) -> dict[str, str]:
+    """`env` without HUGE_PAGE_MALLOC (glibc's default malloc for the tools that do not get it)."""
+    tunables = [t for t in env.get("GLIBC_TUNABLES", "").split(":") if t and t != HUGE_PAGE_MALLOC]
+    env = {k: v for k, v in env.items() if k != "GLIBC_TUNABLES"}
+    return {**env, "GLIBC_TUNABLES": ":".join(tunables)} if tunables else env
 
 
 def huge_page_malloc_for_children() -> None:

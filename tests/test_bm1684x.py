@@ -403,19 +403,64 @@ HUGE_PAGES_OF_A_MALLOC = ("b = bytearray(64 << 20); b[::4096] = b'x' * len(b[::4
 
 
 @pytest.mark.skipif(_thp_mode() == "never", reason="transparent huge pages are off on this machine")
-def test_the_transform_servers_get_their_malloc_in_huge_pages(tools):
-    """graphopt.machine.HUGE_PAGE_MALLOC reaches model_transform (Toolchain.environ(huge_pages=True)): the
-    copies of gigabytes of weights are not spent faulting in 4 KiB pages."""
-    env = tools.environ(huge_pages=True)  # the transform servers' (model_deploy's is without: it reads a field it never set)
+def test_model_transform_and_model_deploy_get_their_malloc_in_huge_pages(tools):
+    """graphopt.machine.HUGE_PAGE_MALLOC reaches the transform servers and model_deploy (toolchain.HUGE_PAGE_TOOLS):
+    the copies of gigabytes of weights are not spent faulting in 4 KiB pages. The simulator and model_tool
+    run with glibc's default."""
+    from graphopt.targets.bm1684x.toolchain import HUGE_PAGE_TOOLS
+
+    assert HUGE_PAGE_TOOLS == ("model_transform", "model_deploy")
+    env = tools.environ(huge_pages=True)
     huge_kb = int(subprocess.run([str(tools.python), "-c", HUGE_PAGES_OF_A_MALLOC], env=env, check=True,
                                  capture_output=True, text=True).stdout)
     assert huge_kb >= 32 << 10
-    if _thp_mode() == "madvise":  # then malloc asks for them only with the tunable; model_deploy's has none
+    if _thp_mode() == "madvise":  # then malloc asks for them only with the tunable
         env = tools.environ()
         assert "hugetlb" not in env.get("GLIBC_TUNABLES", "")
         plain_kb = int(subprocess.run([str(tools.python), "-c", HUGE_PAGES_OF_A_MALLOC], env=env, check=True,
                                       capture_output=True, text=True).stdout)
         assert plain_kb < huge_kb
+
+
+# Stands in front of the real tpuc-opt on PATH, writes down each step's option and GLIBC_TUNABLES, runs the real one.
+TPUC_OPT_WITNESS = """#!/bin/sh
+echo "$2 tunables=$GLIBC_TUNABLES" >> "$WITNESS_LOG"
+PATH="${PATH#*:}" exec tpuc-opt "$@"
+"""
+
+
+def test_model_deploys_codegen_alone_runs_with_zero_filled_malloc(tools, tmp_path):
+    """deploy_runner.py: codegen writes a field it never sets into lm_head's bmodel, so its malloc is zeroed
+    (glibc.malloc.perturb) and the field is the same in every build; the other tpuc-opt steps keep the
+    faster default. Watched from outside: each tpuc-opt model_deploy starts, with the environment it got."""
+    from graphopt.export import export_networks
+    from graphopt.models import open_model
+    from graphopt.targets import get_target
+    from graphopt.targets.bm1684x.deploy_runner import ZEROED_MALLOC
+
+    net = export_networks(open_model("tiny-llama"), ["lm_head"], 32, tmp_path / "onnx",
+                          target=get_target("bm1684x"), check=False)["lm_head"]
+    spec = contract.DeploySpec("lm_head", "lm_head", tuple(s.shape for s in net.inputs), "BF16", ("--quant_input",))
+    work = tmp_path / "work"
+    work.mkdir()
+    assert tools.run("model_transform", spec.transform_args(str(net.files[0]), "lm_head.mlir"), work,
+                     tmp_path / "compile.log") == 0
+    witness = tmp_path / "bin" / "tpuc-opt"
+    witness.parent.mkdir()
+    witness.write_text(TPUC_OPT_WITNESS)
+    witness.chmod(0o755)
+    python, runner = tools.tool("model_deploy")
+    # `import tpu_mlir` puts its own bin first on PATH: the witness goes in front after that.
+    start = (f"import os, runpy, sys, tpu_mlir; os.environ['PATH'] = {str(witness.parent)!r} + ':' + os.environ['PATH']; "
+             f"sys.argv = sys.argv[1:]; runpy.run_path({runner!r}, run_name='__main__')")
+    subprocess.run([python, "-c", start, runner, *spec.deploy_args("lm_head.mlir", "lm_head.bmodel")], cwd=work,
+                   env={**tools.environ(huge_pages=True), "WITNESS_LOG": str(tmp_path / "witness.log")}, check=True,
+                   capture_output=True)
+    assert (work / "lm_head.bmodel").is_file()
+    steps = (tmp_path / "witness.log").read_text().splitlines()
+    codegen = [s for s in steps if s.startswith("--codegen")]
+    assert len(codegen) == 1 and ZEROED_MALLOC in codegen[0] and "hugetlb=1" in codegen[0], steps
+    assert len(steps) >= 3 and all(ZEROED_MALLOC not in s and "hugetlb=1" in s for s in steps if s not in codegen)
 
 
 def test_toolchain_status_names_the_toolchain_in_use(tools):

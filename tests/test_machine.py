@@ -33,9 +33,9 @@ def test_a_max_memory_too_small_for_any_process_is_refused_before_any_work(tmp_p
     assert not (tmp_path / "o").exists()
 
 
-def test_zeroed_malloc_drops_only_graphopts_huge_page_tunable():
-    from graphopt.machine import ZEROED_MALLOC, with_zeroed_malloc
+def test_the_tools_without_huge_pages_lose_only_graphopts_tunable():
+    from graphopt.machine import without_huge_page_malloc
 
-    assert with_zeroed_malloc({"GLIBC_TUNABLES": HUGE_PAGE_MALLOC})["GLIBC_TUNABLES"] == ZEROED_MALLOC
-    assert with_zeroed_malloc({"GLIBC_TUNABLES": f"glibc.malloc.arena_max=2:{HUGE_PAGE_MALLOC}"}) == \
-        {"GLIBC_TUNABLES": f"glibc.malloc.arena_max=2:{ZEROED_MALLOC}"}
+    assert without_huge_page_malloc({"GLIBC_TUNABLES": HUGE_PAGE_MALLOC, "PATH": "/bin"}) == {"PATH": "/bin"}
+    assert without_huge_page_malloc({"GLIBC_TUNABLES": f"glibc.malloc.arena_max=2:{HUGE_PAGE_MALLOC}"}) == \
+        {"GLIBC_TUNABLES": "glibc.malloc.arena_max=2"}

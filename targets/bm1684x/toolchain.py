@@ -10,7 +10,8 @@ Two origins:
 
 Tools are run as `<python> $TPUC_ROOT/python/tools/<tool>.py` with the environment that
 `import tpu_mlir` sets up (PATH, PYTHONPATH, LD_LIBRARY_PATH, TPUC_ROOT), so the same code
-drives both origins and nothing depends on the venv's console-script shebangs.
+drives both origins and nothing depends on the venv's console-script shebangs; model_deploy as
+`<python> deploy_runner.py`, which runs model_deploy.py with its codegen's malloc zeroed (it says why).
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from graphopt.errors import GraphoptError
-from graphopt.machine import with_huge_page_malloc, with_zeroed_malloc
+from graphopt.machine import with_huge_page_malloc, without_huge_page_malloc
 
 TPU_MLIR_VERSION = "1.30.2"
 # Measured to work together with tpu_mlir 1.30.2 (README, "The BM1684X target"): its ONNX front end imports
@@ -42,6 +43,10 @@ ENV_KEYS = ("PATH", "PYTHONPATH", "LD_LIBRARY_PATH", "TPUC_ROOT", "PPL_PROJECT_R
             "PPL_RUNTIME_PATH", "TPUKERNEL_CUSTOM_FIRMWARE_PATH")
 SEARCH_PATHS = ("PATH", "PYTHONPATH", "LD_LIBRARY_PATH")
 MARKER = "toolchain.json"
+DEPLOY_RUNNER = Path(__file__).with_name("deploy_runner.py")
+# The tools that get glibc's malloc in huge pages (graphopt/machine.py): those whose output is the same
+# bytes with it (the transform server's are held to the command's; model_deploy's codegen zeroes its own).
+HUGE_PAGE_TOOLS = ("model_transform", "model_deploy")
 
 
 def cache_root() -> Path:
@@ -63,21 +68,23 @@ class Toolchain:
 
     def tool(self, name: str) -> list[str]:
         """The command line that starts one of TPU-MLIR's tools (model_transform, model_deploy, model_tool...)."""
+        if name == "model_deploy":
+            return [str(self.python), str(DEPLOY_RUNNER)]
         binary = self.root / "bin" / name
         if binary.is_file():
             return [str(binary)]
         return [str(self.python), str(self.root / "python" / "tools" / f"{name}.py")]
 
     def environ(self, threads: int | None = None, huge_pages: bool = False) -> dict[str, str]:
-        """The tools' environment. `huge_pages`: with HUGE_PAGE_MALLOC (graphopt/machine.py), for the tools whose
-        output does not depend on it (model_transform: tests/test_bm1684x.py holds the server to the command's bytes)."""
+        """The tools' environment. `huge_pages`: with HUGE_PAGE_MALLOC (graphopt/machine.py), for HUGE_PAGE_TOOLS;
+        without, glibc's default malloc (the simulator, model_tool)."""
         env = dict(os.environ)
         for key, value in self.env.items():
             # Search paths are TPU-MLIR's entries in front of the caller's own.
             env[key] = os.pathsep.join(filter(None, [value, os.environ.get(key)])) if key in SEARCH_PATHS else value
         if threads:
             env["OMP_NUM_THREADS"] = str(threads)
-        return with_huge_page_malloc(env) if huge_pages else with_zeroed_malloc(env)
+        return with_huge_page_malloc(env) if huge_pages else without_huge_page_malloc(env)
 
     def run(self, name: str, args: list[str], cwd: Path, log: Path, threads: int | None = None,
             peak_rss: dict[str, int] | None = None) -> int:
@@ -86,7 +93,8 @@ class Toolchain:
         with open(log, "a") as handle:
             handle.write(f"$ {shlex.join([name, *args])}\n")
             handle.flush()
-            process = subprocess.Popen([*self.tool(name), *args], cwd=cwd, env=self.environ(threads),
+            process = subprocess.Popen([*self.tool(name), *args], cwd=cwd,
+                                       env=self.environ(threads, huge_pages=name in HUGE_PAGE_TOOLS),
                                        stdout=handle, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
             try:
                 _, status, usage = os.wait4(process.pid, 0)
