@@ -422,45 +422,61 @@ def test_model_transform_and_model_deploy_get_their_malloc_in_huge_pages(tools):
         assert plain_kb < huge_kb
 
 
-# Stands in front of the real tpuc-opt on PATH, writes down each step's option and GLIBC_TUNABLES, runs the real one.
+# Stands in front of the real tpuc-opt on PATH: writes down each step's option, its personality(2) and the names
+# of its environment variables, then runs the real one.
 TPUC_OPT_WITNESS = """#!/bin/sh
-echo "$2 tunables=$GLIBC_TUNABLES" >> "$WITNESS_LOG"
-PATH="${PATH#*:}" exec tpuc-opt "$@"
+echo "$2 personality=$(cat /proc/self/personality) vars=$(env | cut -d= -f1 | grep -v '^PWD$' | sort | tr '\\n' ' ')" >> {log}
+exec {real} "$@"
 """
 
 
-def test_model_deploys_codegen_alone_runs_with_zero_filled_malloc(tools, tmp_path):
-    """deploy_runner.py: codegen writes a field it never sets into lm_head's bmodel, so its malloc is zeroed
-    (glibc.malloc.perturb) and the field is the same in every build; the other tpuc-opt steps keep the
-    faster default. Watched from outside: each tpuc-opt model_deploy starts, with the environment it got."""
+def test_model_deploys_codegen_runs_on_a_pinned_stack(tools, tmp_path):
+    """deploy_runner.py: codegen writes a field it never sets into the ArgMax command lm_head's TopK becomes, from
+    the stack's leftovers; so codegen runs with address-space randomization off and TPU-MLIR's own variables
+    only (the caller's environment would move the stack), and gives the same bytes from any environment. The
+    other steps run as model_deploy runs them. Watched from outside: each tpuc-opt model_deploy starts."""
     from graphopt.export import export_networks
     from graphopt.models import open_model
     from graphopt.targets import get_target
-    from graphopt.targets.bm1684x.deploy_runner import ZEROED_MALLOC
+    from graphopt.targets.bm1684x.deploy_runner import ADDR_NO_RANDOMIZE, TOOLCHAIN_KEYS
 
-    net = export_networks(open_model("tiny-llama"), ["lm_head"], 32, tmp_path / "onnx",
-                          target=get_target("bm1684x"), check=False)["lm_head"]
+    net = export_networks(open_model("tiny-llama"), ["lm_head"], 32, tmp_path / "onnx", target=get_target("bm1684x"),
+                          check=False)["lm_head"]
     spec = contract.DeploySpec("lm_head", "lm_head", tuple(s.shape for s in net.inputs), "BF16", ("--quant_input",))
-    work = tmp_path / "work"
-    work.mkdir()
-    assert tools.run("model_transform", spec.transform_args(str(net.files[0]), "lm_head.mlir"), work,
+    top = tmp_path / "top"
+    top.mkdir()
+    assert tools.run("model_transform", spec.transform_args(str(net.files[0]), "lm_head.mlir"), top,
                      tmp_path / "compile.log") == 0
     witness = tmp_path / "bin" / "tpuc-opt"
     witness.parent.mkdir()
-    witness.write_text(TPUC_OPT_WITNESS)
+    witness.write_text(TPUC_OPT_WITNESS.format(log=tmp_path / "witness.log",
+                                               real=shutil.which("tpuc-opt", path=tools.environ()["PATH"])))
     witness.chmod(0o755)
     python, runner = tools.tool("model_deploy")
     # `import tpu_mlir` puts its own bin first on PATH: the witness goes in front after that.
     start = (f"import os, runpy, sys, tpu_mlir; os.environ['PATH'] = {str(witness.parent)!r} + ':' + os.environ['PATH']; "
              f"sys.argv = sys.argv[1:]; runpy.run_path({runner!r}, run_name='__main__')")
-    subprocess.run([python, "-c", start, runner, *spec.deploy_args("lm_head.mlir", "lm_head.bmodel")], cwd=work,
-                   env={**tools.environ(huge_pages=True), "WITNESS_LOG": str(tmp_path / "witness.log")}, check=True,
-                   capture_output=True)
-    assert (work / "lm_head.bmodel").is_file()
+    bmodels = []
+    for pad in (0, 1600):  # two callers whose environments differ in size, in two directories
+        work = tmp_path / f"work-{pad}"
+        work.mkdir()
+        for made in top.glob("lm_head*"):
+            if made.suffix in (".mlir", ".npz"):
+                (work / made.name).symlink_to(made)
+        subprocess.run([python, "-c", start, runner, *spec.deploy_args("lm_head.mlir", "lm_head.bmodel")], cwd=work,
+                       env={**tools.environ(huge_pages=True), "PAD": "x" * pad}, check=True, capture_output=True)
+        bmodels.append((work / "lm_head.bmodel").read_bytes())
+    assert bmodels[0] == bmodels[1]
     steps = (tmp_path / "witness.log").read_text().splitlines()
-    codegen = [s for s in steps if s.startswith("--codegen")]
-    assert len(codegen) == 1 and ZEROED_MALLOC in codegen[0] and "hugetlb=1" in codegen[0], steps
-    assert len(steps) >= 3 and all(ZEROED_MALLOC not in s and "hugetlb=1" in s for s in steps if s not in codegen)
+    codegen = [step for step in steps if step.startswith("--codegen")]
+    assert len(codegen) == 2 and len(steps) >= 6, steps
+    for step in codegen:
+        assert int(step.split("personality=")[1].split()[0], 16) & ADDR_NO_RANDOMIZE, step
+        assert set(step.split("vars=")[1].split()) <= set(TOOLCHAIN_KEYS) | {"_", "SHLVL"}, step
+    for step in steps:
+        if step not in codegen:  # as model_deploy runs them: the caller's environment, randomization on
+            assert "PAD" in step.split("vars=")[1].split(), step
+            assert not int(step.split("personality=")[1].split()[0], 16) & ADDR_NO_RANDOMIZE, step
 
 
 def test_toolchain_status_names_the_toolchain_in_use(tools):

@@ -11,7 +11,7 @@ Two origins:
 Tools are run as `<python> $TPUC_ROOT/python/tools/<tool>.py` with the environment that
 `import tpu_mlir` sets up (PATH, PYTHONPATH, LD_LIBRARY_PATH, TPUC_ROOT), so the same code
 drives both origins and nothing depends on the venv's console-script shebangs; model_deploy as
-`<python> deploy_runner.py`, which runs model_deploy.py with its codegen's malloc zeroed (it says why).
+`<python> deploy_runner.py`, which runs model_deploy.py with its codegen on a pinned stack (it says why).
 """
 
 from __future__ import annotations
@@ -45,7 +45,7 @@ SEARCH_PATHS = ("PATH", "PYTHONPATH", "LD_LIBRARY_PATH")
 MARKER = "toolchain.json"
 DEPLOY_RUNNER = Path(__file__).with_name("deploy_runner.py")
 # The tools that get glibc's malloc in huge pages (graphopt/machine.py): those whose output is the same
-# bytes with it (the transform server's are held to the command's; model_deploy's codegen zeroes its own).
+# bytes with it (the transform server's are held to the command's; model_deploy's were measured the same).
 HUGE_PAGE_TOOLS = ("model_transform", "model_deploy")
 
 
