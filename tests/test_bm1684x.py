@@ -422,23 +422,29 @@ def test_model_transform_and_model_deploy_get_their_malloc_in_huge_pages(tools):
         assert plain_kb < huge_kb
 
 
-# Stands in front of the real tpuc-opt on PATH: writes down each step's option, its personality(2) and the names
-# of its environment variables, then runs the real one.
+# Stands in front of the real tpuc-opt on PATH: writes down each step's option, its personality(2), and how many
+# variables and bytes its environment has (and whether the caller's PAD is among them); then runs the real one.
 TPUC_OPT_WITNESS = """#!/bin/sh
-echo "$2 personality=$(cat /proc/self/personality) vars=$(env | cut -d= -f1 | grep -v '^PWD$' | sort | tr '\\n' ' ')" >> {log}
+vars=$(tr '\\0' '\\n' < /proc/$$/environ | wc -l)
+pad=$(tr '\\0' '\\n' < /proc/$$/environ | grep -c '^PAD=')
+echo "$2 personality=$(cat /proc/self/personality) vars=$vars bytes=$(wc -c < /proc/$$/environ) pad=$pad" >> {log}
 exec {real} "$@"
 """
 
 
+def _witnessed(step: str, key: str) -> int:
+    return int(step.split(f" {key}=")[1].split()[0], 16 if key == "personality" else 10)
+
+
 def test_model_deploys_codegen_runs_on_a_pinned_stack(tools, tmp_path):
     """deploy_runner.py: codegen writes a field it never sets into the ArgMax command lm_head's TopK becomes, from
-    the stack's leftovers; so codegen runs with address-space randomization off and TPU-MLIR's own variables
-    only (the caller's environment would move the stack), and gives the same bytes from any environment. The
-    other steps run as model_deploy runs them. Watched from outside: each tpuc-opt model_deploy starts."""
+    the stack's leftovers; so codegen runs with address-space randomization off and its environment padded to a
+    fixed size, and gives the same bytes from callers whose environments and directories differ. The other
+    steps run as model_deploy runs them. Watched from outside: each tpuc-opt model_deploy starts."""
     from graphopt.export import export_networks
     from graphopt.models import open_model
     from graphopt.targets import get_target
-    from graphopt.targets.bm1684x.deploy_runner import ADDR_NO_RANDOMIZE, TOOLCHAIN_KEYS
+    from graphopt.targets.bm1684x.deploy_runner import ADDR_NO_RANDOMIZE, ENV_BYTES, ENV_VARS
 
     net = export_networks(open_model("tiny-llama"), ["lm_head"], 32, tmp_path / "onnx", target=get_target("bm1684x"),
                           check=False)["lm_head"]
@@ -457,8 +463,8 @@ def test_model_deploys_codegen_runs_on_a_pinned_stack(tools, tmp_path):
     start = (f"import os, runpy, sys, tpu_mlir; os.environ['PATH'] = {str(witness.parent)!r} + ':' + os.environ['PATH']; "
              f"sys.argv = sys.argv[1:]; runpy.run_path({runner!r}, run_name='__main__')")
     bmodels = []
-    for pad in (0, 1600):  # two callers whose environments differ in size, in two directories
-        work = tmp_path / f"work-{pad}"
+    for pad in (0, 1600):  # two callers whose environments and directories differ in size
+        work = tmp_path / ("work" + "-" * (pad // 40))
         work.mkdir()
         for made in top.glob("lm_head*"):
             if made.suffix in (".mlir", ".npz"):
@@ -470,13 +476,12 @@ def test_model_deploys_codegen_runs_on_a_pinned_stack(tools, tmp_path):
     steps = (tmp_path / "witness.log").read_text().splitlines()
     codegen = [step for step in steps if step.startswith("--codegen")]
     assert len(codegen) == 2 and len(steps) >= 6, steps
-    for step in codegen:
-        assert int(step.split("personality=")[1].split()[0], 16) & ADDR_NO_RANDOMIZE, step
-        assert set(step.split("vars=")[1].split()) <= set(TOOLCHAIN_KEYS) | {"_", "SHLVL"}, step
+    for step in codegen:  # the caller's environment, padded
+        assert _witnessed(step, "personality") & ADDR_NO_RANDOMIZE, step
+        assert (_witnessed(step, "vars"), _witnessed(step, "bytes"), _witnessed(step, "pad")) == (ENV_VARS, ENV_BYTES, 1)
     for step in steps:
         if step not in codegen:  # as model_deploy runs them: the caller's environment, randomization on
-            assert "PAD" in step.split("vars=")[1].split(), step
-            assert not int(step.split("personality=")[1].split()[0], 16) & ADDR_NO_RANDOMIZE, step
+            assert not _witnessed(step, "personality") & ADDR_NO_RANDOMIZE and _witnessed(step, "pad") == 1, step
 
 
 def test_toolchain_status_names_the_toolchain_in_use(tools):

@@ -7,10 +7,10 @@ lm_head, codegen run again and again on the same final MLIR on one machine: `01 
 `01 f8 80 ff` in about one run of five (the Ray test caught it between two nodes). Zero-filled malloc
 (glibc.malloc.perturb) does not change that; the stack's layout does. With address-space randomization
 off, 14 runs gave one value for a given environment, and the other value once the environment grew by
-1.5 KiB (the environment sits at the top of the stack). So codegen runs with randomization off and an
-environment that is the same wherever the toolchain is installed at the same path (the net cache's key
-already asks that of a Ray node): TPU-MLIR's own variables and search-path entries, GLIBC_TUNABLES, and
-nothing of the caller's. Then the field is the same in every build. Neither costs anything.
+1.5 KiB (the environment sits at the top of the stack). So codegen runs with randomization off and its
+environment padded to a fixed number of variables and bytes: the stack is then laid out the same in every
+build wherever the toolchain is installed at the same path (the net cache's key already asks that of a
+Ray node), and the field is the same. Neither costs anything.
 
 The codegen command is found by its `--codegen` option as it passes through TPU-MLIR's own
 `mlir_shell._os_system` (every tpuc-opt step goes through it). A model_deploy that writes its bmodel
@@ -23,27 +23,29 @@ import os
 import runpy
 import shlex
 import shutil
+import subprocess
 import sys
 
 ADDR_NO_RANDOMIZE = 0x0040000  # personality(2): what `setarch -R` sets; children inherit it
-TOOLCHAIN_KEYS = ("TPUC_ROOT", "PATH", "LD_LIBRARY_PATH", "PPL_PROJECT_ROOT", "PPL_BUILD_PATH", "PPL_RUNTIME_PATH",
-                  "TPUKERNEL_CUSTOM_FIRMWARE_PATH", "GLIBC_TUNABLES")
-SYSTEM_PATH = "/usr/bin:/bin"
+# codegen's environment: the caller's, padded to exactly this many variables and bytes ("KEY=VALUE\0" each),
+# so the stack below it is laid out the same whatever the caller's environment and directory are.
+ENV_VARS = 512
+ENV_BYTES = 96 << 10  # (one string may hold at most 128 KiB: MAX_ARG_STRLEN)
+PAD = "GRAPHOPT_STACK_PAD"
 
 
-def codegen_environment(environ: dict) -> dict:
-    """What codegen runs with: TPU-MLIR's variables, the search paths' entries inside TPUC_ROOT (then the
-    system's PATH), GLIBC_TUNABLES; nothing else of `environ` (its size would move the stack)."""
-    root = environ["TPUC_ROOT"].rstrip("/")
-    env = {}
-    for key in TOOLCHAIN_KEYS:
-        value = environ.get(key)
-        if value is None:
-            continue
-        if key in ("PATH", "LD_LIBRARY_PATH"):
-            value = ":".join([entry for entry in value.split(":") if entry.startswith(root)] +
-                             ([SYSTEM_PATH] if key == "PATH" else []))
-        env[key] = value
+def pinned_environment(environ: dict, cwd: str) -> dict:
+    """`environ` (with PWD = `cwd`: codegen's PPL autotuner reads it) padded to ENV_VARS variables and
+    ENV_BYTES bytes. An environment larger than that is refused: codegen would run on another stack."""
+    env = {**{k: v for k, v in environ.items() if not k.startswith(PAD)}, "PWD": cwd}
+    pads = ENV_VARS - len(env)
+    names = [f"{PAD}{i:03d}" for i in range(pads)]
+    used = sum(len(k.encode()) + len(v.encode()) + 2 for k, v in env.items()) + sum(len(n) + 2 for n in names)
+    if pads < 1 or used > ENV_BYTES:
+        raise SystemExit(f"deploy_runner: the environment has {len(env)} variables and {used} bytes, past the "
+                         f"{ENV_VARS} and {ENV_BYTES} codegen's stack is pinned with; start graphopt with a smaller one")
+    env.update({name: "" for name in names})
+    env[names[-1]] = "x" * (ENV_BYTES - used)
     return env
 
 
@@ -52,26 +54,30 @@ def _personality(persona: int) -> int:
 
 
 def _pin_codegen_stack() -> list[str]:
-    """Patches mlir_shell._os_system; returns the list the codegen commands it ran are added to."""
+    """Patches mlir_shell._os_system to run the codegen command itself, on a pinned stack; returns the list
+    the codegen commands it ran are added to."""
     from tpu_mlir.python.utils import mlir_shell  # the module model_deploy.py imports its steps from
 
     unchanged, seen = mlir_shell._os_system, []
 
     def os_system(cmd, *args, **kwargs):
+        line = " ".join(map(str, cmd))
         if not any(str(part).startswith("--codegen") for part in cmd):
             return unchanged(cmd, *args, **kwargs)
-        env = codegen_environment(dict(os.environ))
-        tool = shutil.which(cmd[0]) or cmd[0]
-        pinned = ["env", "-i", *[shlex.quote(f"{k}={v}") for k, v in env.items()], tool, *cmd[1:]]
-        print(f"deploy_runner: codegen with address-space randomization off and {len(env)} variables: "
-              f"{', '.join(env)}", flush=True)
-        seen.append(" ".join(map(str, cmd)))
+        argv = shlex.split(line)  # as mlir_shell's shell splits it, without the shell (it would edit the environment)
+        argv[0] = shutil.which(argv[0]) or argv[0]
+        print(f"[Running]: {line}\ndeploy_runner: codegen with address-space randomization off and its environment "
+              f"padded to {ENV_VARS} variables, {ENV_BYTES} bytes", flush=True)
+        seen.append(line)
         before = _personality(0xFFFFFFFF)  # (0xffffffff only reads it)
         _personality(before | ADDR_NO_RANDOMIZE)
         try:
-            return unchanged(pinned, *args, **kwargs)
+            status = subprocess.run(argv, env=pinned_environment(dict(os.environ), os.getcwd())).returncode
         finally:
             _personality(before)
+        if status != 0:
+            raise RuntimeError(f"[!Error]: {line}")  # as mlir_shell reports a failed step
+        print(f"[Success]: {line}", flush=True)
 
     mlir_shell._os_system = os_system
     return seen
