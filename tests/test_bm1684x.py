@@ -311,16 +311,23 @@ def test_a_failed_compile_names_the_network_and_its_log(tools, tmp_path, monkeyp
     assert not list((tmp_path / "cache").glob("*.partial-*")) and not list((tmp_path / "cache").glob("*/result.json"))
 
 
-def test_the_transform_server_writes_what_the_model_transform_command_writes(tools, tmp_path):
+def test_the_transform_server_writes_what_the_model_transform_command_writes(tools, tmp_path, monkeypatch):
     """transform_server.py runs model_transform for many nets in one process and skips copies graphopt never
-    reads: the top MLIR and its weights must be the same bytes as the command's, net after net."""
+    reads (its converter reads external data straight from the file): the top MLIR and its weights must be the
+    same bytes as the command's, net after net, with the weights in the ONNX file and beside it."""
+    from graphopt import onnx_ir
     from graphopt.export import export_networks
     from graphopt.models import open_model
     from graphopt.targets import get_target
     from graphopt.targets.bm1684x.model_transform import TransformServers
 
-    nets = export_networks(open_model("tiny-llama"), ["block_0", "lm_head"], 32, tmp_path / "onnx",
-                           target=get_target("bm1684x"), check=False)
+    nets = {}
+    for where, threshold in (("inline", onnx_ir.EXTERNAL_DATA_BYTES), ("external", 0)):
+        monkeypatch.setattr(onnx_ir, "EXTERNAL_DATA_BYTES", threshold)
+        exported = export_networks(open_model("tiny-llama"), ["block_0", "lm_head"], 32, tmp_path / where,
+                                   target=get_target("bm1684x"), check=False)
+        assert all((len(net.files) > 1) == (where == "external") for net in exported.values())
+        nets.update({f"{name}_{where}": net for name, net in exported.items()})
     servers = TransformServers()
     try:
         for name, net in nets.items():
@@ -333,8 +340,10 @@ def test_the_transform_server_writes_what_the_model_transform_command_writes(too
             for how in ("server", "server again"):
                 assert servers.run(tools, args, tmp_path / how / name, tmp_path / f"{how}.log", 1, peaks) == 0
             assert peaks["model_transform"] > 0
-            for made in sorted((tmp_path / "command" / name).glob("*.mlir")) + sorted(
-                    (tmp_path / "command" / name).glob("*_top_*weight.npz")):
+            # What the rest of the compile reads: the top MLIR and its weights. (The converter's `_origin.mlir`
+            # differs: the server folds a weight's Transpose there, which tpuc-opt would do after it.)
+            for made in (tmp_path / "command" / name / f"{name}.mlir",
+                         *(tmp_path / "command" / name).glob("*_top_*weight.npz")):
                 for how in ("server", "server again"):
                     assert (tmp_path / how / name / made.name).read_bytes() == made.read_bytes(), (how, made.name)
         broken = tmp_path / "broken.onnx"
@@ -616,3 +625,111 @@ def test_the_simulator_takes_the_device_memory_a_large_bmodel_needs(builds, tool
     bmodel = folder / f"tiny-llama_w4bf16_seq{SEQ}_bm1684x_1dev.bmodel"
     with Simulator(tools, tmp_path / "sim.log", 7 << 30) as sim:
         assert set(sim.layout(bmodel)) == set(NETS["llm-tpu"])
+
+
+def _checkpoint_with_layers(folder: Path, layers: int) -> Path:
+    """tiny-llama with `layers` decoder layers, seeded random weights, saved as transformers saves a checkpoint."""
+    import torch
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    from graphopt.models.configs import TINY_LLAMA
+
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(LlamaConfig(**{**TINY_LLAMA, "num_hidden_layers": layers})).save_pretrained(folder)
+    return folder
+
+
+def test_blocks_of_one_graph_reuse_model_transforms_output_and_the_bmodel_is_the_same_bytes(tools, tmp_path,
+                                                                                              monkeypatch):
+    """transform_reuse.py: with 5 layers, block_0..3 are one graph (block_4 holds the final norm), and so are
+    block_cache_0..3. The first two nets of each run model_transform (the recipe is learned, then checked), the
+    others get its output made from their own weights; the bmodel is the bytes of a build where every net ran it."""
+    from graphopt.compiler import compile_model
+    from graphopt.models import open_model
+    from graphopt.targets import get_target
+    from graphopt.targets.bm1684x import transform_reuse
+
+    checkpoint = _checkpoint_with_layers(tmp_path / "tiny-5-layers", 5)
+    reports = {}
+    for how in ("reused", "every net ran it"):
+        monkeypatch.setenv("GRAPHOPT_NET_CACHE", str(tmp_path / f"cache {how}"))
+        if how == "every net ran it":
+            monkeypatch.setattr(transform_reuse.TransformReuse, "recipe", lambda self, key: None)
+        build = compile_model(open_model(str(checkpoint)), get_target("bm1684x"), int(SEQ), tmp_path / how,
+                              check=False, show_progress=False, jobs=2,
+                              target_options={"quantize": "w4bf16", "group_size": 64})
+        reports[how] = build
+    made = {n["net"]: n["transform_from"] for n in reports["reused"].target.nets}
+    assert sorted(n for n, source in made.items() if source) == [
+        "block_2", "block_3", "block_cache_2", "block_cache_3"], made
+    assert {made[n] for n in ("block_2", "block_3")} <= {"block_0", "block_1"}, made
+    assert not any(n["transform_from"] for n in reports["every net ran it"].target.nets)
+    lines = "\n".join(reports["reused"].target.report_lines())
+    assert "model_transform: ran for 9 of 13 compiled nets" in lines, lines
+    bmodels = [tmp_path / how / reports[how].target.bmodel for how in reports]
+    assert _without_build_time(bmodels[0]) == _without_build_time(bmodels[1])
+
+
+def test_a_net_whose_graph_holds_a_value_of_its_own_runs_model_transform(tools, tmp_path):
+    """A recipe takes from a net only the initializers model_transform passed on as weights (copied or transposed).
+    An initializer it folded (here a scale, into the MLIR text) must be the reference's in every net the recipe
+    makes, else that net runs the tool; what the recipe makes is the tool's output, byte for byte. A graph whose
+    weight tpuc-opt made of two initializers (the scale merged into the MatMul's) gets no recipe, and says why."""
+    import numpy as np
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    from graphopt.targets.bm1684x.transform_reuse import NoRecipe, TransformReuse, graph_key
+
+    def net(name: str, seed: int, scale: float, scale_last: bool = False) -> Path:
+        rng = np.random.default_rng(seed)
+        nodes = [helper.make_node("Mul", ["x", "scale"], ["xs"]), helper.make_node("Transpose", ["w"], ["wt"], perm=[1, 0]),
+                 helper.make_node("MatMul", ["xs", "wt"], ["y"])]
+        if scale_last:  # tpuc-opt merges the scale into the MatMul's weight: a weight made of two initializers
+            nodes = [nodes[1], helper.make_node("MatMul", ["x", "wt"], ["h"]), helper.make_node("Mul", ["h", "scale"], ["y"])]
+        graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4, 64])],
+                                  [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4, 32])],
+                                  [numpy_helper.from_array(rng.standard_normal((32, 64), np.float32), "w"),
+                                   numpy_helper.from_array(np.array([scale], np.float32), "scale")])
+        path = tmp_path / f"{name}.onnx"
+        onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 15)], ir_version=8), str(path))
+        return path
+
+    paths = {name: net(name, seed, scale) for name, seed, scale in
+             (("n0", 0, 2.0), ("n1", 1, 2.0), ("n2", 2, 2.0), ("n3", 3, 3.0))}
+    args = {name: contract.DeploySpec(name, name, ((1, 4, 64),), "BF16", ()).transform_args(str(path), f"{name}.mlir")
+            for name, path in paths.items()}
+    keys = {graph_key(paths[name], args[name]) for name in ("n0", "n1", "n2", "n3")}
+    assert len(keys) == 1  # one graph, whatever the weights and the name
+    key = keys.pop()
+
+    def transform(name: str) -> Path:
+        work = tmp_path / name
+        work.mkdir()
+        assert tools.run("model_transform", args[name], work, tmp_path / "log") == 0
+        return work
+
+    paths["m0"] = net("m0", 0, 2.0, scale_last=True)
+    args["m0"] = contract.DeploySpec("m0", "m0", ((1, 4, 64),), "BF16", ()).transform_args(str(paths["m0"]), "m0.mlir")
+    merged = graph_key(paths["m0"], args["m0"])
+    reuse = TransformReuse({key: 4, merged: 3, "a graph of two nets": 2})
+    reuse.ran("a graph of two nets", "n0", paths["n0"], tmp_path)  # a recipe would serve no third net: not learned
+    assert reuse.recipe("a graph of two nets") is None and reuse.refusals() == []
+    for name in ("n0", "n1"):  # learned, then checked
+        reuse.ran(key, name, paths[name], transform(name))
+    recipe = reuse.recipe(key)
+    assert recipe is not None and reuse.refusals() == [], reuse.refusals()
+    assert [(w.source, w.transposed) for w in recipe.weights] == [("w", True)] and set(recipe.fixed) == {"scale"}
+    made, real = tmp_path / "made", transform("n2")
+    made.mkdir()
+    recipe.apply("n2", paths["n2"], made)
+    assert (made / "n2.mlir").read_text() == (real / "n2.mlir").read_text()
+    with np.load(made / "n2_top_f32_all_weight.npz") as ours, np.load(real / "n2_top_f32_all_weight.npz") as theirs:
+        assert ours.files == theirs.files and all(np.array_equal(ours[k], theirs[k]) for k in ours.files)
+    with pytest.raises(NoRecipe, match="initializer scale differs from n0's"):
+        recipe.apply("n3", paths["n3"], made)
+    # No recipe where a weight is made of more than one initializer: each net runs the tool.
+    reuse.ran(merged, "m0", paths["m0"], transform("m0"))
+    assert reuse.recipe(merged) is None
+    assert reuse.refusals() == ["m0: weight h_MatMul__mergeMulConst (float32, 2048 elements) is no initializer, "
+                                "copied or transposed"]

@@ -40,6 +40,7 @@ class Bm1684xResult:
     stages: list[dict] = field(default_factory=list)  # decode stages past stage 0: net, stage, rows, cycles
     checkpoint: dict | None = None  # a pre-quantized checkpoint: what of its codes the bmodel keeps (kept_codes)
     schedule: str = ""  # how the compiles were run together (scheduler.Schedule.describe); "" when all were cached
+    transform_refusals: list[str] = field(default_factory=list)  # graphs whose nets each ran model_transform: why
 
     @property
     def ok(self) -> bool:
@@ -101,6 +102,7 @@ class Bm1684xResult:
                      f"{t['decode_ms_per_token']:.3f} ms per token ({1000 / max(t['decode_ms_per_token'], 1e-9):,.0f} "
                      "tokens/s)")
         lines += self._schedule_lines()
+        lines += self._transform_lines()
         lines += self._top_pass_lines()
         if self.stages:
             first = next(n for n in self.nets if n["net"] == self.stages[0]["net"])
@@ -155,6 +157,21 @@ class Bm1684xResult:
         return [f"  compile schedule: {self.schedule}; largest measured peak / estimate {peak / 2**30:.2f} / "
                 f"{worst['estimated_peak'] / 2**30:.2f} GiB ({worst['net']})"]
 
+    def _transform_lines(self) -> list[str]:
+        """How many compiled nets ran model_transform, and how many had its output made from a net of their graph."""
+        compiled = [n for n in self.nets if not n["cached"]]
+        made = {}
+        for n in compiled:
+            if n.get("transform_from"):
+                made.setdefault(n["transform_from"], []).append(n["net"])
+        if not compiled:
+            return []
+        line = f"  model_transform: ran for {len(compiled) - sum(map(len, made.values()))} of {len(compiled)} compiled nets"
+        if made:
+            line += "; the others' output made from a net of the same graph (" + ", ".join(
+                f"{reference}'s: {len(nets)}" for reference, nets in made.items()) + ")"
+        return [line] + [f"    each ran it for a graph: {why}" for why in self.transform_refusals]
+
     @property
     def requantized(self) -> bool:
         """Some net's weights were rounded by model_deploy (W4/W8 not from checkpoint codes): its reference is not fp32."""
@@ -166,7 +183,7 @@ class Bm1684xResult:
                 "nets": self.nets, "generation": self.generation,
                 "sim_skipped": self.sim_skipped, "contract": self.contract, "contract_problems": self.problems,
                 "memory_checked": self.memory_checked, "decode_stages": self.stages, "checkpoint": self.checkpoint,
-                "schedule": self.schedule}
+                "schedule": self.schedule, "transform_refusals": self.transform_refusals}
 
 
 def _read_back_codes(result: Bm1684xResult, compiled, folder: Path) -> None:
@@ -313,7 +330,7 @@ def build(folder: Path, manifest: dict, source, options: dict[str, Any], check: 
              "seconds": d.seconds, "total_cycle": d.total_cycle, "memory": d.memory,
              "peak_rss": d.peak_rss, "node": d.node, "estimated_peak": deploy.estimated_peak(onnx_files[d.spec.onnx_network].size),
              "top_passes": {r["pass"]: {k: r[k] for k in ("changed", "summary", "skipped")} for r in d.top_passes},
-             "cache_dir": str(d.directory)} for d in compiled]
+             "transform_from": d.transform_from, "cache_dir": str(d.directory)} for d in compiled]
     for n in nets:
         if n["net"] in staged:
             n["cache_rows"] = stage_rows[0]
@@ -326,7 +343,8 @@ def build(folder: Path, manifest: dict, source, options: dict[str, Any], check: 
                                     "total_cycle": d.total_cycle, "cached": d.cached, "seconds": d.seconds}
                                    for ds in staged.values() for d in ds],
                            checkpoint=kept_codes(source, specs, nets),
-                           schedule=deployed.schedule.describe() if deployed.schedule else "")
+                           schedule=deployed.schedule.describe() if deployed.schedule else "",
+                           transform_refusals=deployed.transform_refusals)
     if result.checkpoint and result.checkpoint["modes"]:
         start = time.perf_counter()
         _read_back_codes(result, compiled, folder)

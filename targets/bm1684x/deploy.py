@@ -21,6 +21,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -36,6 +37,7 @@ from graphopt.targets.bm1684x.contract import TRANSFORM_FLAGS, DeploySpec
 from graphopt.targets.bm1684x.inspect_bmodel import read_info
 from graphopt.targets.bm1684x.model_transform import TransformServers
 from graphopt.targets.bm1684x.toolchain import Toolchain, cache_root, log_tail
+from graphopt.targets.bm1684x.transform_reuse import NoRecipe, TransformReuse, graph_key
 from graphopt.targets.bm1684x import top_passes
 
 CACHE_FORMAT = 2  # bump when what a cache entry holds changes
@@ -55,6 +57,7 @@ class DeployedNet:
     top_passes: list[dict] = field(default_factory=list)  # what each top pass changed (top_passes/run.py's reports)
     peak_rss: dict[str, int] = field(default_factory=dict)  # per tool, its largest process's resident bytes
     node: str = ""  # the Ray node that compiled it (--executor ray)
+    transform_from: str = ""  # the net of the same graph whose model_transform output was its recipe (transform_reuse.py)
 
 
 class DeployError(GraphoptError):
@@ -101,13 +104,15 @@ def cached(toolchain: Toolchain, spec: DeploySpec, onnx_sha256: str) -> Deployed
         return None
     data = json.loads((final / RESULT).read_text())
     return DeployedNet(spec, final / f"{spec.name}.bmodel", True, data["seconds"], data["total_cycle"],
-                       data["memory"], final, data.get("top_passes", []), data.get("peak_rss", {}))
+                       data["memory"], final, data.get("top_passes", []), data.get("peak_rss", {}),
+                       transform_from=data.get("transform_from", ""))
 
 
 def deploy_network(toolchain: Toolchain, spec: DeploySpec, onnx: Path, onnx_sha256: str,
-                   threads: int | None = None, transform: TransformServers | None = None) -> DeployedNet:
+                   threads: int | None = None, transform: TransformServers | None = None,
+                   reuse: TransformReuse | None = None) -> DeployedNet:
     """The net from the cache, or compiled into it. `transform`: servers to run model_transform in (deploy_all's);
-    None runs the command."""
+    None runs the command. `reuse`: the run's model_transform recipes, by graph (deploy_all's)."""
     found = cached(toolchain, spec, onnx_sha256)
     if found is not None:
         return found
@@ -116,7 +121,7 @@ def deploy_network(toolchain: Toolchain, spec: DeploySpec, onnx: Path, onnx_sha2
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
     try:
-        return _compile(toolchain, spec, onnx, onnx_sha256, threads, work, final, transform)
+        return _compile(toolchain, spec, onnx, onnx_sha256, threads, work, final, transform, reuse)
     finally:
         shutil.rmtree(work, ignore_errors=True)  # gone already unless this job failed or was interrupted
 
@@ -129,22 +134,34 @@ class ToolFailed(Exception):
         self.tool, self.status = tool, status
 
 
+@dataclass
+class Compiled:
+    """What compile_in did: seconds per tool, the top passes' reports, and the net whose model_transform output
+    made this one's ("": model_transform ran)."""
+
+    seconds: dict[str, float]
+    top_passes: list[dict]
+    transform_from: str = ""
+
+
 def compile_in(toolchain: Toolchain, spec: DeploySpec, onnx: Path, work: Path, log: Path,
                threads: int | None = None, peak_rss: dict[str, int] | None = None,
-               transform: TransformServers | None = None) -> tuple[dict[str, float], list[dict]]:
-    """model_transform, the spec's top passes, model_deploy, in `work`, logging to `log`.
-    Returns (seconds per tool, the top passes' reports); raises ToolFailed naming the failed step.
+               transform: TransformServers | None = None, reuse: TransformReuse | None = None) -> Compiled:
+    """model_transform (or, given `reuse`, its output made from a net of the same graph), the spec's top passes,
+    model_deploy, in `work`, logging to `log`. Raises ToolFailed naming the failed step.
     `peak_rss` gets each tool's largest process's resident bytes."""
     mlir, bmodel = f"{spec.name}.mlir", f"{spec.name}.bmodel"
-    seconds, reports = {}, []
+    seconds, reports, made_from = {}, [], ""
     codes = onnx.parent / spec.codes if spec.codes else None  # beside the network's ONNX
+    key = transform_graph(spec, onnx) if reuse is not None else ""
     if spec.baked:
         onnx = _with_baked_inputs(spec, onnx, work)
     for tool, args in (("model_transform", spec.transform_args(str(onnx.absolute()), mlir)),
                        ("model_deploy", spec.deploy_args(mlir, bmodel))):
         start = time.perf_counter()
-        if tool == "model_transform" and transform is not None:
-            status = transform.run(toolchain, args, work, log, threads, peak_rss)
+        if tool == "model_transform":
+            status, made_from = _model_transform(toolchain, spec.name, onnx, args, work, log, threads, peak_rss,
+                                                 transform, reuse, key)
         else:
             status = toolchain.run(tool, args, cwd=work, log=log, threads=threads, peak_rss=peak_rss)
         seconds[tool] = round(time.perf_counter() - start, 2)
@@ -155,7 +172,38 @@ def compile_in(toolchain: Toolchain, spec: DeploySpec, onnx: Path, work: Path, l
                 reports = top_passes.apply(toolchain, work / mlir, spec.top_passes, log, spec.dynamic, codes)
             except subprocess.CalledProcessError as error:
                 raise ToolFailed("top passes " + ",".join(spec.top_passes), error.returncode) from None
-    return seconds, reports
+    return Compiled(seconds, reports, made_from)
+
+
+def transform_graph(spec: DeploySpec, onnx: Path) -> str:
+    """The graph model_transform gets for the net (transform_reuse.graph_key): its ONNX's, with a baked input's
+    value (_with_baked_inputs) the same for every net of one graph."""
+    return graph_key(onnx, [*spec.transform_args(str(onnx), "NET.mlir"), "--baked", json.dumps(spec.baked)])
+
+
+def _model_transform(toolchain, name: str, onnx: Path, args: list[str], work: Path, log: Path, threads, peak_rss,
+                     servers: TransformServers | None, reuse: TransformReuse | None, key: str) -> tuple[int, str]:
+    """model_transform's output for net `name` in `work`: made by the recipe of the net's graph (`key`) where `reuse`
+    has one, else by the tool (in a server, given `servers`), whose output then teaches `reuse`. Returns the exit
+    status and the net the output was made from ("" when the tool ran)."""
+    recipe = reuse.recipe(key) if reuse is not None else None
+    if recipe is not None:
+        try:
+            recipe.apply(name, onnx, work)
+        except NoRecipe as why:  # this net differs where the recipe takes nothing from it: the tool runs
+            with open(log, "a") as handle:
+                handle.write(f"model_transform: not made from {recipe.reference}'s output: {why}\n")
+        else:
+            with open(log, "a") as handle:
+                handle.write(f"model_transform: made from {recipe.reference}'s output (transform_reuse.py)\n")
+            return 0, recipe.reference
+    if servers is not None:
+        status = servers.run(toolchain, args, work, log, threads, peak_rss)
+    else:
+        status = toolchain.run("model_transform", args, cwd=work, log=log, threads=threads, peak_rss=peak_rss)
+    if status == 0 and reuse is not None:
+        reuse.ran(key, name, onnx, work)
+    return status, ""
 
 
 def _with_baked_inputs(spec: DeploySpec, onnx_path: Path, work: Path) -> Path:
@@ -202,12 +250,13 @@ def _constant(graph, name: str):
     return numpy_helper.to_array(node.attribute[0].t)
 
 
-def _compile(toolchain, spec, onnx, onnx_sha256, threads, work: Path, final: Path, transform=None) -> DeployedNet:
+def _compile(toolchain, spec, onnx, onnx_sha256, threads, work: Path, final: Path, transform=None,
+             reuse=None) -> DeployedNet:
     log = work / "compile.log"
     mlir, bmodel = f"{spec.name}.mlir", f"{spec.name}.bmodel"
     peak_rss: dict[str, int] = {}
     try:
-        seconds, reports = compile_in(toolchain, spec, onnx, work, log, threads, peak_rss, transform)
+        done = compile_in(toolchain, spec, onnx, work, log, threads, peak_rss, transform, reuse)
     except ToolFailed as failure:
         failed = final.with_name(f"{final.name}.failed")
         shutil.rmtree(failed, ignore_errors=True)
@@ -222,22 +271,24 @@ def _compile(toolchain, spec, onnx, onnx_sha256, threads, work: Path, final: Pat
             path.unlink()
         elif path.suffix in (".npz", ".onnx", ".prototxt") or path.is_dir():
             shutil.rmtree(path) if path.is_dir() else path.unlink()
-    (work / RESULT).write_text(json.dumps({"net": spec.name, "onnx_sha256": onnx_sha256, "seconds": seconds,
-                                           "total_cycle": total_cycle, "memory": memory, "top_passes": reports,
+    (work / RESULT).write_text(json.dumps({"net": spec.name, "onnx_sha256": onnx_sha256, "seconds": done.seconds,
+                                           "total_cycle": total_cycle, "memory": memory, "top_passes": done.top_passes,
                                            "peak_rss": peak_rss, "transform": spec.transform_args("NET.onnx", mlir),
+                                           "transform_from": done.transform_from,
                                            "deploy": spec.deploy_args(mlir, bmodel)}, indent=2) + "\n")
     shutil.rmtree(final, ignore_errors=True)
     work.rename(final)
-    return DeployedNet(spec, final / bmodel, False, seconds, total_cycle, memory, final, reports, peak_rss)
+    return DeployedNet(spec, final / bmodel, False, done.seconds, total_cycle, memory, final, done.top_passes,
+                       peak_rss, transform_from=done.transform_from)
 
 
 def estimated_peak(onnx_bytes: int) -> int:
-    """A net's compile peak, from its ONNX size. Measured in the full Llama-3.1-8B build (model_transform in
-    its server, transform_server.py): 2.6 GB for an 873 MB block (3x), 6.7 GB for the 2.1 GB embedding and
-    7.9 GB for lm_head (3.75x); model_deploy W4BF16 1.6 GB for the block. The 1 GiB covers the transform
-    server's own size while tpuc-opt runs (0.8 GB: it lets go of the weights first). Every compile records its
-    tools' peaks (DeployedNet.peak_rss) and the report holds the largest to this."""
-    return 4 * onnx_bytes + (1 << 30)
+    """A net's compile peak, from its ONNX size. Measured in a Llama-3.1-8B build (8 layers, W4BF16): an 873 MB
+    block 1.78 GiB in model_transform (its server, transform_server.py) and 1.50 GiB in model_deploy; the 2.1 GB
+    embedding and lm_head 4.7 GiB in model_transform and 5.9 GiB in model_deploy (BF16), 2.8x their ONNX, the
+    largest. The 1 GiB covers the server's own size. Every compile records its tools' peaks
+    (DeployedNet.peak_rss) and the report holds the largest to this."""
+    return 3 * onnx_bytes + (1 << 30)
 
 
 def memory_budget() -> int:
@@ -259,6 +310,7 @@ class Deployed:
 
     nets: list[DeployedNet]
     schedule: Schedule | RaySchedule | None
+    transform_refusals: list[str] = field(default_factory=list)  # graphs whose nets each ran model_transform, and why
 
 
 def deploy_all(toolchain: Toolchain, specs: list[DeploySpec], onnx_files: dict[str, OnnxFile],
@@ -278,13 +330,15 @@ def deploy_all(toolchain: Toolchain, specs: list[DeploySpec], onnx_files: dict[s
         found[job.name] = done
         bar.update(1)
         if show_progress:
-            how = " + ".join(f"{k} {v:.1f}s" for k, v in done.seconds.items())
+            how = " + ".join(f"{k} {v:.1f}s" + (f" (from {done.transform_from})" if k == "model_transform" and
+                                                  done.transform_from else "") for k, v in done.seconds.items())
             peak = max(done.peak_rss.values(), default=0) / 2**30
             node = f" on {done.node}" if done.node else ""
             bar.write(f"  {done.spec.label:<22} {done.spec.quantize:<7} {how:<44} peak {peak:4.1f} GiB{node} "
                       f"(elapsed {time.perf_counter() - started:6.1f}s)", file=sys.stderr)
 
     schedule = None
+    reuse = TransformReuse(Counter(transform_graph(s, onnx_files[s.onnx_network].path) for s in todo))
     try:
         if todo and ray_address:
             by_label = {s.label: s for s in todo}
@@ -298,14 +352,14 @@ def deploy_all(toolchain: Toolchain, specs: list[DeploySpec], onnx_files: dict[s
             transform = TransformServers()
             work = [Job(s.label, estimated_peak(onnx_files[s.onnx_network].size),
                         functools.partial(deploy_network, toolchain, s, onnx_files[s.onnx_network].path,
-                                          onnx_files[s.onnx_network].sha256, threads, transform)) for s in todo]
+                                          onnx_files[s.onnx_network].sha256, threads, transform, reuse)) for s in todo]
             try:
                 schedule = run_jobs(work, parallel, memory_budget(), finished)
             finally:
                 transform.close()
     finally:
         bar.close()
-    return Deployed([found[s.label] for s in specs], schedule)
+    return Deployed([found[s.label] for s in specs], schedule, reuse.refusals())
 
 
 # ---- on a Ray node (--executor ray) ---------------------------------------------------------------
