@@ -118,15 +118,18 @@ def joblog_seconds(folder: Path) -> dict[str, float]:
     return seconds
 
 
-def run_graphopt(checkpoint: Path | str, seq: int, quantize: str, jobs: int, work: Path) -> dict:
+def run_graphopt(checkpoint: Path | str, seq: int, quantize: str, jobs: int, work: Path,
+                 max_memory: float | None = None) -> dict:
     out, cache = work / "graphopt", work / "graphopt-nets"
     remove(out), remove(cache)
     model = ["llama3.1-8b", "--random-weights", "--num-layers", checkpoint.split(":")[1]] \
         if isinstance(checkpoint, str) else [str(checkpoint)]
+    cap = ["--max-memory", f"{max_memory:g}"] if max_memory else []
     measured = measure(graphopt_command("run", *model, "--target", "bm1684x", "--quantize", quantize,
-                                        "--seq-length", str(seq), "--jobs", str(jobs), "--out", str(out)),
+                                        "--seq-length", str(seq), "--jobs", str(jobs), *cap, "--out", str(out)),
                        work / "graphopt.log", env={"GRAPHOPT_NET_CACHE": str(cache)})
-    row = {"tool": "graphopt", "measured": measured, "disk_bytes": directory_bytes(out) + directory_bytes(cache)}
+    row = {"tool": f"graphopt {' '.join(cap)}".strip(), "measured": measured,
+           "disk_bytes": directory_bytes(out) + directory_bytes(cache)}
     if measured.ok:
         report, target = (json.loads((out / f).read_text()) for f in ("report.json", "bm1684x.json"))
         row.update(bmodel_bytes=target["bmodel_bytes"], stage_seconds=report["stage_seconds"],
@@ -154,6 +157,7 @@ def main(argv=None) -> int:
     parser.add_argument("--random-weights", action="store_true", help="graphopt runs the registry's llama3.1-8b "
                         "with --random-weights (same shape and distribution, no checkpoint read) instead of the "
                         "checkpoint llm_convert reads")
+    parser.add_argument("--max-memory", type=float, metavar="GIB", help="graphopt's --max-memory (default: none)")
     parser.add_argument("--work", help="scratch directory; the checkpoint and logs stay there (default: a new one)")
     parser.add_argument("--json", help="where to write the results (default bench/results/build_vs_llm_convert.json)")
     args = parser.parse_args(argv)
@@ -163,7 +167,7 @@ def main(argv=None) -> int:
     checkpoint = write_checkpoint(work / f"llama3.1-8b-shape-{args.num_layers}l", args.num_layers) \
         if any(t.startswith("llm_convert") for t in tools) or not args.random_weights else None
     random = f"random:{args.num_layers}"
-    runners = {"llm_convert": run_llm_convert, "graphopt": run_graphopt,
+    runners = {"llm_convert": run_llm_convert, "graphopt": lambda *a: run_graphopt(*a, max_memory=args.max_memory),
                "llm_convert_huge_pages": lambda *a: run_llm_convert(*a, huge_pages=True)}
     rows = [runners[tool](random if tool == "graphopt" and args.random_weights else checkpoint, args.seq_length,
                           args.quantize, args.jobs, work) for tool in tools]
@@ -178,8 +182,8 @@ def main(argv=None) -> int:
     table += "\n\nPer net, seconds (llm_convert: model_deploy; graphopt: model_transform + model_deploy):\n\n"
     table += markdown_table(["net", *by_tool], [[n, *[round(r.get("nets", {}).get(n, 0), 1) or None
                                                       for r in by_tool.values()]] for n in names])
-    if "stage_seconds" in by_tool.get("graphopt", {}):
-        graphopt = by_tool["graphopt"]
+    graphopt = next((r for r in rows if r["tool"].startswith("graphopt")), {})
+    if "stage_seconds" in graphopt:
         table += "\n\ngraphopt's stages: " + ", ".join(f"{k} {v:.1f} s" for k, v in graphopt["stage_seconds"].items())
         table += f"\n\ngraphopt's compile schedule: {graphopt.get('schedule')}"
     publish("build_vs_llm_convert", f"Build, llm_convert vs graphopt: Llama-3.1-8B shape, {args.num_layers} layer(s), "

@@ -21,7 +21,7 @@ from graphopt.disk import check as check_disk
 from graphopt.disk import describe as describe_disk
 from graphopt.errors import GraphoptError
 from graphopt.export import ExportJob, NetworkResult, export_serially, weight_groups
-from graphopt.export_pool import default_export_jobs, export_in_parallel, export_on_ray
+from graphopt.export_pool import export_in_parallel, export_jobs, export_on_ray
 from graphopt.ir import NetworkGraph
 from graphopt.manifest import build_manifest, write_manifest
 from graphopt.models.source import ModelSource
@@ -164,7 +164,7 @@ def _export(job: ExportJob, target: Target, keep_fx: bool, show_progress: bool, 
     plans = job.plans()
     groups = weight_groups(plans)
     on_ray = ray_address is not None and not keep_fx  # (keep_fx: the graphs stay in this process)
-    jobs = 1 if keep_fx else len(groups) if on_ray else min(jobs or default_export_jobs(source), len(groups))
+    jobs = 1 if keep_fx else len(groups) if on_ray else min(export_jobs(source, jobs), len(groups))
     progress = Progress(len(plans), enabled=show_progress, workers=jobs)
     started = time.perf_counter()
     where: dict = {"processes": jobs}

@@ -41,6 +41,13 @@ def default_export_jobs(source: ModelSource) -> int:
     return 1 if source.is_small else parallel_jobs(export_peak(source))
 
 
+def export_jobs(source: ModelSource, jobs: int | None) -> int:
+    """Export processes: `jobs` (--jobs; default: default_export_jobs), never more than the memory the run may
+    hold has room for (export_peak each), as the compiles are planned: --jobs 2 --max-memory 8 on an 8B
+    model exports with one process."""
+    return min(jobs or default_export_jobs(source), parallel_jobs(export_peak(source)))
+
+
 def _worker_start(job: ExportJob, threads: int) -> None:
     import torch
 

@@ -182,6 +182,10 @@ class SharedData:
     def add(self, key: tuple[int, bytes], location: str, offset: int) -> None:
         self._placed.setdefault(key, (location, offset))
 
+    def written(self, path: Path, sha256: str) -> None:
+        """`path` was just written whole, and this is its sha256 (hashed as it was written, not read back)."""
+        self._file_sha256[path] = sha256
+
     def digest(self, files: list[Path]) -> str:
         """sha256 over the sha256 of each file (a network's model and the data files it reads).
         Only for files no network will write again: a network appends to its own data file only."""
@@ -222,6 +226,7 @@ def save_onnx(model: onnx.ModelProto, path: Path, weights: dict[str, torch.Tenso
     # Past the limit: the model's own constants and then each weight, streamed into data files.
     own = path.with_name(path.name + ".data")
     used: dict[str, None] = {}  # data files in order of first use
+    own_sha256 = hashlib.sha256()  # as it is written: the manifest's digest need not read 0.9 GB a block back
     with ExitStack() as stack:
         handle = None
 
@@ -233,6 +238,7 @@ def save_onnx(model: onnx.ModelProto, path: Path, weights: dict[str, torch.Tenso
                     handle = stack.enter_context(open(own, "wb"))
                 found = (own.name, handle.tell())
                 handle.write(buffer)
+                own_sha256.update(buffer)
                 shared.add(key, *found)
             _set_external(tensor, found[0], found[1], buffer.nbytes)
             used.setdefault(found[0])
@@ -249,6 +255,8 @@ def save_onnx(model: onnx.ModelProto, path: Path, weights: dict[str, torch.Tenso
                                       dims=array.shape)
             place(tensor, memoryview(array).cast("B"))
             model.graph.initializer.append(tensor)
+        if handle is not None:
+            shared.written(own, own_sha256.hexdigest())
     onnx.save_model(model, str(path))
     return [path, *(path.with_name(name) for name in used)]
 

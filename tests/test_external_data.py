@@ -62,6 +62,9 @@ def test_block_cache_reads_the_weights_block_wrote(tmp_path, monkeypatch):
         assert nets[f"block_{i}"]["external_data"] == [f"block_{i}.onnx.data"]
         assert nets[f"block_cache_{i}"]["external_data"] == [f"block_{i}.onnx.data"]
         assert not (result.out_dir / f"block_cache_{i}.onnx.data").exists()
+    for net in nets.values():  # the digests, hashed as the data files were written, are the files' own
+        files = [result.out_dir / net["file"], *(result.out_dir / f for f in net["external_data"])]
+        assert net["sha256"] == onnx_ir.SharedData(result.out_dir).digest(files), net["name"]
     # Each network still loads on its own and matches the FX graph; generation matches transformers.
     assert all(c.ok for r in result.networks for c in r.checks)
     assert result.end_to_end["tokens_identical"] and result.end_to_end["ok"]

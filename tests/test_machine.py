@@ -18,6 +18,12 @@ def test_max_memory_caps_what_the_stages_plan_with():
         limit_memory(3 << 30)
         assert available_memory() <= 3 << 30
         assert parallel_jobs(2 << 30) == 1  # two 2 GiB processes do not fit in 3 GiB, whatever the machine has
+        from graphopt.export_pool import export_jobs, export_peak
+        from graphopt.models import open_model
+
+        source = open_model("tiny-llama")
+        limit_memory(export_peak(source) * 3 // 2)  # room for one export process, not two
+        assert export_jobs(source, 2) == 1  # --jobs 2 is an upper bound
     finally:
         limit_memory(None)
     assert available_memory() > 0
