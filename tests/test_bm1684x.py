@@ -194,6 +194,20 @@ def test_tiny_qwen3_with_history_kv_compiles_dynamic_blocks_that_run_at_the_leng
     assert "contract (llm-tpu --dynamic --history-kv: " in inspect and ": met (2 layers)" in inspect
 
 
+def test_tiny_llama_with_dynamic_blocks_walks_the_rmsnorm_tpu_mlir_leaves_unfused(net_cache, tmp_path):
+    """Llama's RMSNorm comes out of model_transform as ops (top.Reduce over the hidden axis, tiny-llama's), not
+    top.RMSNorm as Qwen3's: dynamic-sequence follows the sequence axis through the Reduce, and the blocks run in
+    the simulator at other lengths than compiled (the run failed on block_4's top.Reduce before)."""
+    folder = tmp_path / "llama-dynamic"
+    run = graphopt("run", "tiny-llama", "--target", "bm1684x", "--seq-length", SEQ, "--dynamic", "--out",
+                   str(folder), env=net_cache)
+    assert "checks: all passed" in run.stdout, run.stdout
+    nets = {n["net"]: n for n in json.loads((folder / "bm1684x.json").read_text())["nets"]}
+    for name in ("block_0", "block_1"):
+        assert "--dynamic" in nets[name]["flags"] and nets[name]["top_passes"]["dynamic-sequence"]["changed"] > 0
+        assert nets[name]["ok"] and nets[name]["worst"] >= contract.MIN_COSINE
+
+
 def test_tiny_llama_with_do_sample_draws_on_the_chip_from_transformers_distribution(net_cache, tmp_path):
     """--do-sample (llm_convert's --do_sample): lm_head answers logits, greedy_head and sample_head read them;
     sample_head is compiled --dynamic (the demo sets how many ids it penalises) and io_alone, checked in the

@@ -81,7 +81,7 @@ class Initializers:
     def __getitem__(self, name: str) -> np.ndarray:
         tensor = self._tensors[name]
         if tensor.data_location != onnx.TensorProto.EXTERNAL:
-            return numpy_helper.to_array(tensor)
+            return numpy_helper.to_array(tensor).copy()  # writable: torch takes it for the transpose
         info = {entry.key: entry.value for entry in tensor.external_data}
         dtype, count = self.kind(name)
         with open(self.folder / info["location"], "rb") as data:

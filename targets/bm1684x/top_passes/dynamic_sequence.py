@@ -16,7 +16,7 @@ from math import prod
 
 from mlir.ir import Attribute
 
-from _mlir import NoMatch, int_attr, ints, name_of, op, shape
+from _mlir import NoMatch, bool_attr, int_attr, ints, name_of, op, shape
 
 NAME = "dynamic-sequence"
 OPEN_END = 2147483647
@@ -83,6 +83,14 @@ def _follow(operation, known: list[dict]) -> tuple[dict, str | None]:
         if any(axis in k for k in known):
             joined[axis] = JOINED
         return joined, None
+    if name == "top.Reduce":  # an RMSNorm tpuc-opt left unfused (tiny-llama's) reduces over the hidden axis
+        rank = len(shape(operation.operands[0]))
+        reduced = {a % rank for a in ints(operation, "axes")}
+        if reduced & set(first):
+            raise NoMatch("reduces along the sequence")
+        if bool_attr(operation, "keepdims"):
+            return first, None
+        return {a - sum(r < a for r in reduced): n for a, n in first.items()}, None
     if name in BROADCAST:
         out = {}
         for value, k in zip(operation.operands, known):
