@@ -726,7 +726,9 @@ def test_a_net_whose_graph_holds_a_value_of_its_own_runs_model_transform(tools, 
     paths["m0"] = net("m0", 0, 2.0, scale_last=True)
     args["m0"] = contract.DeploySpec("m0", "m0", ((1, 4, 64),), "BF16", ()).transform_args(str(paths["m0"]), "m0.mlir")
     merged = graph_key(paths["m0"], args["m0"])
-    reuse = TransformReuse({key: 4, merged: 3, "a graph of two nets": 2})
+    reuse = TransformReuse({**{name: key for name in ("n0", "n1", "n2", "n3")},
+                            **{name: merged for name in ("m0", "m1", "m2")},
+                            **{name: "a graph of two nets" for name in ("t0", "t1")}})
     reuse.ran("a graph of two nets", "n0", paths["n0"], tmp_path)  # a recipe would serve no third net: not learned
     assert reuse.recipe("a graph of two nets") is None and reuse.refusals() == []
     for name in ("n0", "n1"):  # learned, then checked

@@ -8,6 +8,7 @@ import os
 import sys
 import tempfile
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -160,16 +161,13 @@ class Bm1684xResult:
     def _transform_lines(self) -> list[str]:
         """How many compiled nets ran model_transform, and how many had its output made from a net of their graph."""
         compiled = [n for n in self.nets if not n["cached"]]
-        made = {}
-        for n in compiled:
-            if n.get("transform_from"):
-                made.setdefault(n["transform_from"], []).append(n["net"])
         if not compiled:
             return []
-        line = f"  model_transform: ran for {len(compiled) - sum(map(len, made.values()))} of {len(compiled)} compiled nets"
+        made = Counter(n["transform_from"] for n in compiled if n.get("transform_from"))
+        line = f"  model_transform: ran for {len(compiled) - sum(made.values())} of {len(compiled)} compiled nets"
         if made:
             line += "; the others' output made from a net of the same graph (" + ", ".join(
-                f"{reference}'s: {len(nets)}" for reference, nets in made.items()) + ")"
+                f"{reference}'s: {count}" for reference, count in made.items()) + ")"
         return [line] + [f"    each ran it for a graph: {why}" for why in self.transform_refusals]
 
     @property

@@ -21,7 +21,6 @@ import subprocess
 import sys
 import threading
 import time
-from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -153,7 +152,7 @@ def compile_in(toolchain: Toolchain, spec: DeploySpec, onnx: Path, work: Path, l
     mlir, bmodel = f"{spec.name}.mlir", f"{spec.name}.bmodel"
     seconds, reports, made_from = {}, [], ""
     codes = onnx.parent / spec.codes if spec.codes else None  # beside the network's ONNX
-    key = transform_graph(spec, onnx) if reuse is not None else ""
+    key = reuse.graph_of[spec.label] if reuse is not None else ""
     if spec.baked:
         onnx = _with_baked_inputs(spec, onnx, work)
     for tool, args in (("model_transform", spec.transform_args(str(onnx.absolute()), mlir)),
@@ -337,8 +336,7 @@ def deploy_all(toolchain: Toolchain, specs: list[DeploySpec], onnx_files: dict[s
             bar.write(f"  {done.spec.label:<22} {done.spec.quantize:<7} {how:<44} peak {peak:4.1f} GiB{node} "
                       f"(elapsed {time.perf_counter() - started:6.1f}s)", file=sys.stderr)
 
-    schedule = None
-    reuse = TransformReuse(Counter(transform_graph(s, onnx_files[s.onnx_network].path) for s in todo))
+    schedule, refusals = None, []
     try:
         if todo and ray_address:
             by_label = {s.label: s for s in todo}
@@ -350,6 +348,7 @@ def deploy_all(toolchain: Toolchain, specs: list[DeploySpec], onnx_files: dict[s
         elif todo:
             threads = max(1, (os.cpu_count() or 1) // parallel)
             transform = TransformServers()
+            reuse = TransformReuse({s.label: transform_graph(s, onnx_files[s.onnx_network].path) for s in todo})
             work = [Job(s.label, estimated_peak(onnx_files[s.onnx_network].size),
                         functools.partial(deploy_network, toolchain, s, onnx_files[s.onnx_network].path,
                                           onnx_files[s.onnx_network].sha256, threads, transform, reuse)) for s in todo]
@@ -357,9 +356,10 @@ def deploy_all(toolchain: Toolchain, specs: list[DeploySpec], onnx_files: dict[s
                 schedule = run_jobs(work, parallel, memory_budget(), finished)
             finally:
                 transform.close()
+            refusals = reuse.refusals()
     finally:
         bar.close()
-    return Deployed([found[s.label] for s in specs], schedule, reuse.refusals())
+    return Deployed([found[s.label] for s in specs], schedule, refusals)
 
 
 # ---- on a Ray node (--executor ray) ---------------------------------------------------------------

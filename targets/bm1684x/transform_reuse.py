@@ -26,6 +26,7 @@ import os
 import re
 import threading
 import zipfile
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -214,10 +215,11 @@ class TransformReuse:
     """The recipes of one compile run, by graph (graph_key): learned from a graph's first net, checked on its
     second, then applied to the rest. Thread-safe."""
 
-    def __init__(self, nets_per_graph: dict[str, int]):
+    def __init__(self, graph_of: dict[str, str]):
         self._lock = threading.Lock()
+        self.graph_of = graph_of  # each net of the run (its label) -> its graph
         # Learning reads a net's weights twice over: worth it where a recipe would serve a third net at least.
-        self._learn = {key for key, count in nets_per_graph.items() if count >= 3}
+        self._learn = {key for key, count in Counter(graph_of.values()).items() if count >= 3}
         self._recipes: dict[str, Recipe] = {}  # learned, not yet checked on a second net
         self._checked: dict[str, Recipe] = {}
         self._refused: dict[str, str] = {}  # graph -> why its nets each run model_transform

@@ -102,9 +102,9 @@ def _patch(tools: str) -> None:
 
     def convert_transpose_of_a_weight(self, onnx_node):
         source = onnx_node.inputs[0]
-        readers = sum(source in node.input for node in self.model.graph.node)
-        if not (self.isWeight(source) and len(self.getShape(source)) == 2 and readers == 1
-                and list(onnx_node.attrs.get("perm", [])) == [1, 0] and source not in self.operands):
+        if not (self.isWeight(source) and len(self.getShape(source)) == 2 and source not in self.operands
+                and list(onnx_node.attrs.get("perm", [])) == [1, 0]
+                and sum(source in node.input for node in self.model.graph.node) == 1):  # nothing else reads it
             return convert_transpose(self, onnx_node)
         import torch  # transposes a 128256 x 4096 matrix several times faster than numpy's copy
 
