@@ -15,11 +15,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from graphopt import contract as c
 from graphopt.checkpoint_codes import SUFFIX as CODES_SUFFIX, network_codes, write_codes
 from graphopt.checks import Check, check_inputs, compare, decode_check, history_check
 from graphopt.errors import GraphoptError
+from graphopt.export_reuse import ExportedGraphs
 from graphopt.ir import TensorSpec
 from graphopt.models.source import ModelSource
 from graphopt.networks import NetworkPlan, plan_networks, trace_plan
@@ -55,6 +57,7 @@ class NetworkResult:
     sha256: str = ""  # over the file's and its external data's sha256s (SharedData.digest), taken where written
     prefill_run: PrefillRun | None = field(default=None, repr=False)  # a prefill block's, until its decode twin is checked
     codes: Path | None = None  # a pre-quantized checkpoint's codes of its Linears (checkpoint_codes.py)
+    onnx_from: str | None = None  # the network of the same graph whose exported model it took (export_reuse.py)
 
 
 @dataclass
@@ -82,6 +85,10 @@ class ExportJob:
     def plans(self) -> list[NetworkPlan]:
         return plan_networks(self.source, self.seq_length, self.layers, self.runtime_contract, self.max_input_length)
 
+    def exported_graphs(self) -> ExportedGraphs:
+        """What one process keeps of the models it exported, for the networks of the same graph after them."""
+        return ExportedGraphs(self.onnx_pipeline, dumping=self.dump_dir is not None)
+
 
 def weight_group(plan: NetworkPlan) -> str:
     """Networks whose external data may be shared: block_i with block_cache_i (the same weights),
@@ -99,24 +106,25 @@ def weight_groups(plans: list[NetworkPlan]) -> list[list[str]]:
 
 
 def export_in_group(job: ExportJob, plan: NetworkPlan, shared: SharedData, prefills: dict,
-                    on_stage=lambda stage: None):
+                    graphs: ExportedGraphs, on_stage=lambda stage: None):
     """export_network, handing a layer's prefill run (kept in `prefills` by weight group) to its decode
     twin, which comes after it in the same group."""
     # block_kv_i comes after block_cache_i and is checked against the same prefill run: that one keeps it.
     keep = plan.kind == c.BLOCK_CACHE and job.runtime_contract.has(c.BLOCK_KV)
     group = weight_group(plan)
     prefill = (prefills.get(group) if keep else prefills.pop(group, None)) if plan.kind in c.HISTORY_BLOCKS else None
-    result, net = export_network(job, plan, shared, on_stage, prefill)
+    result, net = export_network(job, plan, shared, on_stage, prefill, graphs)
     if result.prefill_run is not None:
         prefills[weight_group(plan)], result.prefill_run = result.prefill_run, None
     return result, net
 
 
 def export_network(job: ExportJob, plan: NetworkPlan, shared: SharedData, on_stage=lambda stage: None,
-                   prefill: PrefillRun | None = None):
+                   prefill: PrefillRun | None = None, graphs: ExportedGraphs | None = None):
     """trace → FX passes → ONNX → ONNX passes → save, each stage checked against the one before. A prefill
     block's result keeps its onnxruntime run (`prefill_run`); given to its decode twin as `prefill`, the
-    decode block is checked against it (checks.decode_check)."""
+    decode block is checked against it (checks.decode_check). A network whose graph `graphs` holds takes its
+    model instead of exporting and running the ONNX passes again (export_reuse.py); it is checked the same."""
     seconds: dict[str, float] = {}
 
     def timed(stage, fn, *args):
@@ -145,15 +153,25 @@ def export_network(job: ExportJob, plan: NetworkPlan, shared: SharedData, on_sta
     dynamic_axes = ({name: {1: "seq"} for name in (c.INPUT_IDS, c.POSITION_IDS, c.INPUT_EMBED)
                      if name in net.output_names or net.input(name) is not None} if plan.kind == c.EMBEDDING else {})
     dynamic_axes.update({name: {1: "length"} for name in plan.launch_length})
-    onnx_net = timed("onnx export", export_onnx, net, dynamic_axes or None)
-    records += timed("onnx passes", PassManager(job.onnx_pipeline, job.dump_dir, stage="onnx",
-                                                dump_after=job.dump_after).run, onnx_net)
+    graphs = graphs or job.exported_graphs()
+    key = timed("onnx export", graphs.key, net, dynamic_axes or None)
+    found = graphs.find(key, net)
+    if found is not None:
+        onnx_net, onnx_records, onnx_from = found
+    else:
+        onnx_net, onnx_from = timed("onnx export", export_onnx, net, dynamic_axes or None), None
+        exported_weights = dict(onnx_net.weights)
+        onnx_records = timed("onnx passes", PassManager(job.onnx_pipeline, job.dump_dir, stage="onnx",
+                                                        dump_after=job.dump_after).run, onnx_net)
+        graphs.add(key, onnx_net, onnx_records, exported_weights)
+    records += onnx_records
     codes = timed("save", _save_codes, job, plan, onnx_net)
     files = timed("save", save_onnx, onnx_net.model, job.folder / f"{plan.name}.onnx", onnx_net.weights, shared)
     del onnx_net
     prefill_run = None
     if job.check:
-        session = timed("check", ort_session, files[0], False)  # prepack off: the checks run it a few times
+        # prepack off: the checks run it a few times; torch's threads: the export process's share of the cores
+        session = timed("check", ort_session, files[0], False, torch.get_num_threads())
         feeds = {spec.name: a.numpy() for spec, a in zip(net.inputs, args)}
         onnx_out = timed("check", session.run, list(net.output_names), feeds)
         checks.append(compare("onnxruntime vs fx-rewritten", rewritten_out, onnx_out))
@@ -168,7 +186,7 @@ def export_network(job: ExportJob, plan: NetworkPlan, shared: SharedData, on_sta
         del session
     digest = timed("hash", shared.digest, [*files, *([codes] if codes else [])])
     result = NetworkResult(plan.name, plan.kind, files, net.inputs, net.outputs, dynamic_axes, records, seconds,
-                           checks, digest, prefill_run, codes)
+                           checks, digest, prefill_run, codes, onnx_from)
     return result, net
 
 
@@ -192,12 +210,12 @@ def _check_contract_io(net, plan: NetworkPlan) -> None:
 
 def export_serially(job: ExportJob, plans: list[NetworkPlan], keep_fx: bool = False, progress=None):
     """The plans' networks in this process, in order; ({name: result} in order, {name: FX graph} if kept)."""
-    results, kept, shared, prefills = {}, {}, {}, {}
+    results, kept, shared, prefills, graphs = {}, {}, {}, {}, job.exported_graphs()
     for plan in plans:
         if progress:
             progress.start(plan.name)
         group = shared.setdefault(weight_group(plan), SharedData(job.folder))
-        result, net = export_in_group(job, plan, group, prefills, progress.stage if progress else lambda s: None)
+        result, net = export_in_group(job, plan, group, prefills, graphs, progress.stage if progress else lambda s: None)
         results[plan.name] = result
         if keep_fx:
             kept[plan.name] = net

@@ -54,13 +54,14 @@ def _worker_start(job: ExportJob, threads: int) -> None:
     torch.set_num_threads(threads)
     reload_in_worker(job.plugins)  # a spawned process has only the built-in passes registered
     _WORKER["job"], _WORKER["plans"] = job, {p.name: p for p in job.plans()}
+    _WORKER["graphs"] = job.exported_graphs()
 
 
 def _worker_export(group: list[str]) -> list[NetworkResult]:
     job, plans = _WORKER["job"], _WORKER["plans"]
     shared, results, prefills = SharedData(job.folder), [], {}
     for name in group:
-        result, net = export_in_group(job, plans[name], shared, prefills)
+        result, net = export_in_group(job, plans[name], shared, prefills, _WORKER["graphs"])
         results.append(result)
         del net
         gc.collect()

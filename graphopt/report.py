@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections import Counter
 from pathlib import Path
 
 from graphopt.compiler import CompileResult
@@ -46,6 +47,16 @@ def _pass_lines(result: CompileResult) -> list[str]:
     return lines
 
 
+def _export_reuse_lines(result: CompileResult) -> list[str]:
+    """How many networks were exported, and whose model the others took (export_reuse.py)."""
+    taken = Counter(net.onnx_from for net in result.networks if net.onnx_from)
+    if not taken:
+        return []
+    exported = len(result.networks) - sum(taken.values())
+    return [f"  onnx export: ran for {exported} of {len(result.networks)} networks; the others' model taken from a "
+            "network of the same graph (" + ", ".join(f"{name}'s: {n}" for name, n in taken.items()) + ")"]
+
+
 def render(result: CompileResult, wall_seconds: float) -> str:
     out = result.out_dir
     lines = [f"graphopt: {len(result.networks)} networks of {result.manifest['model']['name']} "
@@ -62,6 +73,7 @@ def render(result: CompileResult, wall_seconds: float) -> str:
     elif result.export.get("processes", 1) > 1:
         lines.append(f"  export: {result.export['processes']} processes, {result.export['wall_seconds']:.1f}s wall "
                      "(the per-network and per-stage seconds are each process's own, summed)")
+    lines += _export_reuse_lines(result)
     lines += _pass_lines(result)
     lines.append("  stages: " + ", ".join(f"{stage} {s:.1f}s" for stage, s in result.seconds.items())
                  + f"; total {wall_seconds:.1f}s")
@@ -109,7 +121,8 @@ def write_json(result: CompileResult, wall_seconds: float) -> Path:
         "wall_seconds": wall_seconds,
         "stage_seconds": result.seconds,
         "ok": result.ok,
-        "networks": [{"name": n.name, "seconds": n.seconds, "checks": [c.to_json() for c in n.checks],
+        "networks": [{"name": n.name, "seconds": n.seconds, "onnx_from": n.onnx_from,
+                      "checks": [c.to_json() for c in n.checks],
                       "passes": [{"pass": p.pass_name, "changed": p.changed, "note": p.note, "seconds": p.seconds}
                                  for p in n.passes]}
                      for n in result.networks],

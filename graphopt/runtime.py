@@ -31,19 +31,30 @@ class Backend(Protocol):
     def run(self, network: str, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]: ...
 
 
-def ort_session(model: Path | bytes, prepack: bool = True):
+def ort_session(model: Path | bytes, prepack: bool = True, threads: int | None = None):
     """A quiet CPU onnxruntime session of an ONNX file, or of a model serialized in memory. `prepack=False`
     for a session run a few times: packing every MatMul weight when the session opens (a copy of all of
-    them) then costs more than packing per run saves (an 8B block's check session: 1.65 s to open, 0.98 s
-    without). The packed layout is the same either way, and so are the outputs."""
+    them) then costs more than packing per run saves. The packed layout is the same either way, and so are
+    the outputs.
+
+    onnxruntime's constant folding is off. The only constants graphopt's ONNX leaves to fold are the
+    Transposes over Linear weights, kept for TPU-MLIR (onnx_ir.py); folding them copied and transposed every
+    weight as the session opened: an 8B block's check session took 1.8-3.9 s to open, 0.01 s without, since
+    its external data is then mapped and not copied. onnxruntime fuses each Transpose into its MatMul instead
+    (FusedMatMul, transB), which runs as fast, and the outputs are the same bits (measured on that block).
+
+    `threads`: its intra-op threads (default: onnxruntime's, one per core), the share of the cores a process
+    has where others run beside it (export workers): onnxruntime's threads spin while they wait."""
     import onnxruntime
 
     options = onnxruntime.SessionOptions()
     options.log_severity_level = 3
+    if threads:
+        options.intra_op_num_threads = threads
     if not prepack:
         options.add_session_config_entry("session.disable_prepacking", "1")
     return onnxruntime.InferenceSession(model if isinstance(model, bytes) else str(model), options,
-                                        providers=["CPUExecutionProvider"])
+                                        providers=["CPUExecutionProvider"], disabled_optimizers=["ConstantFolding"])
 
 
 class OrtBackend:

@@ -30,6 +30,20 @@ def tiny_llama() -> ModelSource:
     return registry_model("tiny-llama")
 
 
+def tiny_llama_checkpoint(folder, layers: int):
+    """tiny-llama with `layers` decoder layers and seeded random weights, saved as transformers saves a checkpoint
+    (blocks of one graph, for the tests of work done once per graph)."""
+    from pathlib import Path
+
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    from graphopt.models.configs import TINY_LLAMA
+
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(LlamaConfig(**{**TINY_LLAMA, "num_hidden_layers": layers})).save_pretrained(folder)
+    return Path(folder)
+
+
 @functools.cache
 def _traced(model: str, name: str, seq_length: int) -> NetworkGraph:
     source = registry_model(model)

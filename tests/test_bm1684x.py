@@ -641,18 +641,6 @@ def test_the_simulator_takes_the_device_memory_a_large_bmodel_needs(builds, tool
         assert set(sim.layout(bmodel)) == set(NETS["llm-tpu"])
 
 
-def _checkpoint_with_layers(folder: Path, layers: int) -> Path:
-    """tiny-llama with `layers` decoder layers, seeded random weights, saved as transformers saves a checkpoint."""
-    import torch
-    from transformers import AutoModelForCausalLM, LlamaConfig
-
-    from graphopt.models.configs import TINY_LLAMA
-
-    torch.manual_seed(0)
-    AutoModelForCausalLM.from_config(LlamaConfig(**{**TINY_LLAMA, "num_hidden_layers": layers})).save_pretrained(folder)
-    return folder
-
-
 def test_blocks_of_one_graph_reuse_model_transforms_output_and_the_bmodel_is_the_same_bytes(tools, tmp_path,
                                                                                               monkeypatch):
     """transform_reuse.py: with 5 layers, block_0..3 are one graph (block_4 holds the final norm), and so are
@@ -663,7 +651,9 @@ def test_blocks_of_one_graph_reuse_model_transforms_output_and_the_bmodel_is_the
     from graphopt.targets import get_target
     from graphopt.targets.bm1684x import transform_reuse
 
-    checkpoint = _checkpoint_with_layers(tmp_path / "tiny-5-layers", 5)
+    from graphopt.testing import tiny_llama_checkpoint
+
+    checkpoint = tiny_llama_checkpoint(tmp_path / "tiny-5-layers", 5)
     reports = {}
     for how in ("reused", "every net ran it"):
         monkeypatch.setenv("GRAPHOPT_NET_CACHE", str(tmp_path / f"cache {how}"))

@@ -68,3 +68,19 @@ def test_block_cache_reads_the_weights_block_wrote(tmp_path, monkeypatch):
     # Each network still loads on its own and matches the FX graph; generation matches transformers.
     assert all(c.ok for r in result.networks for c in r.checks)
     assert result.end_to_end["tokens_identical"] and result.end_to_end["ok"]
+
+
+def test_a_tensor_is_shared_only_when_every_byte_is_the_same(tmp_path):
+    """The index keys tensors by a sample of their bytes; a tensor that agrees with a written one on the sample but
+    not everywhere is written again, one equal in every byte points at the written one."""
+    written = np.random.default_rng(0).standard_normal(1 << 20).astype(np.float32)
+    (tmp_path / "a.data").write_bytes(b"\0" * 64 + written.tobytes())
+    shared = onnx_ir.SharedData(tmp_path)
+    key, found = shared.find(memoryview(written).cast("B"))
+    assert found is None
+    shared.add(key, "a.data", 64)
+    nearly = written.copy()
+    nearly[12345] += 1.0  # bytes 49380..49383: between the sampled bytes (every 64th here) and before the last 4 KiB
+    near_key, found = shared.find(memoryview(nearly).cast("B"))
+    assert near_key == key and found is None
+    assert shared.find(memoryview(written.copy()).cast("B"))[1] == ("a.data", 64)

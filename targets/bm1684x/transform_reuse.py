@@ -74,6 +74,9 @@ class Initializers:
     def names(self) -> list[str]:
         return list(self._tensors)
 
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self._tensors[name].dims)
+
     def kind(self, name: str) -> tuple[np.dtype, int]:
         """Its element type and count, without reading it."""
         tensor = self._tensors[name]
@@ -83,15 +86,35 @@ class Initializers:
         tensor = self._tensors[name]
         if tensor.data_location != onnx.TensorProto.EXTERNAL:
             return numpy_helper.to_array(tensor).copy()  # writable: torch takes it for the transpose
-        info = {entry.key: entry.value for entry in tensor.external_data}
-        dtype, count = self.kind(name)
+        return self._read(name, self.kind(name)[1]).reshape(tuple(tensor.dims))
+
+    def first_row(self, name: str) -> np.ndarray:
+        """Its elements [0, ...] (the first row of a matrix; a vector whole), reading only those."""
+        tensor = self._tensors[name]
+        count = int(np.prod(tensor.dims[1:], dtype=np.int64)) if len(tensor.dims) > 1 else self.kind(name)[1]
+        if tensor.data_location != onnx.TensorProto.EXTERNAL:
+            return numpy_helper.to_array(tensor).reshape(-1)[:count]
+        return self._read(name, count)
+
+    def _read(self, name: str, count: int) -> np.ndarray:
+        info = {entry.key: entry.value for entry in self._tensors[name].external_data}
         with open(self.folder / info["location"], "rb") as data:
             data.seek(int(info.get("offset", 0)))
-            return np.fromfile(data, dtype=dtype, count=count).reshape(tuple(tensor.dims))
+            return np.fromfile(data, dtype=self.kind(name)[0], count=count)
 
 
 def _digest(array: np.ndarray) -> str:
-    return hashlib.sha256(np.ascontiguousarray(array).view(np.uint8).reshape(-1)).hexdigest()
+    return hashlib.sha256(_bytes(array)).hexdigest()
+
+
+def _bytes(array: np.ndarray) -> np.ndarray:
+    """The array's bytes, in C order: what "the same" means for a weight (0.0 and -0.0 differ)."""
+    return np.ascontiguousarray(array).view(np.uint8).reshape(-1)
+
+
+def _transposed(array: np.ndarray) -> np.ndarray:
+    """A 2-D array's transpose, contiguous (torch transposes a 14336 x 4096 matrix 4x faster than numpy's copy)."""
+    return torch.from_numpy(array).t().contiguous().numpy()
 
 
 @dataclass(frozen=True)
@@ -104,11 +127,9 @@ class WeightRule:
     shape: tuple[int, ...]  # as the weights file holds it (tpuc-opt writes them flat)
 
     def array(self, arrays: Initializers) -> np.ndarray:
-        """The weight, contiguous (torch transposes a 14336 x 4096 matrix 4x faster than numpy's copy)."""
+        """The weight, contiguous."""
         source = arrays[self.source]
-        if self.transposed:
-            source = torch.from_numpy(source).t().contiguous().numpy()
-        return np.ascontiguousarray(source).reshape(self.shape)
+        return np.ascontiguousarray(_transposed(source) if self.transposed else source).reshape(self.shape)
 
 
 class NoRecipe(Exception):
@@ -191,22 +212,28 @@ class Recipe:
             if list(stored.files) != [rule.key for rule in self.weights]:
                 return found + [f"{name}'s weights file holds other weights"]
             for rule in self.weights:
-                if not np.array_equal(stored[rule.key].view(np.uint8), rule.array(arrays).view(np.uint8)):
+                if not np.array_equal(_bytes(stored[rule.key]), _bytes(rule.array(arrays))):
                     found.append(f"weight {rule.key}")
         return found
 
 
 def _rule(key: str, stored: np.ndarray, sources: Initializers) -> WeightRule:
-    """The one initializer `stored` is, as it is or transposed; the initializer named `key` first (a copy keeps its
-    name), then any other of its size."""
-    flat = stored.reshape(-1)
+    """The one initializer `stored` is, as it is or transposed, byte for byte; the initializer named `key` first (a
+    copy keeps its name), then any other of its size. A candidate is read whole only once its first row is where
+    `stored` would hold it (an 8B block's three MLP matrices are one size: each was read and compared three times
+    over, both ways, 6 s of a learned transform)."""
+    flat = _bytes(stored)
     candidates = sorted((k for k in sources.names() if sources.kind(k) == (stored.dtype, stored.size)),
                         key=lambda k: k != key)
     for source in candidates:
-        array = sources[source]
-        if np.array_equal(array.reshape(-1), flat):
+        row = _bytes(sources.first_row(source))
+        shape = sources.shape(source)
+        as_is = np.array_equal(row, flat[:row.size])
+        # transposed, the initializer's first row is the stored matrix's first column
+        transposed = len(shape) == 2 and np.array_equal(row, _bytes(stored.reshape(shape[::-1])[:, 0]))
+        if as_is and np.array_equal(_bytes(sources[source]), flat):
             return WeightRule(key, source, False, stored.shape)
-        if array.ndim == 2 and np.array_equal(array.T, flat.reshape(array.shape[::-1])):
+        if transposed and np.array_equal(_bytes(_transposed(sources[source])), flat):
             return WeightRule(key, source, True, stored.shape)
     raise NoRecipe(f"weight {key} ({stored.dtype}, {stored.size} elements) is no initializer, copied or transposed")
 
