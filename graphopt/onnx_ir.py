@@ -134,32 +134,31 @@ def is_weight(tensor: torch.Tensor) -> bool:
     return tensor.is_floating_point() and tensor.numel() >= WEIGHT_MIN_ELEMENTS
 
 
+def out_of_band_weights(gm: fx.GraphModule) -> dict[str, torch.Tensor]:
+    """The weights export_onnx takes out of `gm` (its graph inputs), by qualified name, in graph order."""
+    tensors = {node.target: functools.reduce(getattr, node.target.split("."), gm)
+               for node in gm.graph.nodes if node.op == "get_attr"}
+    return {name: tensor.detach() for name, tensor in tensors.items() if is_weight(tensor)}
+
+
 def _weights_as_inputs(gm: fx.GraphModule) -> tuple[fx.GraphModule, dict[str, torch.Tensor]]:
-    """A view of `gm` (sharing its tensors) whose weight constants are extra trailing inputs,
-    named by their qualified names (`layer.self_attn.q_proj.weight`)."""
+    """A view of `gm` (sharing its tensors) whose weight constants (out_of_band_weights) are extra trailing
+    inputs, in that order, named by their qualified names (`layer.self_attn.q_proj.weight`)."""
+    weights = out_of_band_weights(gm)
     graph = fx.Graph()
     values: dict[fx.Node, fx.Node] = {}
     graph.output(graph.graph_copy(gm.graph, values))  # graph_copy returns the output's value
     placeholders = [n for n in graph.nodes if n.op == "placeholder"]
-    weights: dict[str, torch.Tensor] = {}
-    for node in [n for n in graph.nodes if n.op == "get_attr"]:
-        tensor = functools.reduce(getattr, node.target.split("."), gm)
-        if not is_weight(tensor):
-            continue
-        with graph.inserting_after(placeholders[-1]):
-            placeholders.append(graph.placeholder(f"weight_{len(weights)}"))
-        placeholders[-1].meta = dict(node.meta)
-        node.replace_all_uses_with(placeholders[-1])
+    inputs: dict[str, fx.Node] = {}
+    for node in [n for n in graph.nodes if n.op == "get_attr" and n.target in weights]:
+        if node.target not in inputs:
+            with graph.inserting_after(placeholders[-1]):
+                placeholders.append(graph.placeholder(f"weight_{len(inputs)}"))
+            placeholders[-1].meta = dict(node.meta)
+            inputs[node.target] = placeholders[-1]
+        node.replace_all_uses_with(inputs[node.target])
         graph.erase_node(node)
-        weights[node.target] = tensor.detach()
     return fx.GraphModule(gm, graph), weights
-
-
-def out_of_band_weights(gm: fx.GraphModule) -> dict[str, torch.Tensor]:
-    """The weights export_onnx takes out of `gm`, by name, in its order (without exporting)."""
-    tensors = {node.target: functools.reduce(getattr, node.target.split("."), gm)
-               for node in gm.graph.nodes if node.op == "get_attr"}
-    return {name: tensor.detach() for name, tensor in tensors.items() if is_weight(tensor)}
 
 
 def initializer_bytes(model: onnx.ModelProto) -> int:
