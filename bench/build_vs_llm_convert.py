@@ -174,8 +174,10 @@ def main(argv=None) -> int:
     by_tool = {r["tool"]: r for r in rows}
 
     table = markdown_table(
-        ["tool", "wall s", "peak memory GB (tree)", "largest process GB", "disk written GB", "bmodel MB", "ok"],
-        [[r["tool"], r["measured"].wall_s, r["measured"].peak_rss_gb, r["measured"].peak_process_rss_gb,
+        ["tool", "wall s", "CPU s, user", "CPU s, system", "peak memory GiB (tree)", "largest process GiB",
+         "disk written GB", "bmodel MB", "ok"],
+        [[r["tool"], r["measured"].wall_s, r["measured"].cpu_user_s, r["measured"].cpu_system_s,
+          r["measured"].peak_rss_gb, r["measured"].peak_process_rss_gb,
           round(r["disk_bytes"] / 1e9, 2), round((r.get("bmodel_bytes") or 0) / 1e6, 1), r["measured"].ok]
          for r in rows])
     names = sorted({n for r in rows for n in r.get("nets", {})}, key=_net_order)

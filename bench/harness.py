@@ -4,7 +4,10 @@ markdown table, write JSON.
 A measured command runs as a child process, so its memory is its own, not the bench script's.
 Two figures: the peak of the whole process tree's memory (summed PSS, sampled every 0.2 s
 from /proc: what a machine must hold when graphopt exports with several processes) and the
-largest single process's peak RSS (exact, from wait4).
+largest single process's peak RSS (exact, from wait4). And the CPU seconds of the tree, in user
+space and in the kernel (wait4: the command and every descendant it waited for): on a VM that
+gives freed memory back to its host, the kernel's share is mostly zeroing memory touched for the
+first time, and it can exceed the tools' own work.
 """
 
 from __future__ import annotations
@@ -31,6 +34,8 @@ class Measured:
     peak_rss_gb: float  # the process tree's summed PSS, sampled (at least the largest process's RSS)
     log: str  # where stdout and stderr went
     peak_process_rss_gb: float = 0.0  # the largest single process, exact
+    cpu_user_s: float = 0.0  # the tree's CPU time in user space (0 in results written before it was measured)
+    cpu_system_s: float = 0.0  # ... and in the kernel on its behalf
 
     @property
     def ok(self) -> bool:
@@ -55,9 +60,10 @@ def measure(command: list[str], log: Path, env: dict[str, str] | None = None) ->
     proc.returncode = os.waitstatus_to_exitcode(status)
     peak_process = usage.ru_maxrss * 1024
     result = Measured(command, proc.returncode, round(wall, 1), round(max(peak_tree, peak_process) / 2**30, 2),
-                      str(log), round(peak_process / 2**30, 2))
+                      str(log), round(peak_process / 2**30, 2), round(usage.ru_utime, 1), round(usage.ru_stime, 1))
     verdict = "ok" if result.ok else f"FAILED (exit {result.returncode}, log {log})"
-    print(f"  {wall:7.1f} s, peak RSS {result.peak_rss_gb:.2f} GB, {verdict}", file=sys.stderr, flush=True)
+    print(f"  {wall:7.1f} s, peak RSS {result.peak_rss_gb:.2f} GB, CPU {result.cpu_user_s:.0f} s user + "
+          f"{result.cpu_system_s:.0f} s system, {verdict}", file=sys.stderr, flush=True)
     return result
 
 
