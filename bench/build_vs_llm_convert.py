@@ -1,6 +1,7 @@
 """Build speed side by side (issue 22): graphopt and TPU-MLIR's own llm_convert on the same checkpoint, on
-this machine, with the same number of compile jobs, in one run: wall time, per-net seconds, peak memory of
-the process tree, disk written.
+this machine, with the same number of compile jobs, in one run: wall time, CPU seconds (user, and system: the
+kernel's, mostly zeroing fresh memory on the dev VM), per-net seconds, peak memory of the process tree, disk
+written.
 
 The checkpoint is Llama-3.1-8B's shape with --num-layers layers and seeded random weights (N(0, 0.02), norms
 1), saved in bf16 with transformers' save_pretrained; config.json gets the legacy `torch_dtype`, `rope_theta`
