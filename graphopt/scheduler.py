@@ -2,6 +2,11 @@
 peaks fit in a memory budget. Biggest first; a job that does not fit waits for running ones to finish,
 and one bigger than the whole budget runs alone. (Sizing every job for the biggest one, as a fixed
 pool must, ran an 8B build's 64 block nets one at a time because lm_head needs 11 GB.)
+
+A job may name jobs it would rather start after (`Job.after`: their results make it cheaper, as a block's
+model_transform recipe, learned from its graph's first two nets, does the third). It waits for them while any
+other job can start, and starts before them only rather than leave a slot idle; and jobs others wait for start
+before the rest, so that what they make is there when it is wanted.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ class Job:
     name: str
     memory: int  # bytes: the job's estimated peak, its own processes included
     run: Callable[[], Any]
+    after: tuple[str, ...] = ()  # jobs it would rather start after (a soft dependency: see the module's doc)
 
 
 @dataclass
@@ -27,10 +33,12 @@ class Schedule:
     most_at_once: int = 0
     most_memory: int = 0
     results: dict[str, Any] = field(default_factory=dict)
+    early: list[str] = field(default_factory=list)  # jobs started before their `after`, rather than leave a slot idle
 
     def describe(self) -> str:
+        early = f"; started before the jobs they wait for: {', '.join(self.early)}" if self.early else ""
         return (f"up to {self.most_at_once} at once (of {self.parallel}), planned peak "
-                f"{self.most_memory / 2**30:.1f} GiB of a {self.budget / 2**30:.1f} GiB budget")
+                f"{self.most_memory / 2**30:.1f} GiB of a {self.budget / 2**30:.1f} GiB budget{early}")
 
 
 def fits(running: list[Job], job: Job, parallel: int, budget: int) -> bool:
@@ -45,11 +53,22 @@ def run_jobs(jobs: list[Job], parallel: int, budget: int, done: Callable[[Job, A
     new jobs from starting; the running ones finish, then it is raised."""
     schedule = Schedule(parallel, budget)
     pending = sorted(jobs, key=lambda j: -j.memory)
+    unfinished = {j.name for j in jobs}
+    waited_for = {name for j in jobs for name in j.after}
     running: dict[Future, Job] = {}
+
+    def waits(job: Job) -> bool:
+        return any(name in unfinished for name in job.after)
+
+    def order(job: Job) -> tuple[bool, bool]:  # sorted stably: each group biggest first
+        return waits(job), job.name not in waited_for
+
     with ThreadPoolExecutor(max_workers=max(1, parallel)) as pool:
         while pending or running:
-            for job in list(pending):
+            for job in sorted(pending, key=order):
                 if fits(list(running.values()), job, parallel, budget):
+                    if waits(job):
+                        schedule.early.append(job.name)
                     pending.remove(job)
                     running[pool.submit(job.run)] = job
             schedule.most_at_once = max(schedule.most_at_once, len(running))
@@ -57,6 +76,7 @@ def run_jobs(jobs: list[Job], parallel: int, budget: int, done: Callable[[Job, A
             finished, _ = wait(running, return_when=FIRST_COMPLETED)
             for future in finished:
                 job = running.pop(future)
+                unfinished.discard(job.name)
                 if future.exception() is not None:
                     wait(running)
                     raise future.exception()

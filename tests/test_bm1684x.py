@@ -719,6 +719,8 @@ def test_a_net_whose_graph_holds_a_value_of_its_own_runs_model_transform(tools, 
     reuse = TransformReuse({**{name: key for name in ("n0", "n1", "n2", "n3")},
                             **{name: merged for name in ("m0", "m1", "m2")},
                             **{name: "a graph of two nets" for name in ("t0", "t1")}})
+    # The nets a scheduler starts n2 and n3 after (deploy_all's Job.after): the two that learn and check the recipe.
+    assert [reuse.teachers(n) for n in ("n0", "n1", "n2", "n3", "t1")] == [(), (), ("n0", "n1"), ("n0", "n1"), ()]
     reuse.ran("a graph of two nets", "n0", paths["n0"], tmp_path)  # a recipe would serve no third net: not learned
     assert reuse.recipe("a graph of two nets") is None and reuse.refusals() == []
     for name in ("n0", "n1"):  # learned, then checked

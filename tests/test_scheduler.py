@@ -14,19 +14,29 @@ class Recorder:
     """Each job, while it runs, notes the jobs running with it."""
 
     def __init__(self):
-        self.lock, self.running, self.beside, self.order = threading.Lock(), set(), {}, []
+        self.lock, self.running, self.beside, self.order, self.ended = threading.Lock(), set(), {}, [], []
+        self.started: dict[str, threading.Event] = {}
 
-    def job(self, name: str, memory: int, seconds: float = 0.05) -> Job:
+    def job(self, name: str, memory: int, seconds: float = 0.05, after: tuple[str, ...] = (),
+            until: str = "") -> Job:
+        """`until`: the job runs until that job has started (then `seconds` more)."""
+        for n in (name, until):
+            self.started.setdefault(n, threading.Event())
+
         def run():
             with self.lock:
                 self.running.add(name)
                 self.order.append(name)
+            self.started[name].set()
+            if until:
+                assert self.started[until].wait(10)
             time.sleep(seconds)
             with self.lock:
                 self.beside[name] = set(self.running) - {name}
                 self.running.discard(name)
+                self.ended.append(name)
             return name.upper()
-        return Job(name, memory, run)
+        return Job(name, memory, run, after)
 
 
 def test_small_jobs_run_together_and_a_big_one_runs_where_it_fits():
@@ -65,6 +75,33 @@ def test_the_first_error_stops_new_jobs_and_is_raised():
     with pytest.raises(RuntimeError, match="block_0"):
         run_jobs(jobs, parallel=1, budget=10 * GB)
     assert started == []
+
+
+def test_a_job_waits_for_the_jobs_it_is_after_while_others_can_start():
+    # An 8B build's blocks: block_2..4 take their model_transform output from a recipe block_0 and block_1 teach, so
+    # those two start first (though the decode blocks are bigger) and the others once both have finished; the
+    # decode blocks, which wait for nothing, fill the slots meanwhile.
+    rec = Recorder()
+    teachers = ("block_0", "block_1")
+    jobs = [rec.job("block_0", GB), rec.job("block_1", GB, seconds=0, until="block_cache_2")]
+    jobs += [rec.job(f"block_{i}", GB, after=teachers) for i in (2, 3, 4)]
+    jobs += [rec.job(f"block_cache_{i}", 2 * GB, seconds=0.3 if i == 2 else 0.05) for i in range(3)]
+    schedule = run_jobs(jobs, parallel=2, budget=100 * GB)
+    assert schedule.early == [] and "started before" not in schedule.describe()
+    for i in (2, 3, 4):
+        assert rec.order.index(f"block_{i}") > max(rec.ended.index(t) for t in teachers), (rec.order, rec.ended)
+    assert rec.order[:5] == ["block_0", "block_1", "block_cache_0", "block_cache_1", "block_cache_2"], rec.order
+
+
+def test_a_waiting_job_starts_early_rather_than_leave_a_slot_idle():
+    rec = Recorder()
+    jobs = [rec.job("block_0", GB, seconds=0.3), rec.job("block_2", GB, after=("block_0", "block_1"))]
+    schedule = run_jobs(jobs, parallel=2, budget=100 * GB)  # block_1 is not in the run (cached): not waited for
+    assert rec.beside["block_2"] == {"block_0"} and schedule.early == ["block_2"]
+    assert "started before the jobs they wait for: block_2" in schedule.describe()
+    rec = Recorder()
+    run_jobs([rec.job("block_0", GB), rec.job("block_2", GB, after=("block_0",))], parallel=1, budget=100 * GB)
+    assert rec.order == ["block_0", "block_2"]
 
 
 def test_fits():

@@ -351,7 +351,8 @@ def deploy_all(toolchain: Toolchain, specs: list[DeploySpec], onnx_files: dict[s
             reuse = TransformReuse({s.label: transform_graph(s, onnx_files[s.onnx_network].path) for s in todo})
             work = [Job(s.label, estimated_peak(onnx_files[s.onnx_network].size),
                         functools.partial(deploy_network, toolchain, s, onnx_files[s.onnx_network].path,
-                                          onnx_files[s.onnx_network].sha256, threads, transform, reuse)) for s in todo]
+                                          onnx_files[s.onnx_network].sha256, threads, transform, reuse),
+                        after=reuse.teachers(s.label)) for s in todo]
             try:
                 schedule = run_jobs(work, parallel, memory_budget(), finished)
             finally:

@@ -9,7 +9,8 @@ reads off its output which initializer each weight of the top weights file is, a
 the second net runs it too, and the recipe must rebuild that net's output exactly (`Recipe.differences`);
 then every later net of the graph gets its top MLIR as the first's text with its own name, and its
 weights file by the same copies and transposes of its own initializers (`Recipe.apply`, 0.9-1.2 s). A graph
-of fewer than three nets is not learned from (no net would gain).
+of fewer than three nets is not learned from (no net would gain). deploy_all starts a graph's later nets after
+its first two where it can (`TransformReuse.teachers`): one started while the second still compiles runs the tool.
 
 What holds it: the nets' ONNX graphs are the same but for the initializers' data (`graph_key`); every
 initializer the recipe does not take from the net is byte-for-byte the first net's (so whatever
@@ -250,6 +251,16 @@ class TransformReuse:
         self._recipes: dict[str, Recipe] = {}  # learned, not yet checked on a second net
         self._checked: dict[str, Recipe] = {}
         self._refused: dict[str, str] = {}  # graph -> why its nets each run model_transform
+
+    def teachers(self, label: str) -> tuple[str, ...]:
+        """The nets a net's recipe would come from: its graph's first two (in graph_of's order), which learn and check
+        it, unless it is one of them. A scheduler that starts the net after them saves its model_transform
+        (deploy_all's Job.after)."""
+        key = self.graph_of[label]
+        if key not in self._learn:
+            return ()
+        first_two = [name for name, graph in self.graph_of.items() if graph == key][:2]
+        return () if label in first_two else tuple(first_two)
 
     def recipe(self, key: str) -> Recipe | None:
         """The graph's checked recipe, if there is one yet."""
