@@ -85,7 +85,9 @@ def test_a_job_waits_for_the_jobs_it_is_after_while_others_can_start():
     teachers = ("block_0", "block_1")
     jobs = [rec.job("block_0", GB), rec.job("block_1", GB, seconds=0, until="block_cache_2")]
     jobs += [rec.job(f"block_{i}", GB, after=teachers) for i in (2, 3, 4)]
-    jobs += [rec.job(f"block_cache_{i}", 2 * GB, seconds=0.3 if i == 2 else 0.05) for i in range(3)]
+    # block_cache_2 holds its slot until block_2 has started: no slot falls idle, whatever the machine's speed
+    jobs += [rec.job(f"block_cache_{i}", 2 * GB, **({"seconds": 0, "until": "block_2"} if i == 2 else {}))
+             for i in range(3)]
     schedule = run_jobs(jobs, parallel=2, budget=100 * GB)
     assert schedule.early == [] and "started before" not in schedule.describe()
     for i in (2, 3, 4):
