@@ -373,6 +373,61 @@ def test_the_transform_server_writes_what_the_model_transform_command_writes(too
         servers.close()
 
 
+def test_the_transform_server_leaves_the_top_weights_in_the_converters_file_only_where_they_are_its(tools,
+                                                                                                    tmp_path):
+    """keep_converter_weights (deploy.py asks it for a net that teaches no recipe): tpuc-opt writes no weights file
+    and the top MLIR names the converter's. For tiny-llama's block_0 (whose RMSNorm weights tpuc-opt reshapes) and
+    lm_head: the top MLIR is the command's but for that name, and each weight it names is the command's bytes in
+    the converter's file. A net where tpuc-opt makes a weight of its own (a 3-D weight's Transpose, which the
+    converter leaves to it) is made again as the command makes it, and the log says why."""
+    import numpy as np
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    from graphopt.export import export_networks
+    from graphopt.models import open_model
+    from graphopt.targets import get_target
+    from graphopt.targets.bm1684x.model_transform import TransformServers
+
+    exported = export_networks(open_model("tiny-llama"), ["block_0", "lm_head"], 32, tmp_path / "onnx",
+                               target=get_target("bm1684x"), check=False)
+    nets = {name: (net.files[0], tuple(s.shape for s in net.inputs)) for name, net in exported.items()}
+    weight = np.arange(24, dtype=np.float32).reshape(2, 4, 3)
+    graph = helper.make_graph([helper.make_node("Transpose", ["w"], ["wt"], perm=[0, 2, 1], name="t"),
+                               helper.make_node("Add", ["x", "wt"], ["y"], name="add")], "folds",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3, 4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 3, 4])],
+                              [numpy_helper.from_array(weight, "w")])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), tmp_path / "folds.onnx")
+    nets["folds"] = (tmp_path / "folds.onnx", ((2, 3, 4),))
+    servers = TransformServers()
+    try:
+        for name, (path, shapes) in nets.items():
+            args = contract.DeploySpec(name, name, shapes, "BF16", ()).transform_args(str(path), f"{name}.mlir")
+            command, server = tmp_path / "command" / name, tmp_path / "server" / name
+            command.mkdir(parents=True), server.mkdir(parents=True)
+            assert tools.run("model_transform", args, command, command / "log") == 0
+            kept = []
+            assert servers.run(tools, args, server, server / "log", 1, keep_converter_weights=True, kept=kept) == 0
+            top = f"{name}_top_f32_all_weight.npz"
+            if name == "folds":
+                assert kept == [False] and "tpuc-opt made 1 weight(s) the converter did not (wt_Transpose_folder)" \
+                    in (server / "log").read_text()
+                for made in (f"{name}.mlir", top):
+                    assert (server / made).read_bytes() == (command / made).read_bytes(), made
+                continue
+            assert kept == [True] and not (server / top).exists()
+            converters = f"{name}_top_f32_all_origin_weight.npz"
+            assert (server / f"{name}.mlir").read_text() == (command / f"{name}.mlir").read_text().replace(
+                f'module.weight_file = "{top}"', f'module.weight_file = "{converters}"')
+            with np.load(command / top) as want, np.load(server / converters) as got:
+                assert want.files and set(want.files) <= set(got.files)
+                for key in want.files:
+                    assert got[key].dtype == want[key].dtype and got[key].tobytes() == want[key].tobytes(), key
+    finally:
+        servers.close()
+
+
 def test_a_dynamic_net_whose_baked_mask_is_not_causal_is_refused_with_why(tools, tmp_path, monkeypatch):
     """small-causal-mask swaps a dynamic net's baked mask for TPU-MLIR's small causal mask only where the baked
     one is exactly causal after the cache: any other mask would be wrong at every other length, so the compile
@@ -645,7 +700,9 @@ def test_blocks_of_one_graph_reuse_model_transforms_output_and_the_bmodel_is_the
                                                                                               monkeypatch):
     """transform_reuse.py: with 5 layers, block_0..3 are one graph (block_4 holds the final norm), and so are
     block_cache_0..3. The first two nets of each run model_transform (the recipe is learned, then checked), the
-    others get its output made from their own weights; the bmodel is the bytes of a build where every net ran it."""
+    others get its output made from their own weights; the nets that teach no recipe (the heads, the last blocks)
+    keep the converter's weights file (tpuc-opt writes none). The bmodel is the bytes of a build where every net
+    ran the tool and tpuc-opt wrote every weights file."""
     from graphopt.compiler import compile_model
     from graphopt.models import open_model
     from graphopt.targets import get_target
@@ -659,6 +716,7 @@ def test_blocks_of_one_graph_reuse_model_transforms_output_and_the_bmodel_is_the
         monkeypatch.setenv("GRAPHOPT_NET_CACHE", str(tmp_path / f"cache {how}"))
         if how == "every net ran it":
             monkeypatch.setattr(transform_reuse.TransformReuse, "recipe", lambda self, key: None)
+            monkeypatch.setattr(transform_reuse.TransformReuse, "learns", lambda self, key: True)
         build = compile_model(open_model(str(checkpoint)), get_target("bm1684x"), int(SEQ), tmp_path / how,
                               check=False, show_progress=False, jobs=2,
                               target_options={"quantize": "w4bf16", "group_size": 64})
@@ -667,9 +725,11 @@ def test_blocks_of_one_graph_reuse_model_transforms_output_and_the_bmodel_is_the
     assert sorted(n for n, source in made.items() if source) == [
         "block_2", "block_3", "block_cache_2", "block_cache_3"], made
     assert {made[n] for n in ("block_2", "block_3")} <= {"block_0", "block_1"}, made
-    assert not any(n["transform_from"] for n in reports["every net ran it"].target.nets)
+    assert not any(n["transform_from"] or n["converter_weights"] for n in reports["every net ran it"].target.nets)
+    kept = sorted(n["net"] for n in reports["reused"].target.nets if n["converter_weights"])
+    assert kept == ["block_4", "block_cache_4", "embedding", "embedding_cache", "lm_head"], kept
     lines = "\n".join(reports["reused"].target.report_lines())
-    assert "model_transform: ran for 9 of 13 compiled nets" in lines, lines
+    assert "model_transform: ran for 9 of 13 compiled nets (5 of them with the converter's weights file" in lines, lines
     bmodels = [tmp_path / how / reports[how].target.bmodel for how in reports]
     assert _without_build_time(bmodels[0]) == _without_build_time(bmodels[1])
 

@@ -165,6 +165,9 @@ class Bm1684xResult:
             return []
         made = Counter(n["transform_from"] for n in compiled if n.get("transform_from"))
         line = f"  model_transform: ran for {len(compiled) - sum(made.values())} of {len(compiled)} compiled nets"
+        kept = sum(bool(n.get("converter_weights")) for n in compiled)
+        if kept:
+            line += f" ({kept} of them with the converter's weights file: tpuc-opt wrote none)"
         if made:
             line += "; the others' output made from a net of the same graph (" + ", ".join(
                 f"{reference}'s: {count}" for reference, count in made.items()) + ")"
@@ -328,7 +331,8 @@ def build(folder: Path, manifest: dict, source, options: dict[str, Any], check: 
              "seconds": d.seconds, "total_cycle": d.total_cycle, "memory": d.memory,
              "peak_rss": d.peak_rss, "node": d.node, "estimated_peak": deploy.estimated_peak(onnx_files[d.spec.onnx_network].size),
              "top_passes": {r["pass"]: {k: r[k] for k in ("changed", "summary", "skipped")} for r in d.top_passes},
-             "transform_from": d.transform_from, "cache_dir": str(d.directory)} for d in compiled]
+             "transform_from": d.transform_from, "converter_weights": d.converter_weights,
+             "cache_dir": str(d.directory)} for d in compiled]
     for n in nets:
         if n["net"] in staged:
             n["cache_rows"] = stage_rows[0]

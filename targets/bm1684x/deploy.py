@@ -23,6 +23,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 from tqdm import tqdm
@@ -57,6 +58,7 @@ class DeployedNet:
     peak_rss: dict[str, int] = field(default_factory=dict)  # per tool, its largest process's resident bytes
     node: str = ""  # the Ray node that compiled it (--executor ray)
     transform_from: str = ""  # the net of the same graph whose model_transform output was its recipe (transform_reuse.py)
+    converter_weights: bool = False  # model_transform ran, its top MLIR naming the converter's weights file
 
 
 class DeployError(GraphoptError):
@@ -104,7 +106,8 @@ def cached(toolchain: Toolchain, spec: DeploySpec, onnx_sha256: str) -> Deployed
     data = json.loads((final / RESULT).read_text())
     return DeployedNet(spec, final / f"{spec.name}.bmodel", True, data["seconds"], data["total_cycle"],
                        data["memory"], final, data.get("top_passes", []), data.get("peak_rss", {}),
-                       transform_from=data.get("transform_from", ""))
+                       transform_from=data.get("transform_from", ""),
+                       converter_weights=data.get("converter_weights", False))
 
 
 def deploy_network(toolchain: Toolchain, spec: DeploySpec, onnx: Path, onnx_sha256: str,
@@ -141,6 +144,7 @@ class Compiled:
     seconds: dict[str, float]
     top_passes: list[dict]
     transform_from: str = ""
+    converter_weights: bool = False  # tpuc-opt wrote no weights file: the top MLIR names the converter's
 
 
 def compile_in(toolchain: Toolchain, spec: DeploySpec, onnx: Path, work: Path, log: Path,
@@ -150,7 +154,7 @@ def compile_in(toolchain: Toolchain, spec: DeploySpec, onnx: Path, work: Path, l
     model_deploy, in `work`, logging to `log`. Raises ToolFailed naming the failed step.
     `peak_rss` gets each tool's largest process's resident bytes."""
     mlir, bmodel = f"{spec.name}.mlir", f"{spec.name}.bmodel"
-    seconds, reports, made_from = {}, [], ""
+    seconds, reports, transformed = {}, [], _Transformed(0)
     codes = onnx.parent / spec.codes if spec.codes else None  # beside the network's ONNX
     key = reuse.graph_of[spec.label] if reuse is not None else ""
     if spec.baked:
@@ -159,8 +163,9 @@ def compile_in(toolchain: Toolchain, spec: DeploySpec, onnx: Path, work: Path, l
                        ("model_deploy", spec.deploy_args(mlir, bmodel))):
         start = time.perf_counter()
         if tool == "model_transform":
-            status, made_from = _model_transform(toolchain, spec.name, onnx, args, work, log, threads, peak_rss,
-                                                 transform, reuse, key)
+            transformed = _model_transform(toolchain, spec.name, onnx, args, work, log, threads, peak_rss,
+                                           transform, reuse, key)
+            status = transformed.status
         else:
             status = toolchain.run(tool, args, cwd=work, log=log, threads=threads, peak_rss=peak_rss)
         seconds[tool] = round(time.perf_counter() - start, 2)
@@ -171,7 +176,7 @@ def compile_in(toolchain: Toolchain, spec: DeploySpec, onnx: Path, work: Path, l
                 reports = top_passes.apply(toolchain, work / mlir, spec.top_passes, log, spec.dynamic, codes)
             except subprocess.CalledProcessError as error:
                 raise ToolFailed("top passes " + ",".join(spec.top_passes), error.returncode) from None
-    return Compiled(seconds, reports, made_from)
+    return Compiled(seconds, reports, transformed.made_from, transformed.converter_weights)
 
 
 def transform_graph(spec: DeploySpec, onnx: Path) -> str:
@@ -180,11 +185,18 @@ def transform_graph(spec: DeploySpec, onnx: Path) -> str:
     return graph_key(onnx, [*spec.transform_args(str(onnx), "NET.mlir"), "--baked", json.dumps(spec.baked)])
 
 
+class _Transformed(NamedTuple):
+    status: int
+    made_from: str = ""  # the net of the graph whose output made this one's ("": the tool ran)
+    converter_weights: bool = False  # the top MLIR names the converter's weights file (transform_server.py)
+
+
 def _model_transform(toolchain, name: str, onnx: Path, args: list[str], work: Path, log: Path, threads, peak_rss,
-                     servers: TransformServers | None, reuse: TransformReuse | None, key: str) -> tuple[int, str]:
+                     servers: TransformServers | None, reuse: TransformReuse | None, key: str) -> _Transformed:
     """model_transform's output for net `name` in `work`: made by the recipe of the net's graph (`key`) where `reuse`
-    has one, else by the tool (in a server, given `servers`), whose output then teaches `reuse`. Returns the exit
-    status and the net the output was made from ("" when the tool ran)."""
+    has one, else by the tool (in a server, given `servers`), whose output then teaches `reuse`. A net that teaches
+    no recipe gets the converter's weights file as its top MLIR's (tpuc-opt writes none: an 8B head's transform
+    16-24 s -> 8-11 s); one that may teach gets tpuc-opt's, which `Recipe.learn` reads."""
     recipe = reuse.recipe(key) if reuse is not None else None
     if recipe is not None:
         try:
@@ -195,14 +207,16 @@ def _model_transform(toolchain, name: str, onnx: Path, args: list[str], work: Pa
         else:
             with open(log, "a") as handle:
                 handle.write(f"model_transform: made from {recipe.reference}'s output (transform_reuse.py)\n")
-            return 0, recipe.reference
+            return _Transformed(0, recipe.reference)
+    kept: list[bool] = []
     if servers is not None:
-        status = servers.run(toolchain, args, work, log, threads, peak_rss)
+        status = servers.run(toolchain, args, work, log, threads, peak_rss,
+                             keep_converter_weights=reuse is None or not reuse.learns(key), kept=kept)
     else:
         status = toolchain.run("model_transform", args, cwd=work, log=log, threads=threads, peak_rss=peak_rss)
     if status == 0 and reuse is not None:
         reuse.ran(key, name, onnx, work)
-    return status, ""
+    return _Transformed(status, "", any(kept))
 
 
 def _with_baked_inputs(spec: DeploySpec, onnx_path: Path, work: Path) -> Path:
@@ -274,11 +288,12 @@ def _compile(toolchain, spec, onnx, onnx_sha256, threads, work: Path, final: Pat
                                            "total_cycle": total_cycle, "memory": memory, "top_passes": done.top_passes,
                                            "peak_rss": peak_rss, "transform": spec.transform_args("NET.onnx", mlir),
                                            "transform_from": done.transform_from,
+                                           "converter_weights": done.converter_weights,
                                            "deploy": spec.deploy_args(mlir, bmodel)}, indent=2) + "\n")
     shutil.rmtree(final, ignore_errors=True)
     work.rename(final)
     return DeployedNet(spec, final / bmodel, False, done.seconds, total_cycle, memory, final, done.top_passes,
-                       peak_rss, transform_from=done.transform_from)
+                       peak_rss, transform_from=done.transform_from, converter_weights=done.converter_weights)
 
 
 def estimated_peak(onnx_bytes: int) -> int:

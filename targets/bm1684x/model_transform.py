@@ -26,14 +26,19 @@ class TransformServers:
         self._lock = threading.Lock()
 
     def run(self, toolchain: Toolchain, args: list[str], cwd: Path, log: Path, threads: int | None = None,
-            peak_rss: dict[str, int] | None = None) -> int:
+            peak_rss: dict[str, int] | None = None, keep_converter_weights: bool = False,
+            kept: list[bool] | None = None) -> int:
         """model_transform with `args` in `cwd`, its output appended to `log`: the exit status (negative: the
-        server was killed by that signal, as Popen reports a command's)."""
+        server was killed by that signal, as Popen reports a command's). `keep_converter_weights`: the top MLIR
+        names the converter's weights file instead of one tpuc-opt writes (transform_server.py); `kept` gets
+        whether it did."""
         with open(log, "a") as handle:
-            handle.write(f"$ model_transform {shlex.join(args)}\n")
+            handle.write(f"$ model_transform {shlex.join(args)}"
+                         + (" (the top MLIR naming the converter's weights file)\n" if keep_converter_weights else "\n"))
         server = self._server(toolchain, threads)
         try:
-            server.stdin.write(json.dumps({"args": args, "cwd": str(cwd), "log": str(log)}) + "\n")
+            server.stdin.write(json.dumps({"args": args, "cwd": str(cwd), "log": str(log),
+                                           "keep_converter_weights": keep_converter_weights}) + "\n")
             server.stdin.flush()
             answer = server.stdout.readline()
         except BrokenPipeError:
@@ -44,6 +49,8 @@ class TransformServers:
         result = json.loads(answer)
         if peak_rss is not None:
             peak_rss["model_transform"] = max(peak_rss.get("model_transform", 0), result["peak_rss"])
+        if kept is not None:
+            kept.append(result.get("kept_converter_weights", False))
         return result["status"]
 
     def _server(self, toolchain: Toolchain, threads: int | None) -> subprocess.Popen:

@@ -262,6 +262,13 @@ class TransformReuse:
         first_two = [name for name, graph in self.graph_of.items() if graph == key][:2]
         return () if label in first_two else tuple(first_two)
 
+    def learns(self, key: str) -> bool:
+        """Whether a net of the graph that runs model_transform now may learn or check its recipe: then it needs
+        tpuc-opt's own weights file, which `Recipe.learn` reads (it holds the top weights alone; the converter's
+        also holds the constants tpuc-opt folds away). Once the recipe is checked or refused, no net will."""
+        with self._lock:
+            return key in self._learn and key not in self._checked and key not in self._refused
+
     def recipe(self, key: str) -> Recipe | None:
         """The graph's checked recipe, if there is one yet."""
         with self._lock:

@@ -16,11 +16,15 @@ tpuc-opt would fold (both below): lm_head's transform 31.6 s / 7.86 GiB -> 14.4 
 The top MLIR and weights it writes are byte-for-byte those of the command (tests/test_bm1684x.py,
 test_the_transform_server_writes_what_the_model_transform_command_writes, holds it to that).
 
-Protocol: one JSON request per line on stdin, {"args": [...], "cwd": DIR, "log": FILE}; one JSON answer per
-line on the original stdout, {"status": N, "peak_rss": BYTES}. The tool's own output goes to the log.
+Protocol: one JSON request per line on stdin, {"args": [...], "cwd": DIR, "log": FILE, "keep_converter_weights":
+BOOL}; one JSON answer per line on the original stdout, {"status": N, "peak_rss": BYTES, "kept_converter_weights":
+BOOL}. The tool's own output goes to the log. "keep_converter_weights" (`_patch_keeping`): the top MLIR names the
+converter's weights file and tpuc-opt writes none; answered false when the file does not hold the top MLIR's
+weights, and the net was then made as the command makes it.
 """
 
 import json
+import math
 import os
 import resource
 import runpy
@@ -119,6 +123,65 @@ def _patch(tools: str) -> None:
     OnnxConverter.convert_transpose_op = convert_transpose_of_a_weight
 
 
+class _Keep:
+    """Whether the request running now leaves the top weights in the converter's file (its "keep_converter_weights")."""
+    converter_weights = False
+
+
+def _patch_keeping(mlir_shell, auto_remove) -> None:
+    """A request may ask tpuc-opt for no weights file of its own: its top MLIR then names the converter's
+    (`--deinit="no_save_weight=True"`, as TPU-MLIR's own in-memory pipeline runs it), which model_transform would
+    delete at its end and here keeps. tpuc-opt then never reads the weights unless a pattern folds one (it read
+    none of an 8B head's 2.1 GB); what is saved is its read and its write of them all. Whether the file still
+    holds what the top MLIR names is checked after (`_kept_weights_hold`)."""
+    top_options = mlir_shell.top_opt_options
+
+    def top_options_writing_no_weights(*args, **kwargs):
+        options = top_options(*args, **kwargs)
+        return [*options, '--deinit="no_save_weight=True"'] if _Keep.converter_weights else options
+
+    mlir_shell.top_opt_options = top_options_writing_no_weights
+    clean = auto_remove.file_clean
+
+    def clean_but_the_converters_weights():
+        if _Keep.converter_weights:  # an _origin.mlir marked here stands for its weights file: the top MLIR's now
+            auto_remove.g_auto_remove_files[:] = [f for f in auto_remove.g_auto_remove_files
+                                                  if not f.endswith("_origin.mlir")]
+        clean()
+
+    auto_remove.file_clean = clean_but_the_converters_weights
+
+
+def _weights_named(mlir_file: str) -> tuple[str, dict[str, str]]:
+    """A module's weights file and its weights, name -> type."""
+    from tpu_mlir.python.utils.mlir_parser import MlirParser, Operation
+
+    parser = MlirParser(mlir_file)
+    return parser.module_weight_file, {Operation.name(op): str(op.results[0].type) for op in parser.body.operations
+                                       if Operation.type(op) == "top.Weight"}
+
+
+def _elements(kind: str) -> tuple[str, int] | None:
+    """`tensor<1x1x4096xf32>` -> ("f32", 4096): what a weight's bytes are, whatever its shape; None if unranked."""
+    *dims, element = kind.removeprefix("tensor<").removesuffix(">").split("x")
+    return (element, math.prod(int(d) for d in dims)) if all(d.isdigit() for d in dims) else None
+
+
+def _kept_weights_hold(args: list[str]) -> str:
+    """"" when each weight of the top MLIR is one of the converter's, by name, with its element type and count;
+    else what differs. A weight a pattern made from others has a name of its own, which the converter's file does
+    not hold (tpuc-opt did not write it). Only its shape may differ: fusing RMSNorm gives the norm's [4096]
+    weight the type [1, 1, 4096] and keeps its name and bytes."""
+    top = args[args.index("--mlir") + 1]
+    origin_file, origin = _weights_named(top.replace(".mlir", "_origin.mlir", 1))
+    top_file, weights = _weights_named(top)
+    if top_file != origin_file or not os.path.isfile(top_file):
+        return f"the top MLIR names weights file {top_file}, not the converter's {origin_file}"
+    made = sorted(name for name, kind in weights.items()
+                  if name not in origin or _elements(kind) is None or _elements(kind) != _elements(origin[name]))
+    return f"tpuc-opt made {len(made)} weight(s) the converter did not ({', '.join(made[:3])})" if made else ""
+
+
 def _children_peak() -> int:
     return resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024
 
@@ -154,7 +217,9 @@ def main() -> None:
     tools = os.path.join(os.environ["TPUC_ROOT"], "python", "tools")
     script = os.path.join(tools, "model_transform.py")
     _patch(tools)
-    from tpu_mlir.python.utils import auto_remove
+    from tpu_mlir.python.utils import auto_remove, mlir_shell
+
+    _patch_keeping(mlir_shell, auto_remove)
 
     answers = os.fdopen(os.dup(1), "w")
     saved = os.dup(1), os.dup(2)
@@ -170,26 +235,47 @@ def main() -> None:
         with open("/proc/self/clear_refs", "w") as refs:
             refs.write("5")  # resets VmHWM: this net's peak, not the worker's
         children_before = _children_peak()
-        status = 0
-        with open(request["log"], "a") as log:
-            sys.stdout.flush(), sys.stderr.flush()
-            os.dup2(log.fileno(), 1), os.dup2(log.fileno(), 2)
+        keep = bool(request.get("keep_converter_weights"))
+        status = _run(script, request, keep, auto_remove, saved)
+        if status == 0 and keep:
             try:
-                os.chdir(request["cwd"])
-                auto_remove.g_auto_remove_files.clear()
-                sys.argv = [script, *request["args"]]
-                runpy.run_path(script, run_name="__main__")
-            except SystemExit as exit_:
-                status = exit_.code if isinstance(exit_.code, int) else (0 if exit_.code is None else 1)
-            except BaseException:
-                traceback.print_exc()
-                status = 1
-            finally:
-                sys.stdout.flush(), sys.stderr.flush()
-                os.dup2(saved[0], 1), os.dup2(saved[1], 2)
+                why = _kept_weights_hold(request["args"])
+            except Exception as error:  # noqa: BLE001  (an MLIR the parser cannot read: not kept, as any other)
+                why = f"{type(error).__name__}: {error}"
+            if why:  # the tool again, writing its own weights file: the net is made as the command makes it
+                with open(request["log"], "a") as log:
+                    log.write(f"transform_server: the converter's weights file is not the top MLIR's: {why}; "
+                              "model_transform again, tpuc-opt writing its own\n")
+                keep = False
+                status = _run(script, request, keep, auto_remove, saved)
         _release()
-        answers.write(json.dumps({"status": status, "peak_rss": _peak_rss(children_before)}) + "\n")
+        answers.write(json.dumps({"status": status, "peak_rss": _peak_rss(children_before),
+                                  "kept_converter_weights": keep and status == 0}) + "\n")
         answers.flush()
+
+
+def _run(script: str, request: dict, keep: bool, auto_remove, saved: tuple[int, int]) -> int:
+    """TPU-MLIR's model_transform.py for one request, its output to the request's log: its exit status."""
+    status = 0
+    _Keep.converter_weights = keep
+    with open(request["log"], "a") as log:
+        sys.stdout.flush(), sys.stderr.flush()
+        os.dup2(log.fileno(), 1), os.dup2(log.fileno(), 2)
+        try:
+            os.chdir(request["cwd"])
+            auto_remove.g_auto_remove_files.clear()
+            sys.argv = [script, *request["args"]]
+            runpy.run_path(script, run_name="__main__")
+        except SystemExit as exit_:
+            status = exit_.code if isinstance(exit_.code, int) else (0 if exit_.code is None else 1)
+        except BaseException:
+            traceback.print_exc()
+            status = 1
+        finally:
+            sys.stdout.flush(), sys.stderr.flush()
+            os.dup2(saved[0], 1), os.dup2(saved[1], 2)
+            _Keep.converter_weights = False
+    return status
 
 
 if __name__ == "__main__":
