@@ -5,8 +5,10 @@ model_transform (its ONNX converter, then tpuc-opt's top passes) does the same w
 3.5-7.4 s of a Llama-3.1-8B block's compile at 2 jobs, 64 times. On the nets graphopt writes, what it does to the
 weights is copy an initializer or fold the Transpose that reads it (a Linear's [out, in] weight becomes
 a `*_Transpose_folder` [in, out]). So the first net of a graph runs model_transform, and `Recipe.learn`
-reads off its output which initializer each weight of the top weights file is, as it is or transposed;
-the second net runs it too, and the recipe must rebuild that net's output exactly (`Recipe.differences`);
+reads off its output which initializer each weight the top MLIR reads is, as it is or transposed (the
+weights file may hold more: the converter's, which the transform server leaves as the top MLIR's, also holds
+the constants tpuc-opt folded away); the second net runs it too, and the recipe must rebuild that net's
+output exactly (`Recipe.differences`);
 then every later net of the graph gets its top MLIR as the first's text with its own name, and its
 weights file by the same copies and transposes of its own initializers (`Recipe.apply`, 0.9-1.2 s). A graph
 of fewer than three nets is not learned from (no net would gain). deploy_all starts a graph's later nets after
@@ -40,7 +42,22 @@ from onnx import numpy_helper
 # the top passes), the converter's MLIR beside it (kept in the net cache, as a compiled net's), the weights.
 TEXTS = (".mlir", "_origin.mlir")
 WEIGHT_FILE = re.compile(r'module\.weight_file = "([^"]+)"')
+WEIGHT_OP = re.compile(r'"top\.Weight"\(\) : \(\) -> \S+ loc\((#loc\d+|"[^"]*")\)')
+LOCATION = re.compile(r'^(#loc\d+) = loc\("([^"]*)"\)', re.MULTILINE)
 NET_PLACEHOLDER = "\0NET\0"
+
+
+def named_weights(top_mlir: str) -> set[str]:
+    """The weights a top MLIR's ops read (its top.Weight ops' names). A weights file may hold more: the converter's,
+    which a net's top MLIR names when tpuc-opt wrote none (transform_server.py), also holds the constants tpuc-opt
+    folded away."""
+    aliases = dict(LOCATION.findall(top_mlir))
+    names = set()
+    for loc in WEIGHT_OP.findall(top_mlir):
+        if loc.startswith("#") and loc not in aliases:
+            raise NoRecipe(f"a weight's location {loc} names no weight")
+        names.add(aliases[loc] if loc.startswith("#") else loc.strip('"'))
+    return names
 
 
 def graph_key(onnx_path: Path, transform_args: list[str]) -> str:
@@ -163,10 +180,13 @@ class Recipe:
                 raise NoRecipe(f"{name}{suffix} names the net outside its module name and weights file: {line[:120]}")
             templates[suffix] = template
         sources = Initializers(onnx_path)
-        rules = []
+        rules, named = [], named_weights(texts[".mlir"])
         with np.load(work / weight_file) as stored:
+            if named - set(stored.files):
+                raise NoRecipe(f"{weight_file} lacks weight(s) {sorted(named - set(stored.files))[:3]} of {name}.mlir")
             for key in stored.files:
-                rules.append(_rule(key, stored[key], sources))
+                if key in named:
+                    rules.append(_rule(key, stored[key], sources))
         taken = {rule.source for rule in rules}
         return cls(name, templates, weight_file.replace(name, NET_PLACEHOLDER, 1), tuple(rules),
                    {k: _digest(sources[k]) for k in sources.names() if k not in taken})
@@ -209,8 +229,9 @@ class Recipe:
             return [str(why)]
         found = [f"{name}{suffix}'s text" for suffix, template in self.texts.items()
                  if (work / f"{name}{suffix}").read_text() != template.replace(NET_PLACEHOLDER, name)]
+        named = named_weights((work / f"{name}.mlir").read_text())
         with np.load(work / self.weight_file.replace(NET_PLACEHOLDER, name)) as stored:
-            if list(stored.files) != [rule.key for rule in self.weights]:
+            if [key for key in stored.files if key in named] != [rule.key for rule in self.weights]:
                 return found + [f"{name}'s weights file holds other weights"]
             for rule in self.weights:
                 if not np.array_equal(_bytes(stored[rule.key]), _bytes(rule.array(arrays))):
@@ -261,13 +282,6 @@ class TransformReuse:
             return ()
         first_two = [name for name, graph in self.graph_of.items() if graph == key][:2]
         return () if label in first_two else tuple(first_two)
-
-    def learns(self, key: str) -> bool:
-        """Whether a net of the graph that runs model_transform now may learn or check its recipe: then it needs
-        tpuc-opt's own weights file, which `Recipe.learn` reads (it holds the top weights alone; the converter's
-        also holds the constants tpuc-opt folds away). Once the recipe is checked or refused, no net will."""
-        with self._lock:
-            return key in self._learn and key not in self._checked and key not in self._refused
 
     def recipe(self, key: str) -> Recipe | None:
         """The graph's checked recipe, if there is one yet."""
