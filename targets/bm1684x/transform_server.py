@@ -14,7 +14,9 @@ copy: lm_head's transform peaked at 13.5 GB (5.0 GB here, 8.4 GB tpuc-opt), then
 reads the graph alone and each weight straight from its file, and folds the Transpose of a weight that
 tpuc-opt would fold (both below): lm_head's transform 31.6 s / 7.86 GiB -> 14.4 s / 4.7 GiB.
 The top MLIR and weights it writes are byte-for-byte those of the command (tests/test_bm1684x.py,
-test_the_transform_server_writes_what_the_model_transform_command_writes, holds it to that).
+test_the_transform_server_writes_what_the_model_transform_command_writes, holds it to that). Asked to keep the
+converter's weights file (what graphopt's compiles ask), tpuc-opt writes none: the top MLIR is the command's but
+for the file it names, and that file holds each of its weights with the command's bytes (the test after it).
 
 Protocol: one JSON request per line on stdin, {"args": [...], "cwd": DIR, "log": FILE, "keep_converter_weights":
 BOOL}; one JSON answer per line on the original stdout, {"status": N, "peak_rss": BYTES, "kept_converter_weights":
