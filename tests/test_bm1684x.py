@@ -375,7 +375,7 @@ def test_the_transform_server_writes_what_the_model_transform_command_writes(too
 
 def test_the_transform_server_leaves_the_top_weights_in_the_converters_file_only_where_they_are_its(tools,
                                                                                                     tmp_path):
-    """keep_converter_weights (deploy.py asks it for a net that teaches no recipe): tpuc-opt writes no weights file
+    """keep_converter_weights (deploy.py asks it for every net that runs the tool): tpuc-opt writes no weights file
     and the top MLIR names the converter's. For tiny-llama's block_0 (whose RMSNorm weights tpuc-opt reshapes) and
     lm_head: the top MLIR is the command's but for that name, and each weight it names is the command's bytes in
     the converter's file. A net where tpuc-opt makes a weight of its own (a 3-D weight's Transpose, which the

@@ -227,9 +227,10 @@ class Recipe:
             arrays = self._inputs(name, onnx_path)
         except NoRecipe as why:
             return [str(why)]
+        texts = {suffix: (work / f"{name}{suffix}").read_text() for suffix in self.texts}
         found = [f"{name}{suffix}'s text" for suffix, template in self.texts.items()
-                 if (work / f"{name}{suffix}").read_text() != template.replace(NET_PLACEHOLDER, name)]
-        named = named_weights((work / f"{name}.mlir").read_text())
+                 if texts[suffix] != template.replace(NET_PLACEHOLDER, name)]
+        named = named_weights(texts[".mlir"])
         with np.load(work / self.weight_file.replace(NET_PLACEHOLDER, name)) as stored:
             if [key for key in stored.files if key in named] != [rule.key for rule in self.weights]:
                 return found + [f"{name}'s weights file holds other weights"]
