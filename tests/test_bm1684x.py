@@ -13,6 +13,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from graphopt.errors import GraphoptError
@@ -694,6 +695,29 @@ def test_the_simulator_takes_the_device_memory_a_large_bmodel_needs(builds, tool
     bmodel = folder / f"tiny-llama_w4bf16_seq{SEQ}_bm1684x_1dev.bmodel"
     with Simulator(tools, tmp_path / "sim.log", 7 << 30) as sim:
         assert set(sim.layout(bmodel)) == set(NETS["llm-tpu"])
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="one core: nothing to hold the cmodel's threads off")
+def test_the_cmodels_engine_threads_keep_to_one_core_unless_a_program_runs(builds, tools, tmp_path):
+    """The cmodel's engine threads poll without sleeping (cmodel_device._Engines): idle, they took every core,
+    and the bmodel's load (the memory check's, 13-16 s for an 8-layer 8B) got a fraction of one. They are held
+    to one core from the device's start, given every core while a program runs, and held again after it."""
+    from graphopt.targets.bm1684x.simulator import Simulator
+
+    folder, _ = builds["w4bf16"]
+    bmodel = folder / f"tiny-llama_w4bf16_seq{SEQ}_bm1684x_1dev.bmodel"
+
+    def engine_cores(pid: int) -> list[int]:
+        tasks = Path(f"/proc/{pid}/task")
+        return [len(os.sched_getaffinity(int(t.name))) for t in tasks.iterdir()
+                if (t / "comm").read_text().strip() in ("CORE_MAIN", "TPU_BD", "TPU_GDMA", "TPU_GDE")]
+
+    with Simulator(tools, tmp_path / "sim.log") as sim:
+        ids = sim.layout(bmodel)["embedding_cache"]["in"][0]
+        assert engine_cores(sim.process.pid) == [1] * 4
+        out, = sim.run(bmodel, "embedding_cache", {ids["name"]: np.full(ids["shape"], 3, dtype=np.int32)})
+        assert out.size and np.isfinite(out.astype(np.float32)).all()
+        assert engine_cores(sim.process.pid) == [1] * 4
 
 
 def test_blocks_of_one_graph_reuse_model_transforms_output_and_the_bmodel_is_the_same_bytes(tools, tmp_path,
