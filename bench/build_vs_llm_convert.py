@@ -120,7 +120,7 @@ def joblog_seconds(folder: Path) -> dict[str, float]:
 
 
 def run_graphopt(checkpoint: Path | str, seq: int, quantize: str, jobs: int, work: Path,
-                 max_memory: float | None = None) -> dict:
+                 max_memory: float | None = None, keep: bool = False) -> dict:
     out, cache = work / "graphopt", work / "graphopt-nets"
     remove(out), remove(cache)
     model = ["llama3.1-8b", "--random-weights", "--num-layers", checkpoint.split(":")[1]] \
@@ -136,7 +136,8 @@ def run_graphopt(checkpoint: Path | str, seq: int, quantize: str, jobs: int, wor
         row.update(bmodel_bytes=target["bmodel_bytes"], stage_seconds=report["stage_seconds"],
                    nets={n["net"]: sum(n["seconds"].values()) for n in target["nets"]},
                    schedule=target.get("schedule"), disk=report.get("disk"), checks_ok=report["ok"])
-    remove(out), remove(cache)
+    if not keep:
+        remove(out), remove(cache)
     return row
 
 
@@ -159,6 +160,8 @@ def main(argv=None) -> int:
                         "with --random-weights (same shape and distribution, no checkpoint read) instead of the "
                         "checkpoint llm_convert reads")
     parser.add_argument("--max-memory", type=float, metavar="GIB", help="graphopt's --max-memory (default: none)")
+    parser.add_argument("--keep-output", action="store_true", help="leave graphopt's --out and net cache in --work "
+                        "(to measure its stages again by hand: model_tool --combine, the memory check's load)")
     parser.add_argument("--work", help="scratch directory; the checkpoint and logs stay there (default: a new one)")
     parser.add_argument("--json", help="where to write the results (default bench/results/build_vs_llm_convert.json)")
     args = parser.parse_args(argv)
@@ -168,8 +171,9 @@ def main(argv=None) -> int:
     checkpoint = write_checkpoint(work / f"llama3.1-8b-shape-{args.num_layers}l", args.num_layers) \
         if any(t.startswith("llm_convert") for t in tools) or not args.random_weights else None
     random = f"random:{args.num_layers}"
-    runners = {"llm_convert": run_llm_convert, "graphopt": lambda *a: run_graphopt(*a, max_memory=args.max_memory),
-               "llm_convert_huge_pages": lambda *a: run_llm_convert(*a, huge_pages=True)}
+    runners = {"llm_convert": run_llm_convert,
+               "llm_convert_huge_pages": lambda *a: run_llm_convert(*a, huge_pages=True),
+               "graphopt": lambda *a: run_graphopt(*a, max_memory=args.max_memory, keep=args.keep_output)}
     rows = [runners[tool](random if tool == "graphopt" and args.random_weights else checkpoint, args.seq_length,
                           args.quantize, args.jobs, work) for tool in tools]
     by_tool = {r["tool"]: r for r in rows}
