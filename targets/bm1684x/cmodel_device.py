@@ -79,9 +79,9 @@ class _Engines:
     """The cmodel's engine threads (CORE_MAIN, TPU_BD, TPU_GDMA, ...), which the process's first bm_dev_request
     starts and every device shares. They poll for work without sleeping: an idle worker took both cores of a
     2-core machine (5.8 CPU seconds in 3 s), and bmrt_load_bmodel, copying a bmodel's weights into device
-    memory, got a fraction of one (an 8-layer Llama-3.1-8B bmodel, 3 GB: 12.8-16.1 s; 2.4-8.8 s with them held
-    to one core). So they are held to one core except while a program runs: held there through a tiny-llama
-    generation too, it took 1.6-1.9x as long."""
+    memory, got a fraction of one (an 8-layer Llama-3.1-8B bmodel, 3 GB: 7.0-16.1 s, 5 runs of 6 past 12.8 s;
+    2.9-8.8 s with them held to one core). So they are held to one core except while a program runs: held there
+    through a tiny-llama generation too, it took 1.6-1.9x as long."""
 
     threads: list[int] = []  # their thread ids
     cpus = frozenset(os.sched_getaffinity(0))
