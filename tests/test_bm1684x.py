@@ -700,7 +700,7 @@ def test_the_simulator_takes_the_device_memory_a_large_bmodel_needs(builds, tool
 @pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="one core: nothing to hold the cmodel's threads off")
 def test_the_cmodels_engine_threads_keep_to_one_core_unless_a_program_runs(builds, tools, tmp_path):
     """The cmodel's engine threads poll without sleeping (cmodel_device._Engines): idle, they took every core,
-    and the bmodel's load (the memory check's, 13-16 s for an 8-layer 8B) got a fraction of one. They are held
+    and the bmodel's load (the memory check's, 7-16 s for an 8-layer 8B) got a fraction of one. They are held
     to one core from the device's start, given every core while a program runs, and held again after it."""
     from graphopt.targets.bm1684x.simulator import Simulator
 

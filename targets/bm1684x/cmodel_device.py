@@ -100,7 +100,7 @@ class _Engines:
         if len(cls.cpus) < 2:
             return
         for thread in cls.threads:
-            with contextlib.suppress(ProcessLookupError):  # a thread that ended
+            with contextlib.suppress(OSError):  # a thread that ended, or one the machine's policy keeps where it is
                 os.sched_setaffinity(thread, {max(cls.cpus)} if held else cls.cpus)
 
     @classmethod
