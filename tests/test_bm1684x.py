@@ -482,7 +482,7 @@ HUGE_PAGES_OF_A_MALLOC = ("b = bytearray(64 << 20); b[::4096] = b'x' * len(b[::4
 
 
 @pytest.mark.skipif(_thp_mode() == "never", reason="transparent huge pages are off on this machine")
-def test_model_transform_and_model_deploy_get_their_malloc_in_huge_pages(tools):
+def test_the_tools_that_copy_weights_get_their_malloc_in_huge_pages(tools):
     """graphopt.machine.HUGE_PAGE_MALLOC reaches the transform servers, model_deploy and model_tool (its combine)
     (toolchain.HUGE_PAGE_TOOLS): the copies of gigabytes of weights are not spent faulting in 4 KiB pages. The
     simulator runs with glibc's default."""
