@@ -50,8 +50,9 @@ def compile_stages(result, seq: int, chunk: int, quantize: str, group_size: int)
     flags = contract.block_flags(quantize, group_size) + contract.DECODE_FLAGS
     if len(rows) > 1:
         flags += ("--save_io_alone_config", contract.IO_ALONE_CONFIG)
-    first = contract.DeploySpec(NET, NET, tuple(s.shape for s in result.inputs), contract.QUANT_MODES[quantize][0],
-                                flags, passes_for(c.BLOCK_CACHE))
+    mode = contract.QUANT_MODES[quantize][0]
+    first = contract.DeploySpec(NET, NET, tuple(s.shape for s in result.inputs), mode, flags,
+                                passes_for(c.BLOCK_CACHE, mode=mode))
     out = []
     done = deploy.deploy_network(tools, first, result.files[0], result.sha256)
     specs = contract.stage_specs(first, [s.name for s in result.inputs], rows,

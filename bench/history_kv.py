@@ -56,7 +56,8 @@ def compile_static(result, name: str, kind: str, quantize: str, group_size: int)
     baked = tuple((s.name, s.shape) for s in result.inputs if s.name == c.ATTENTION_MASK and kind == c.BLOCK_KV)
     spec = contract.DeploySpec(name, name, tuple(s.shape for s in result.inputs if s.name not in dict(baked)),
                                contract.QUANT_MODES[quantize][0], contract.block_flags(quantize, group_size),
-                               passes_for(kind, dynamic=bool(baked)), baked=baked, dynamic=bool(baked))
+                               passes_for(kind, dynamic=bool(baked), mode=contract.QUANT_MODES[quantize][0]),
+                               baked=baked, dynamic=bool(baked))
     done = deploy.deploy_network(toolchain.require(), spec, result.files[0], result.sha256)
     print(f"  {name} {[list(s) for s in spec.input_shapes[:1]]} {quantize}: {done.total_cycle:,} cycles "
           f"({'cached' if done.cached else 'compiled'})", file=sys.stderr)

@@ -758,6 +758,36 @@ def test_blocks_of_one_graph_reuse_model_transforms_output_and_the_bmodel_is_the
     assert _without_build_time(bmodels[0]) == _without_build_time(bmodels[1])
 
 
+@pytest.mark.parametrize("quantize, lm_head", [("w4bf16", "bf16"), ("w4f16", "w4")])
+def test_weights_quantized_by_the_top_pass_give_the_bmodel_model_deploy_gives(tools, tmp_path, monkeypatch, quantize,
+                                                                             lm_head):
+    """quantize-weights (top_passes/quantize_weights.py) quantizes each int4 Linear with TPU-MLIR's own arithmetic
+    and hands model_deploy top.A16MatMul: every block's seven Linears (and an int4 lm_head's), and the bmodel is
+    the bytes of a build where model_deploy quantized them itself (BF16 and F16 scales)."""
+    from graphopt.compiler import compile_model
+    from graphopt.models import open_model
+    from graphopt.pass_manager import get_pass
+    from graphopt.targets import get_target
+    from graphopt.testing import tiny_llama_checkpoint
+
+    checkpoint = tiny_llama_checkpoint(tmp_path / "tiny", 2)
+    builds = {}
+    for how in ("quantize-weights", "model_deploy"):
+        with monkeypatch.context() as patch:
+            patch.setenv("GRAPHOPT_NET_CACHE", str(tmp_path / f"cache {how}"))
+            if how == "model_deploy":
+                patch.setattr(get_pass("quantize-weights"), "modes", frozenset())
+            builds[how] = compile_model(open_model(str(checkpoint)), get_target("bm1684x"), int(SEQ), tmp_path / how,
+                                        check=False, show_progress=False, jobs=2,
+                                        target_options={"quantize": quantize, "group_size": 64, "head_weights": lm_head})
+    quantized = {n["net"]: n["top_passes"].get("quantize-weights", {}).get("changed") for n in builds["quantize-weights"].target.nets}
+    expected = {n: 7 if n.startswith("block") else 1 if n == "lm_head" and lm_head == "w4" else None for n in quantized}
+    assert quantized == expected
+    assert not any("quantize-weights" in n["top_passes"] for n in builds["model_deploy"].target.nets)
+    bmodels = [tmp_path / how / builds[how].target.bmodel for how in builds]
+    assert _without_build_time(bmodels[0]) == _without_build_time(bmodels[1])
+
+
 def test_a_net_whose_graph_holds_a_value_of_its_own_runs_model_transform(tools, tmp_path):
     """A recipe takes from a net only the initializers model_transform passed on as weights (copied or transposed).
     An initializer it folded (here a scale, into the MLIR text) must be the reference's in every net the recipe

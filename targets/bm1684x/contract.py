@@ -83,6 +83,11 @@ class DeploySpec:
     def weight_bits(self) -> int | None:
         return {"W4": 4, "W8": 8}.get(self.precision)
 
+    @property
+    def q_group_size(self) -> int | None:
+        """model_deploy's --q_group_size, where the net has one."""
+        return int(self.flags[self.flags.index("--q_group_size") + 1]) if "--q_group_size" in self.flags else None
+
     def transform_args(self, onnx_path: str, mlir: str) -> list[str]:
         shapes = "[" + ",".join("[" + ",".join(map(str, s)) + "]" for s in self.input_shapes) + "]"
         return ["--model_name", self.name, "--model_def", onnx_path, "--input_shapes", shapes, *TRANSFORM_FLAGS,
@@ -185,7 +190,7 @@ def deploy_specs(manifest: dict, quantize: str, group_size: int, top_pipeline: t
         baked = tuple((i["name"], tuple(i["shape"])) for i in source["inputs"] if i["name"] in network.baked)
         codes = source.get("codes") if mode.startswith("W") else None  # a float mode computes the dequantized ONNX
         return DeploySpec(name, source["name"], shapes, mode, flags + (DYNAMIC_FLAGS if network.dynamic else ()),
-                          passes_for(network.kind, top_pipeline, network.dynamic, codes is not None), baked=baked,
+                          passes_for(network.kind, top_pipeline, network.dynamic, codes is not None, mode), baked=baked,
                           dynamic=network.dynamic, codes=codes)
 
     specs, run = [], []  # run: consecutive per-layer networks, compiled layer by layer

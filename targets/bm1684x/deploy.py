@@ -175,10 +175,13 @@ def compile_in(toolchain: Toolchain, spec: DeploySpec, onnx: Path, work: Path, l
         if status != 0 or (tool == "model_deploy" and not (work / bmodel).is_file()):
             raise ToolFailed(tool, status)
         if tool == "model_transform" and spec.top_passes:
+            start = time.perf_counter()
             try:
-                reports = top_passes.apply(toolchain, work / mlir, spec.top_passes, log, spec.dynamic, codes)
+                reports = top_passes.apply(toolchain, work / mlir, spec.top_passes, log, spec.dynamic, codes,
+                                           spec.weight_bits, spec.q_group_size, threads)
             except subprocess.CalledProcessError as error:
                 raise ToolFailed("top passes " + ",".join(spec.top_passes), error.returncode) from None
+            seconds["top passes"] = round(time.perf_counter() - start, 2)
     return Compiled(seconds, reports, transformed.made_from, transformed.converter_weights)
 
 

@@ -7,13 +7,14 @@ and orders it like any pass; its code is one file beside this one, run in the to
 by `run.py` (it needs TPU-MLIR's `mlir` bindings, not graphopt):
 
   keep_checkpoint_codes.py a pre-quantized checkpoint's Linears -> top.A16MatMul with its own codes
+  quantize_weights.py      a W4 net's other Linears -> top.A16MatMul, quantized here as model_deploy would
   fuse_flash_attention.py  MatMul/Softmax/MatMul attention -> top.FAttention
   merge_cache_concat.py    a decode block's cache concat merged in place (only_merge), no copy
   small_causal_mask.py     a dynamic net's baked causal mask -> FAttention's small mask (any length)
   dynamic_sequence.py      a dynamic net's Reshapes and Slices open along its sequence axes
 
-The first runs on nets that have checkpoint codes only (`codes_only`: a pre-quantized model's);
-the last two on dynamic nets only (`dynamic_only`: --dynamic block_i, block_kv_i), which
+The first runs on nets that have checkpoint codes only (`codes_only`: a pre-quantized model's), the
+second on nets compiled in an int4 weight mode only (`modes`); the last two on dynamic nets only (`dynamic_only`: --dynamic block_i, block_kv_i), which
 model_deploy then compiles with --dynamic.
 
 Each pass reports how many candidates it changed and, for every candidate it left alone, why.
@@ -43,6 +44,20 @@ class KeepCheckpointCodes(TopPass):
     applies_to = BLOCKS | {ENCODER, CROSS_KV, LM_HEAD}
     codes_only = True
     ensures = ("weights.checkpoint-codes",)
+
+
+@register_pass
+class QuantizeWeights(TopPass):
+    """A W4 net's Linear weights quantized to int4 codes, scales and zero points by TPU-MLIR's own arithmetic, as
+    top.A16MatMul: model_deploy then lowers them instead of quantizing element by element (an 8B block 8 s)."""
+
+    name = "quantize-weights"
+    target = "bm1684x"
+    module = "quantize_weights"
+    applies_to = BLOCKS | {ENCODER, CROSS_KV, LM_HEAD}
+    modes = frozenset({"W4BF16", "W4F16"})  # model_deploy's --quantize where it would make int4 A16MatMuls
+    # After keep-checkpoint-codes: a checkpoint's own codes stay its own, the rest are quantized here.
+    ensures = ("weights.int4",)
 
 
 @register_pass
@@ -95,17 +110,18 @@ class DynamicSequence(TopPass):
     ensures = ("shapes.any-length",)
 
 
-TOP_PIPELINE = ("keep-checkpoint-codes", "fuse-flash-attention", "merge-cache-concat", "small-causal-mask",
+TOP_PIPELINE = ("keep-checkpoint-codes", "quantize-weights", "fuse-flash-attention", "merge-cache-concat", "small-causal-mask",
                 "dynamic-sequence")
 
 
 def passes_for(kind: str, pipeline: tuple[str, ...] = TOP_PIPELINE, dynamic: bool = False,
-               codes: bool = False) -> tuple[str, ...]:
+               codes: bool = False, mode: str = "") -> tuple[str, ...]:
     """The passes of `pipeline` that apply to networks of `kind` (compiled --dynamic or not, with checkpoint
-    codes or not), in order."""
+    codes or not, in model_deploy's --quantize `mode`), in order."""
     return tuple(name for name in pipeline if kind in get_pass(name).applies_to
                  and (dynamic or not getattr(get_pass(name), "dynamic_only", False))
-                 and (codes or not getattr(get_pass(name), "codes_only", False)))
+                 and (codes or not getattr(get_pass(name), "codes_only", False))
+                 and mode in getattr(get_pass(name), "modes", {mode}))
 
 
 def digest() -> str:
@@ -118,20 +134,23 @@ def digest() -> str:
 
 
 def apply(toolchain, mlir: Path, passes: tuple[str, ...], log: Path, dynamic: bool = False,
-          codes: Path | None = None) -> list[dict]:
+          codes: Path | None = None, weight_bits: int | None = None, q_group_size: int | None = None,
+          threads: int | None = None) -> list[dict]:
     """Rewrites `mlir` in place (the original kept as NAME_unfused.mlir); returns each pass's report.
-    `dynamic`: the net is compiled --dynamic; `codes`: its checkpoint codes file. A failure raises
-    CalledProcessError with the output in `log`."""
+    `dynamic`: the net is compiled --dynamic; `codes`: its checkpoint codes file; `weight_bits` and `q_group_size`:
+    model_deploy's weight-only mode (4 for W4BF16) and its groups; `threads`: the compile job's share of the cores.
+    A failure raises CalledProcessError with the output in `log`."""
     original = mlir.with_name(f"{mlir.stem}_unfused.mlir")
     mlir.replace(original)
     modules = [f"{get_pass(name).module}:{name}" for name in passes]
     command = [str(toolchain.python), str(HERE / "run.py"), str(original), str(mlir),
-               json.dumps({DYNAMIC: dynamic, "codes": str(codes.absolute()) if codes else None}),
-               *modules]  # the JSON is run.py's Context(dynamic=..., codes=...)
+               json.dumps({DYNAMIC: dynamic, "codes": str(codes.absolute()) if codes else None,
+                           "weight_bits": weight_bits or 0, "q_group_size": q_group_size or 0}),
+               *modules]  # the JSON is run.py's Context(dynamic=..., codes=..., weight_bits=..., q_group_size=...)
     with open(log, "a") as handle:
         handle.write(f"$ top passes: {' '.join(passes)}\n")
         handle.flush()
-        done = subprocess.run(command, cwd=mlir.parent, env=toolchain.environ(), stdout=subprocess.PIPE,
+        done = subprocess.run(command, cwd=mlir.parent, env=toolchain.environ(threads), stdout=subprocess.PIPE,
                               stderr=handle, stdin=subprocess.DEVNULL, text=True)
         handle.write(done.stdout)
     if done.returncode:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import zipfile
 from dataclasses import dataclass
 
 import numpy as np
@@ -87,33 +88,71 @@ def erase_dead(block) -> int:
 
 
 class Weights:
-    """The net's weight file (the .npz model_transform wrote, named in the module's `module.weight_file`),
-    read when a pass first asks and written back by run.py only when a pass added to it."""
+    """The net's weight file (the .npz model_transform wrote, named in the module's `module.weight_file`): each
+    weight read when a pass first asks for it, and the file written again by run.py only when a pass added or
+    took one (with the weights it did not touch copied over)."""
 
     def __init__(self, path: str):
-        self.path, self._data, self.changed = path, None, False
+        self.path, self.changed = path, False
+        self._read: dict[str, np.ndarray] = {}  # read or added
+        self._taken: set[str] = set()
 
-    def _load(self) -> dict:
-        if self._data is None:
-            with np.load(self.path) as data:
-                self._data = dict(data)
-        return self._data
+    def _names(self) -> list[str]:
+        with np.load(self.path) as data:
+            return list(data.files)
 
     def __getitem__(self, name: str) -> np.ndarray:
-        return self._load()[name]
+        if name in self._taken:
+            raise KeyError(f"'{name}' was taken from the weight file")
+        if name not in self._read:
+            self._read[name] = stored_array(self.path, name)
+        return self._read[name]
+
+    def take(self, name: str) -> np.ndarray:
+        """The weight, dropped from the file (its reader is gone): the array is the caller's to overwrite."""
+        value = self[name]
+        del self._read[name]
+        self._taken.add(name)
+        self.changed = True
+        return value
 
     def add(self, name: str, value: np.ndarray) -> None:
-        data = self._load()
-        if name in data:
+        if name in self._read or (name not in self._taken and name in self._names()):
             raise ValueError(f"the weight file already holds '{name}'")
-        data[name] = value
+        self._taken.discard(name)
+        self._read[name] = value
         self.changed = True
 
     def save(self) -> None:
         if self.changed:
+            with np.load(self.path) as data:
+                kept = {name: self._read.get(name) if name in self._read else data[name]
+                        for name in data.files if name not in self._taken}
             partial = f"{self.path}.partial.npz"
-            np.savez(partial, **self._data)
+            np.savez(partial, **kept, **{k: v for k, v in self._read.items() if k not in kept})
             os.replace(partial, self.path)
+
+
+def stored_array(npz: str, name: str) -> np.ndarray:
+    """One array of an .npz, mapped read-only from the file where np.savez stored it uncompressed (np.load reads
+    it through zipfile: a copy and a CRC, 2.2 s of an 8B block's 873 MB), else as np.load reads it."""
+    with zipfile.ZipFile(npz) as archive:
+        info = archive.getinfo(f"{name}.npy")
+    if info.compress_type != zipfile.ZIP_STORED:
+        with np.load(npz) as data:
+            return data[name]
+    with open(npz, "rb") as handle:
+        handle.seek(info.header_offset)
+        local = handle.read(30)  # the local file header: its name and extra field lengths at 26 and 28
+        handle.seek(info.header_offset + 30 + int.from_bytes(local[26:28], "little") + int.from_bytes(local[28:30], "little"))
+        version = np.lib.format.read_magic(handle)
+        readers = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
+        shape, fortran, dtype = readers[version](handle) if version in readers else ((), False, np.dtype(object))
+        offset = handle.tell()
+    if dtype.hasobject or not shape or 0 in shape:  # (a format this does not map: as np.load reads it)
+        with np.load(npz) as data:
+            return data[name]
+    return np.memmap(npz, dtype=dtype, mode="r", offset=offset, shape=shape, order="F" if fortran else "C")
 
 
 @dataclass
@@ -124,3 +163,5 @@ class Context:
     weights: Weights
     dynamic: bool = False
     codes: str | None = None
+    weight_bits: int = 0  # model_deploy's weight-only mode: 4 for W4BF16/W4F16, 8 for W8..., 0 for a float mode
+    q_group_size: int = 0  # its --q_group_size

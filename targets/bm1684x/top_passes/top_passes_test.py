@@ -109,3 +109,48 @@ def test_the_decode_cache_concats_merge_in_place_with_the_same_outputs(tools, tm
     assert top_passes.passes_for("block", dynamic=True) == ("fuse-flash-attention", "small-causal-mask",
                                                             "dynamic-sequence")
     assert top_passes.passes_for("block_cache", dynamic=True) == top_passes.passes_for("block_cache")
+
+
+def _tpu_mlirs_int4(weight_kn: np.ndarray, group: int):
+    """TPU-MLIR's A16MatMulAdjust for int4 groups, element by element in float32, as its C++ loops compute it."""
+    import math
+
+    def c_round(x) -> float:  # C's round of a float: half away from zero (exact in double for a float32 x)
+        return math.copysign(math.floor(abs(float(x)) + 0.5), float(x))
+
+    w = np.ascontiguousarray(weight_kn.T)  # [N, K]
+    n, k = w.shape
+    codes, scales, zeros = np.zeros(n * k, np.uint8), [], []
+    flat = w.reshape(-1)
+    for g in range(n * k // group):
+        values = flat[g * group:(g + 1) * group]
+        low, high = values.min(), values.max()
+        scale = np.float32(max(np.float32(high - low), np.float32(1e-5)) / np.float32(15))
+        zero = min(max(-int(c_round(np.float32(low / scale))), 0), 15)
+        scales.append(scale), zeros.append(zero)
+        for i, v in enumerate(values):
+            codes[g * group + i] = min(max(c_round(np.float32(v / scale)) + zero, 0), 15)
+    packed = codes[0::2] | (codes[1::2] << 4)
+    return packed.reshape(n, k // 2), np.array(scales, np.float32).reshape(n, -1), np.array(zeros, np.uint8).reshape(n, -1)
+
+
+def test_int4_groups_are_tpu_mlirs_codes_ties_included():
+    """quantize-weights' arithmetic (int4_groups.py) against TPU-MLIR's loops written out element by element, on a
+    weight whose groups put values exactly halfway between two codes (where numpy's rint and C's round part): the
+    bmodel test (tests/test_bm1684x.py) holds whole nets to TPU-MLIR's own output, ties are rare there."""
+    from graphopt.targets.bm1684x.top_passes.int4_groups import quantize
+
+    rng = np.random.default_rng(0)
+    k, n, group = 128, 64, 64
+    weight = rng.standard_normal((n, k)).astype(np.float32) * 0.02  # [N, K] as a Linear holds it
+    weight[0, :group] = np.linspace(0, 15, group, dtype=np.float32)  # scale 1: no tie yet
+    weight[0, 3], weight[0, 4] = 2.5, 7.5  # codes halfway: rint gives 2 and 8, C gives 3 and 8
+    weight[1, :group] = -np.linspace(0, 15, group, dtype=np.float32)
+    weight[1, 3] = -2.5  # zero point 15: rint -2 -> 13, C -3 -> 12
+    weight[2, :group] = np.linspace(-6.5, 8.5, group, dtype=np.float32)  # the zero point itself a tie: -round(-6.5)
+    expected = _tpu_mlirs_int4(weight.T, group)
+    got = quantize(np.ascontiguousarray(weight.T), group)
+    for name, a, b in zip(("codes", "scales", "zero points"), got, expected):
+        assert a.dtype == b.dtype and a.shape == b.shape and np.array_equal(a, b), name
+    # The ties went C's way: element 3 (byte 1's high nibble) 3, element 4 8; row 1's element 3 12; row 2's zero 7.
+    assert (expected[0][0, 1] >> 4, expected[0][0, 2] & 0xF, expected[0][1, 1] >> 4, expected[2][2, 0]) == (3, 8, 12, 7)

@@ -1,0 +1,96 @@
+"""quantize-weights: each Linear's weight quantized to int4 here, exactly as model_deploy would, as top.A16MatMul.
+
+In a W4 mode (W4BF16, W4F16) model_deploy lowers a top.MatMul that reads a 2-D weight to tpu.A16MatMul and then
+quantizes that weight element by element (TPU-MLIR's A16MatMulAdjust): of an 8B block's 10.5 s lowering, 8 s.
+Given top.A16MatMul with the codes, scales and zero points (as keep-checkpoint-codes writes a GPTQ checkpoint's),
+the lowering only converts the scales to the half type: 1.4 s. This pass does the quantization on whole arrays
+with the same float32 arithmetic, so the bmodel is the same bytes (tests/test_bm1684x.py holds it to that):
+
+    scale = max(max - min, 1e-5) / 15, zero = clamp(-round(min / scale), 0, 15),
+    code = clamp(round(w / scale) + zero, 0, 15)     per group along K (int4_groups.py)
+
+Matched as TPU-MLIR's W4A16MatMulPreparePattern picks MatMuls for A16MatMul: the weight is [K, N] float32 with
+N a multiple of the chip's 64 lanes (others TPU-MLIR lowers in the float mode, or splits), and K must split into
+groups. A MatMul with an attribute off its default, or a weight with other readers, is left to model_deploy
+(which quantizes it the same way, only slower). The float32 weight leaves the weights file with its MatMul.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from mlir.ir import F32Type, IntegerType, RankedTensorType
+
+from _mlir import bool_attr, create, int_attr, name_of, producer, shape
+from int4_groups import Buffers, quantize
+
+NAME = "quantize-weights"
+BITS = 4
+NPU_NUM = 64  # BM1684X's lanes: A16MatMul's output channels come in multiples of them
+DEFAULTS = {"do_relu": False, "hdim_is_batch": False, "is_lora": False, "left_transpose": False,
+            "output_transpose": False, "right_transpose": False}
+
+
+def why_not(matmul) -> str:
+    """"" if model_deploy would make `matmul` an int4 A16MatMul from its weight; else why not."""
+    weight = producer(matmul.operands[1])
+    if weight is None or weight.name != "top.Weight":
+        return "its right operand is no weight"
+    dims = shape(weight.results[0])
+    if len(dims) != 2:
+        return f"its weight is {len(dims)}-D"
+    if not F32Type.isinstance(RankedTensorType(weight.results[0].type).element_type):
+        return "its weight is not float32"
+    readers = len(list(weight.results[0].uses))
+    if readers != 1:
+        return f"its weight has {readers} readers"
+    off = [name for name, default in DEFAULTS.items() if bool_attr(matmul, name) != default]
+    attributes = matmul.attributes
+    if "q_group_size" in attributes and int_attr(matmul, "q_group_size") != 0:
+        off.append("q_group_size")
+    if "dq_type" in attributes and str(attributes["dq_type"]) != '"NONE"':
+        off.append("dq_type")
+    if off:
+        return f"attributes off their defaults ({', '.join(off)})"
+    if dims[1] % NPU_NUM:
+        return f"its {dims[1]} output channels are not a multiple of {NPU_NUM}"
+    return ""
+
+
+def run(block, none, context) -> dict:
+    group = context.q_group_size
+    if context.weight_bits != BITS or not group:
+        return {"changed": 0, "summary": f"not an int{BITS} mode with groups", "skipped": []}
+    changed, skipped, buffers = 0, [], Buffers()
+    for matmul in [o.operation for o in block.operations if o.operation.name == "top.MatMul"]:
+        why = why_not(matmul)
+        weight = producer(matmul.operands[1])
+        k = shape(weight.results[0])[0] if not why else 0
+        if not why and k % group:
+            why = f"its K {k} does not split into groups of {group}"
+        if why:
+            if why != "its right operand is no weight":  # attention's MatMuls read two activations: not candidates
+                skipped.append(f"{name_of(matmul)}: {why}")
+            continue
+        dims = shape(weight.results[0])
+        value = context.weights.take(name_of(weight))  # (the weight file holds it flat)
+        if value.dtype != np.float32 or value.size != dims[0] * dims[1]:
+            raise RuntimeError(f"{NAME}: {name_of(weight)} holds {value.size} {value.dtype} values, its type {dims} f32")
+        codes, scale, zero = quantize(value.reshape(dims), group, buffers)
+        first = block.operations[1]  # after top.None: weights come before any reader
+        operands = []
+        for suffix, array, element in (("codes", codes, IntegerType.get_unsigned(8)), ("scale", scale, F32Type.get()),
+                                       ("zero", zero, IntegerType.get_unsigned(8))):
+            name = f"{name_of(matmul)}_{suffix}"
+            context.weights.add(name, array)
+            operands.append(create("top.Weight", RankedTensorType.get(list(array.shape), element), [], {}, name,
+                                   first).results[0])
+        out = matmul.results[0]
+        a16 = create("top.A16MatMul", out.type, [matmul.operands[0], *operands, matmul.operands[2]],
+                     {"right_transpose": "true", "q_group_size": f"{group} : i64", "weight_bits": f"{BITS} : i64"},
+                     name_of(matmul), matmul)
+        out.replace_all_uses_with(a16.results[0])
+        matmul.erase()
+        weight.erase()  # (its only reader is gone, and the file no longer holds it)
+        changed += 1
+    return {"changed": changed, "summary": f"{changed} Linear weight(s) quantized to int{BITS} in groups of {group}",
+            "skipped": skipped}
