@@ -202,6 +202,10 @@ def cmd_passes(args) -> int:
             kinds = "all networks" if cls.applies_to >= ALL_KINDS else ", ".join(sorted(cls.applies_to))
             if getattr(cls, "dynamic_only", False):
                 kinds += " compiled --dynamic"
+            if getattr(cls, "codes_only", False):
+                kinds += " with checkpoint codes"
+            if getattr(cls, "modes", None):
+                kinds += f" in {', '.join(sorted(cls.modes))}"
             print(f"  {index:2d}. {name:<22} {cls.doc()}")
             detail = [f"on: {kinds}"]
             if name not in builtin.pipeline(stage):
