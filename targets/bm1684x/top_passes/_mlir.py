@@ -109,7 +109,7 @@ class Weights:
         return self._read[name]
 
     def take(self, name: str) -> np.ndarray:
-        """The weight, dropped from the file (its reader is gone): the array is the caller's to overwrite."""
+        """The weight, dropped from the file (its reader is gone); a read-only array."""
         value = self[name]
         del self._read[name]
         self._taken.add(name)
@@ -126,7 +126,7 @@ class Weights:
     def save(self) -> None:
         if self.changed:
             with np.load(self.path) as data:
-                kept = {name: self._read.get(name) if name in self._read else data[name]
+                kept = {name: self._read[name] if name in self._read else data[name]
                         for name in data.files if name not in self._taken}
             partial = f"{self.path}.partial.npz"
             np.savez(partial, **kept, **{k: v for k, v in self._read.items() if k not in kept})

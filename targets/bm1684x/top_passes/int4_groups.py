@@ -6,8 +6,10 @@ model_deploy's W4BF16/W4F16), on whole arrays: what quantize_weights.py writes a
     zero  = clamp(-round(min / scale), 0, 15)
     code  = clamp(round(w / scale) + zero, 0, 15), two a byte along K, the even one in the low nibble
 
-`round` is C's, half away from zero; numpy's rint rounds half to even, so its ties are moved. Numpy only: it runs
-in the toolchain's Python (run.py) and is tested in graphopt's.
+`round` is C's, half away from zero; numpy's rint rounds half to even, so its ties are moved. `quantize` does it on
+whole arrays; `quantize_rows` does it another way for a few output channels (rounding in double), which the pass
+checks each result against. Numpy only: it runs in the toolchain's Python (run.py) and is
+tested in graphopt's.
 """
 
 from __future__ import annotations
@@ -86,3 +88,25 @@ def quantize(weight_kn: np.ndarray, group: int, buffers: Buffers | None = None
     np.left_shift(small[:, 1], 4, out=packed)
     packed |= small[:, 0]
     return transpose_bytes(packed), np.ascontiguousarray(scale.T), np.ascontiguousarray(zero.astype(np.uint8).T)
+
+
+def _c_round(x: np.ndarray) -> np.ndarray:
+    """C's round of float32 values: half away from zero, in double (|x| + 0.5 is exact there)."""
+    x = x.astype(np.float64)
+    return np.copysign(np.floor(np.abs(x) + 0.5), x)
+
+
+def quantize_rows(weight_kn: np.ndarray, group: int, rows) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """`quantize`'s result for output channels `rows` only ([len(rows), K/2] codes, scales, zero points), computed
+    another way: a row at a time in [N, K] order, rounding in double, as TPU-MLIR's A16MatMulAdjust loops over it."""
+    k = weight_kn.shape[0]
+    codes, scales, zeros = [], [], []
+    for row in rows:
+        values = np.asarray(weight_kn[:, row], dtype=np.float32).reshape(k // group, group)
+        low, high = values.min(axis=1), values.max(axis=1)
+        scale = (np.maximum(high - low, np.float32(1e-5)) / np.float32(15)).astype(np.float32)
+        zero = np.clip(-_c_round(low / scale), 0, 15)
+        row_codes = np.clip(_c_round(values / scale[:, None]) + zero[:, None], 0, 15).astype(np.uint8).reshape(-1)
+        codes.append(row_codes[0::2] | (row_codes[1::2] << 4))
+        scales.append(scale), zeros.append(zero.astype(np.uint8))
+    return np.array(codes), np.array(scales), np.array(zeros)

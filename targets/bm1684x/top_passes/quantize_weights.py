@@ -13,6 +13,7 @@ Matched as TPU-MLIR's W4A16MatMulPreparePattern picks MatMuls for A16MatMul: the
 N a multiple of the chip's 64 lanes (others TPU-MLIR lowers in the float mode, or splits), and K must split into
 groups. A MatMul with an attribute off its default, or a weight with other readers, is left to model_deploy
 (which quantizes it the same way, only slower). The float32 weight leaves the weights file with its MatMul.
+Each weight's result is checked on two output channels against the same arithmetic done another way.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import numpy as np
 from mlir.ir import F32Type, IntegerType, RankedTensorType
 
 from _mlir import bool_attr, create, int_attr, name_of, producer, shape
-from int4_groups import Buffers, quantize
+from int4_groups import Buffers, quantize, quantize_rows
 
 NAME = "quantize-weights"
 BITS = 4
@@ -56,6 +57,15 @@ def why_not(matmul) -> str:
     return ""
 
 
+def _check(name: str, weight_kn: np.ndarray, group: int, result) -> None:
+    """The first and last output channel of `result` as int4_groups.quantize_rows computes them (rounding in double)."""
+    rows = sorted({0, weight_kn.shape[1] - 1})
+    for part, got, expected in zip(("codes", "scales", "zero points"), result, quantize_rows(weight_kn, group, rows)):
+        if not np.array_equal(got[rows], expected):
+            raise RuntimeError(f"{NAME}: {name}'s {part} for output channels {rows} are not what TPU-MLIR's arithmetic "
+                               "gives computed row by row (int4_groups.quantize_rows)")
+
+
 def run(block, none, context) -> dict:
     group = context.q_group_size
     if context.weight_bits != BITS or not group:
@@ -76,6 +86,7 @@ def run(block, none, context) -> dict:
         if value.dtype != np.float32 or value.size != dims[0] * dims[1]:
             raise RuntimeError(f"{NAME}: {name_of(weight)} holds {value.size} {value.dtype} values, its type {dims} f32")
         codes, scale, zero = quantize(value.reshape(dims), group, buffers)
+        _check(name_of(weight), value.reshape(dims), group, (codes, scale, zero))
         first = block.operations[1]  # after top.None: weights come before any reader
         operands = []
         for suffix, array, element in (("codes", codes, IntegerType.get_unsigned(8)), ("scale", scale, F32Type.get()),

@@ -135,10 +135,11 @@ def _tpu_mlirs_int4(weight_kn: np.ndarray, group: int):
 
 
 def test_int4_groups_are_tpu_mlirs_codes_ties_included():
-    """quantize-weights' arithmetic (int4_groups.py) against TPU-MLIR's loops written out element by element, on a
+    """quantize-weights' arithmetic (int4_groups.py: quantize, and quantize_rows, which the pass checks each result
+    against) against TPU-MLIR's loops written out element by element, on a
     weight whose groups put values exactly halfway between two codes (where numpy's rint and C's round part): the
     bmodel test (tests/test_bm1684x.py) holds whole nets to TPU-MLIR's own output, ties are rare there."""
-    from graphopt.targets.bm1684x.top_passes.int4_groups import quantize
+    from graphopt.targets.bm1684x.top_passes.int4_groups import quantize, quantize_rows
 
     rng = np.random.default_rng(0)
     k, n, group = 128, 64, 64
@@ -152,5 +153,9 @@ def test_int4_groups_are_tpu_mlirs_codes_ties_included():
     got = quantize(np.ascontiguousarray(weight.T), group)
     for name, a, b in zip(("codes", "scales", "zero points"), got, expected):
         assert a.dtype == b.dtype and a.shape == b.shape and np.array_equal(a, b), name
+    rows = [0, 1, 2, n - 1]  # the pass's own check of its result, the same arithmetic row by row
+    for name, a, b in zip(("codes", "scales", "zero points"), quantize_rows(np.ascontiguousarray(weight.T), group, rows),
+                          expected):
+        assert a.dtype == b.dtype and np.array_equal(a, b[rows]), name
     # The ties went C's way: element 3 (byte 1's high nibble) 3, element 4 8; row 1's element 3 12; row 2's zero 7.
     assert (expected[0][0, 1] >> 4, expected[0][0, 2] & 0xF, expected[0][1, 1] >> 4, expected[2][2, 0]) == (3, 8, 12, 7)
