@@ -53,7 +53,8 @@ def _compiled_block(tools, folder, pipeline):
     target = dataclasses.replace(get_target("bm1684x"), fx_pipeline=pipeline)
     result = export_networks(open_model("tiny-llama"), ["block_0"], SEQ, folder, target=target)["block_0"]
     spec = contract.DeploySpec("block_0", "block_0", tuple(s.shape for s in result.inputs), "W4BF16",
-                               contract.block_flags("w4bf16", contract.DEFAULT_GROUP_SIZE), passes_for("block", mode="W4BF16"))
+                               contract.block_flags("w4bf16", contract.DEFAULT_GROUP_SIZE),
+                               passes_for("block", mode="W4BF16"))
     return deploy.deploy_network(tools, spec, result.files[0], result.sha256).bmodel
 
 

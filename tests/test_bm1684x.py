@@ -777,10 +777,11 @@ def test_weights_quantized_by_the_top_pass_give_the_bmodel_model_deploy_gives(to
             patch.setenv("GRAPHOPT_NET_CACHE", str(tmp_path / f"cache {how}"))
             if how == "model_deploy":
                 patch.setattr(get_pass("quantize-weights"), "modes", frozenset())
+            options = {"quantize": quantize, "group_size": 64, "head_weights": lm_head}
             builds[how] = compile_model(open_model(str(checkpoint)), get_target("bm1684x"), int(SEQ), tmp_path / how,
-                                        check=False, show_progress=False, jobs=2,
-                                        target_options={"quantize": quantize, "group_size": 64, "head_weights": lm_head})
-    quantized = {n["net"]: n["top_passes"].get("quantize-weights", {}).get("changed") for n in builds["quantize-weights"].target.nets}
+                                        check=False, show_progress=False, jobs=2, target_options=options)
+    quantized = {n["net"]: n["top_passes"].get("quantize-weights", {}).get("changed")
+                 for n in builds["quantize-weights"].target.nets}
     expected = {n: 7 if n.startswith("block") else 1 if n == "lm_head" and lm_head == "w4" else None for n in quantized}
     assert quantized == expected
     assert not any("quantize-weights" in n["top_passes"] for n in builds["model_deploy"].target.nets)

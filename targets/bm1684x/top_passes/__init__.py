@@ -14,8 +14,8 @@ by `run.py` (it needs TPU-MLIR's `mlir` bindings, not graphopt):
   dynamic_sequence.py      a dynamic net's Reshapes and Slices open along its sequence axes
 
 The first runs on nets that have checkpoint codes only (`codes_only`: a pre-quantized model's), the
-second on nets compiled in an int4 weight mode only (`modes`); the last two on dynamic nets only (`dynamic_only`: --dynamic block_i, block_kv_i), which
-model_deploy then compiles with --dynamic.
+second on nets compiled in an int4 weight mode only (`modes`); the last two on dynamic nets only
+(`dynamic_only`: --dynamic block_i, block_kv_i), which model_deploy then compiles with --dynamic.
 
 Each pass reports how many candidates it changed and, for every candidate it left alone, why.
 """
@@ -113,8 +113,8 @@ class DynamicSequence(TopPass):
     ensures = ("shapes.any-length",)
 
 
-TOP_PIPELINE = ("keep-checkpoint-codes", "quantize-weights", "fuse-flash-attention", "merge-cache-concat", "small-causal-mask",
-                "dynamic-sequence")
+TOP_PIPELINE = ("keep-checkpoint-codes", "quantize-weights", "fuse-flash-attention", "merge-cache-concat",
+                "small-causal-mask", "dynamic-sequence")
 
 
 def passes_for(kind: str, pipeline: tuple[str, ...] = TOP_PIPELINE, dynamic: bool = False,

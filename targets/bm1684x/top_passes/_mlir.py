@@ -144,7 +144,8 @@ def stored_array(npz: str, name: str) -> np.ndarray:
     with open(npz, "rb") as handle:
         handle.seek(info.header_offset)
         local = handle.read(30)  # the local file header: its name and extra field lengths at 26 and 28
-        handle.seek(info.header_offset + 30 + int.from_bytes(local[26:28], "little") + int.from_bytes(local[28:30], "little"))
+        name_length, extra_length = int.from_bytes(local[26:28], "little"), int.from_bytes(local[28:30], "little")
+        handle.seek(info.header_offset + 30 + name_length + extra_length)
         version = np.lib.format.read_magic(handle)
         readers = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
         shape, fortran, dtype = readers[version](handle) if version in readers else ((), False, np.dtype(object))

@@ -70,7 +70,7 @@ def _follow(operation, known: list[dict]) -> tuple[dict, str | None]:
         if known[0] or int_attr(operation, "axis") != 0:
             raise NoMatch("gathers along the sequence, or from a table that has one")
         return dict(known[1]), None
-    if name == "top.MatMul":
+    if name in ("top.MatMul", "top.A16MatMul"):  # (A16MatMul: a Linear with int4 codes, its right operand a weight)
         if len(known) > 1 and known[1]:
             raise NoMatch("multiplies by a sequence-long right operand (an attention left unfused)")
         rank = len(shape(operation.operands[0]))

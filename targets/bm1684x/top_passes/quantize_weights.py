@@ -84,7 +84,8 @@ def run(block, none, context) -> dict:
         dims = shape(weight.results[0])
         value = context.weights.take(name_of(weight))  # (the weight file holds it flat)
         if value.dtype != np.float32 or value.size != dims[0] * dims[1]:
-            raise RuntimeError(f"{NAME}: {name_of(weight)} holds {value.size} {value.dtype} values, its type {dims} f32")
+            raise RuntimeError(f"{NAME}: {name_of(weight)} holds {value.size} {value.dtype} values; "
+                               f"its type says {dims} f32")
         codes, scale, zero = quantize(value.reshape(dims), group, buffers)
         _check(name_of(weight), value.reshape(dims), group, (codes, scale, zero))
         first = block.operations[1]  # after top.None: weights come before any reader

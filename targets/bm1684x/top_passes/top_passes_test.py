@@ -131,7 +131,8 @@ def _tpu_mlirs_int4(weight_kn: np.ndarray, group: int):
         for i, v in enumerate(values):
             codes[g * group + i] = min(max(c_round(np.float32(v / scale)) + zero, 0), 15)
     packed = codes[0::2] | (codes[1::2] << 4)
-    return packed.reshape(n, k // 2), np.array(scales, np.float32).reshape(n, -1), np.array(zeros, np.uint8).reshape(n, -1)
+    return (packed.reshape(n, k // 2), np.array(scales, np.float32).reshape(n, -1),
+            np.array(zeros, np.uint8).reshape(n, -1))
 
 
 def test_int4_groups_are_tpu_mlirs_codes_ties_included():
@@ -154,8 +155,8 @@ def test_int4_groups_are_tpu_mlirs_codes_ties_included():
     for name, a, b in zip(("codes", "scales", "zero points"), got, expected):
         assert a.dtype == b.dtype and a.shape == b.shape and np.array_equal(a, b), name
     rows = [0, 1, 2, n - 1]  # the pass's own check of its result, the same arithmetic row by row
-    for name, a, b in zip(("codes", "scales", "zero points"), quantize_rows(np.ascontiguousarray(weight.T), group, rows),
-                          expected):
+    by_rows = quantize_rows(np.ascontiguousarray(weight.T), group, rows)
+    for name, a, b in zip(("codes", "scales", "zero points"), by_rows, expected):
         assert a.dtype == b.dtype and np.array_equal(a, b[rows]), name
     # The ties went C's way: element 3 (byte 1's high nibble) 3, element 4 8; row 1's element 3 12; row 2's zero 7.
     assert (expected[0][0, 1] >> 4, expected[0][0, 2] & 0xF, expected[0][1, 1] >> 4, expected[2][2, 0]) == (3, 8, 12, 7)
