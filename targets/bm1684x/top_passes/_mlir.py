@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import zipfile
 from dataclasses import dataclass
 
 import numpy as np
-from mlir.ir import (ArrayAttr, Attribute, FloatAttr, InsertionPoint, IntegerAttr, Location, Operation,
-                     RankedTensorType, Value)
+from mlir.ir import (ArrayAttr, Attribute, F32Type, FloatAttr, InsertionPoint, IntegerAttr, IntegerType, Location,
+                     Operation, RankedTensorType, Value)
 
 
 class NoMatch(Exception):
@@ -72,6 +73,27 @@ def create(name: str, result_type, operands: list[Value], attributes: dict[str, 
                             loc=Location.name(loc_name), ip=InsertionPoint(before))
 
 
+def to_a16_matmul(block, matmul: Operation, weights: "Weights", parts: dict[str, np.ndarray], group: int,
+                  bits: int) -> Operation:
+    """top.MatMul(x, W, bias) -> top.A16MatMul(x, codes, scales, zero points, bias), right-transposed: `parts` names
+    the new weights, in that order ([N, K*bits/8] uint8, [N, K/group] float32, [N, K/group] uint8), which go into
+    `weights`. W stays, for the caller to drop or keep."""
+    first = block.operations[1]  # after top.None: weights come before any reader
+    operands = []
+    for (name, array), element in zip(parts.items(), (IntegerType.get_unsigned(8), F32Type.get(),
+                                                       IntegerType.get_unsigned(8))):
+        weights.add(name, array)
+        operands.append(create("top.Weight", RankedTensorType.get(list(array.shape), element), [], {}, name,
+                               first).results[0])
+    out = matmul.results[0]
+    a16 = create("top.A16MatMul", out.type, [matmul.operands[0], *operands, matmul.operands[2]],
+                 {"right_transpose": "true", "q_group_size": f"{group} : i64", "weight_bits": f"{bits} : i64"},
+                 name_of(matmul), matmul)
+    out.replace_all_uses_with(a16.results[0])
+    matmul.erase()
+    return a16
+
+
 def erase_dead(block) -> int:
     """Erase ops whose results nobody reads (inputs, weights and the return stay), last first."""
     keep = {"func.return", "top.Input", "top.None", "top.Weight"}
@@ -97,9 +119,11 @@ class Weights:
         self._read: dict[str, np.ndarray] = {}  # read or added
         self._taken: set[str] = set()
 
-    def _names(self) -> list[str]:
+    @functools.cached_property
+    def _stored(self) -> frozenset[str]:
+        """The names the file holds (it changes only when run.py saves it, at the end)."""
         with np.load(self.path) as data:
-            return list(data.files)
+            return frozenset(data.files)
 
     def __getitem__(self, name: str) -> np.ndarray:
         if name in self._taken:
@@ -117,7 +141,7 @@ class Weights:
         return value
 
     def add(self, name: str, value: np.ndarray) -> None:
-        if name in self._read or (name not in self._taken and name in self._names()):
+        if name in self._read or (name not in self._taken and name in self._stored):
             raise ValueError(f"the weight file already holds '{name}'")
         self._taken.discard(name)
         self._read[name] = value

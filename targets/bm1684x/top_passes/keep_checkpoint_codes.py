@@ -18,9 +18,8 @@ import hashlib
 import json
 
 import numpy as np
-from mlir.ir import F32Type, IntegerType, RankedTensorType
 
-from _mlir import bool_attr, create, name_of, producer, shape
+from _mlir import bool_attr, name_of, producer, shape, to_a16_matmul
 
 NAME = "keep-checkpoint-codes"
 
@@ -67,20 +66,8 @@ def run(block, none, context) -> dict:
 
 def _replace(block, matmul, linear: str, info: dict, handle, weights) -> None:
     """top.MatMul(x, W) -> top.A16MatMul(x, codes, scales, zeros, bias), right-transposed ([N, K] codes)."""
-    first = block.operations[1]  # after top.None: weights come before any reader
-    operands = []
-    for part, element in (("qweight", IntegerType.get_unsigned(8)), ("scales", F32Type.get()),
-                          ("zeros", IntegerType.get_unsigned(8))):
-        array = handle.get_tensor(f"{linear}.{part}")
-        name = f"{linear}.{part}"
-        weights.add(name, array)
-        operands.append(create("top.Weight", RankedTensorType.get(list(array.shape), element), [], {}, name,
-                               first).results[0])
-    out = matmul.results[0]
-    fused = create("top.A16MatMul", out.type, [matmul.operands[0], *operands, matmul.operands[2]],
-                   {"right_transpose": "true", "q_group_size": f"{info['group_size']} : i64",
-                    "weight_bits": f"{info['bits']} : i64"}, name_of(matmul), matmul)
-    if shape(fused.results[0]) != shape(out):
+    expected = shape(matmul.results[0])
+    parts = {f"{linear}.{part}": handle.get_tensor(f"{linear}.{part}") for part in ("qweight", "scales", "zeros")}
+    fused = to_a16_matmul(block, matmul, weights, parts, info["group_size"], info["bits"])
+    if shape(fused.results[0]) != expected:
         raise RuntimeError(f"{NAME}: {linear}: A16MatMul's output {shape(fused.results[0])} differs from the MatMul's")
-    out.replace_all_uses_with(fused.results[0])
-    matmul.erase()

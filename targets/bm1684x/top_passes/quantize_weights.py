@@ -19,9 +19,9 @@ Each weight's result is checked on two output channels against the same arithmet
 from __future__ import annotations
 
 import numpy as np
-from mlir.ir import F32Type, IntegerType, RankedTensorType
+from mlir.ir import F32Type, RankedTensorType
 
-from _mlir import bool_attr, create, int_attr, name_of, producer, shape
+from _mlir import bool_attr, int_attr, name_of, producer, shape, to_a16_matmul
 from int4_groups import Buffers, quantize, quantize_rows
 
 NAME = "quantize-weights"
@@ -31,11 +31,8 @@ DEFAULTS = {"do_relu": False, "hdim_is_batch": False, "is_lora": False, "left_tr
             "output_transpose": False, "right_transpose": False}
 
 
-def why_not(matmul) -> str:
-    """"" if model_deploy would make `matmul` an int4 A16MatMul from its weight; else why not."""
-    weight = producer(matmul.operands[1])
-    if weight is None or weight.name != "top.Weight":
-        return "its right operand is no weight"
+def why_not(matmul, weight, group: int) -> str:
+    """"" if model_deploy would make `matmul`, which reads top.Weight `weight`, an int4 A16MatMul; else why not."""
     dims = shape(weight.results[0])
     if len(dims) != 2:
         return f"its weight is {len(dims)}-D"
@@ -54,6 +51,8 @@ def why_not(matmul) -> str:
         return f"attributes off their defaults ({', '.join(off)})"
     if dims[1] % NPU_NUM:
         return f"its {dims[1]} output channels are not a multiple of {NPU_NUM}"
+    if dims[0] % group:
+        return f"its K {dims[0]} does not split into groups of {group}"
     return ""
 
 
@@ -72,14 +71,12 @@ def run(block, none, context) -> dict:
         return {"changed": 0, "summary": f"not an int{BITS} mode with groups", "skipped": []}
     changed, skipped, buffers = 0, [], Buffers()
     for matmul in [o.operation for o in block.operations if o.operation.name == "top.MatMul"]:
-        why = why_not(matmul)
         weight = producer(matmul.operands[1])
-        k = shape(weight.results[0])[0] if not why else 0
-        if not why and k % group:
-            why = f"its K {k} does not split into groups of {group}"
+        if weight is None or weight.name != "top.Weight":  # attention's MatMuls read two activations: no candidates
+            continue
+        why = why_not(matmul, weight, group)
         if why:
-            if why != "its right operand is no weight":  # attention's MatMuls read two activations: not candidates
-                skipped.append(f"{name_of(matmul)}: {why}")
+            skipped.append(f"{name_of(matmul)}: {why}")
             continue
         dims = shape(weight.results[0])
         value = context.weights.take(name_of(weight))  # (the weight file holds it flat)
@@ -88,20 +85,9 @@ def run(block, none, context) -> dict:
                                f"its type says {dims} f32")
         codes, scale, zero = quantize(value.reshape(dims), group, buffers)
         _check(name_of(weight), value.reshape(dims), group, (codes, scale, zero))
-        first = block.operations[1]  # after top.None: weights come before any reader
-        operands = []
-        for suffix, array, element in (("codes", codes, IntegerType.get_unsigned(8)), ("scale", scale, F32Type.get()),
-                                       ("zero", zero, IntegerType.get_unsigned(8))):
-            name = f"{name_of(matmul)}_{suffix}"
-            context.weights.add(name, array)
-            operands.append(create("top.Weight", RankedTensorType.get(list(array.shape), element), [], {}, name,
-                                   first).results[0])
-        out = matmul.results[0]
-        a16 = create("top.A16MatMul", out.type, [matmul.operands[0], *operands, matmul.operands[2]],
-                     {"right_transpose": "true", "q_group_size": f"{group} : i64", "weight_bits": f"{BITS} : i64"},
-                     name_of(matmul), matmul)
-        out.replace_all_uses_with(a16.results[0])
-        matmul.erase()
+        named = name_of(matmul)
+        to_a16_matmul(block, matmul, context.weights,
+                      {f"{named}_codes": codes, f"{named}_scale": scale, f"{named}_zero": zero}, group, BITS)
         weight.erase()  # (its only reader is gone, and the file no longer holds it)
         changed += 1
     return {"changed": changed, "summary": f"{changed} Linear weight(s) quantized to int{BITS} in groups of {group}",
