@@ -158,6 +158,9 @@ def test_tiny_qwen3_in_todays_contract_compiles_to_w4bf16_and_passes_the_simulat
     assert "decode stages in the simulator vs onnxruntime at their shapes: 6 stages" in run.stdout
     inspect = graphopt("inspect", str(folder / report["bmodel"])).stdout
     assert "block_cache_0 (4 stages)" in inspect and "contract (llm-tpu" in inspect and ": met (2 layers)" in inspect
+    # Stages joined under their net's name, as model_tool --combine joins them, to the byte.
+    combined = _combined_as_model_tool_combines(toolchain.require(), folder, tmp_path)
+    assert (combined["nets"], combined["stages"]) == (7, 7 + 6)
 
 
 def test_tiny_qwen3_with_history_kv_compiles_dynamic_blocks_that_run_at_the_lengths_the_demo_sets(net_cache, tmp_path):
@@ -193,6 +196,7 @@ def test_tiny_qwen3_with_history_kv_compiles_dynamic_blocks_that_run_at_the_leng
     assert len(by_name["block_0"].inputs) == 2 and by_name["block_kv_0"].inputs[2].shape == (1, 64, 2, 32)
     inspect = graphopt("inspect", str(folder / report["bmodel"])).stdout
     assert "contract (llm-tpu --dynamic --history-kv: " in inspect and ": met (2 layers)" in inspect
+    _combined_as_model_tool_combines(toolchain.require(), folder, tmp_path)  # dynamic nets
 
 
 def test_tiny_llama_with_dynamic_blocks_walks_the_rmsnorm_tpu_mlir_leaves_unfused(net_cache, tmp_path):
@@ -592,6 +596,7 @@ def test_tiny_marian_compiles_to_bf16_and_passes_the_simulator_checks(net_cache,
     assert [t.dtype for t in by_name["encoder"].inputs] == ["int32", "int32"]
     assert {t.dtype for n in infos if n.name.startswith("decoder_block") for t in n.inputs + n.outputs} == {"bfloat16"}
     assert "contract (encoder-decoder: encoder-decoder networks" in graphopt("inspect", str(folder / report["bmodel"])).stdout
+    _combined_as_model_tool_combines(toolchain.require(), folder, tmp_path)
 
     # `graphopt generate --backend bm1684x-sim` translates with the bmodel as transformers does.
     golden, _ = load_golden("tiny-marian")
@@ -634,6 +639,46 @@ def _without_build_time(bmodel: Path) -> bytes:
     head, stamps = re.subn(rb"[A-Z][a-z]{2} [A-Z][a-z]{2} [ \d]\d \d\d:\d\d:\d\d \d{4}\n", b"(time)", data[:1024])
     assert stamps == 1
     return head + data[1024:]
+
+
+def _combined_as_model_tool_combines(tools, folder: Path, tmp_path: Path) -> dict:
+    """The build's bmodel, which graphopt's combine wrote, is the file TPU-MLIR's model_tool --combine writes
+    from the same nets (but the build time); returns the build's account of its combine."""
+    report = json.loads((folder / "bm1684x.json").read_text())
+    combined = report["combine"]
+    assert combined["by"] == "graphopt", combined
+    theirs = tmp_path / f"model_tool-{folder.name}.bmodel"
+    status = tools.run("model_tool", ["--combine", *combined["inputs"], "-o", str(theirs)], cwd=tmp_path,
+                       log=tmp_path / "model_tool.log")
+    assert status == 0, (tmp_path / "model_tool.log").read_text()
+    assert _without_build_time(folder / report["bmodel"]) == _without_build_time(theirs)
+    return combined
+
+
+@pytest.mark.parametrize("key", list(BUILDS))
+def test_the_bmodel_is_the_file_model_tool_combine_writes_from_the_same_nets(builds, tools, key, tmp_path):
+    """combine.py writes the bmodel without holding it in memory; byte for byte it is model_tool's, whose combine
+    held 1.33x the bmodel resident (7.54 GiB for the 8B). Both tiny-llama layers' blocks carry the kernel module,
+    and embedding_cache the embedding's table: each is stored once."""
+    combined = _combined_as_model_tool_combines(tools, builds[key][0], tmp_path)
+    assert combined["nets"] == len(combined["inputs"]) == len(NETS[BUILDS[key][1]])
+    assert combined["stored_once"] >= len(combined["inputs"]) - 1  # the kernel module of every file but the first
+
+
+def test_the_combine_refuses_a_file_that_is_not_a_bmodel_and_a_stage_that_cannot_join_its_net(builds, tools, tmp_path):
+    """Bad input to the combine is one paragraph that names the file and the net, and leaves no file behind."""
+    from graphopt.targets.bm1684x.combine import combine
+
+    inputs = json.loads((builds["w4bf16"][0] / "bm1684x.json").read_text())["combine"]["inputs"]
+    block_0 = Path(next(i for i in inputs if i.endswith("/block_0.bmodel")))
+    out = tmp_path / "out.bmodel"
+    (tmp_path / "not.bmodel").write_bytes(b"\0" * 100)
+    with pytest.raises(GraphoptError, match=r"not\.bmodel is not a bmodel written by TPU-MLIR's model_deploy"):
+        combine(tools.root, [block_0, tmp_path / "not.bmodel"], out)
+    # The same net twice: a second stage whose inputs are the first's shapes, which no runtime could choose.
+    with pytest.raises(GraphoptError, match=r"adds a stage to net block_0 that cannot join it: its input shapes"):
+        combine(tools.root, [block_0, block_0], out)
+    assert list(tmp_path.iterdir()) == [tmp_path / "not.bmodel"]
 
 
 @pytest.fixture

@@ -3,7 +3,8 @@ that LLM-TPU's chat runtime loads.
 
   contract.py        the runtime's networks: model_deploy flags per net, quantization modes
   toolchain.py       TPU-MLIR found on PATH or installed under ~/.cache/graphopt
-  deploy.py          model_transform + model_deploy per net (parallel, cached), model_tool --combine
+  deploy.py          model_transform + model_deploy per net (parallel, cached), then combine
+  combine.py         the nets' bmodels as one (model_tool --combine's bytes, streamed), with bmodel_format.py
   top_passes/        rewrites of model_transform's MLIR before model_deploy (fuse-flash-attention)
   simulator.py       nets run in TPU-MLIR's cmodel simulator (worker: sim_worker.py)
   verify.py          simulator against onnxruntime: per-net cosine, greedy generation

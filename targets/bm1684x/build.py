@@ -42,6 +42,7 @@ class Bm1684xResult:
     checkpoint: dict | None = None  # a pre-quantized checkpoint: what of its codes the bmodel keeps (kept_codes)
     schedule: str = ""  # how the compiles were run together (scheduler.Schedule.describe); "" when all were cached
     transform_refusals: list[str] = field(default_factory=list)  # graphs whose nets each ran model_transform: why
+    combined: dict = field(default_factory=dict)  # deploy.combine's account: by what, its inputs in order, ...
 
     @property
     def ok(self) -> bool:
@@ -184,7 +185,7 @@ class Bm1684xResult:
                 "nets": self.nets, "generation": self.generation,
                 "sim_skipped": self.sim_skipped, "contract": self.contract, "contract_problems": self.problems,
                 "memory_checked": self.memory_checked, "decode_stages": self.stages, "checkpoint": self.checkpoint,
-                "schedule": self.schedule, "transform_refusals": self.transform_refusals}
+                "schedule": self.schedule, "transform_refusals": self.transform_refusals, "combine": self.combined}
 
 
 def _read_back_codes(result: Bm1684xResult, compiled, folder: Path) -> None:
@@ -322,9 +323,10 @@ def build(folder: Path, manifest: dict, source, options: dict[str, Any], check: 
     seconds["bm1684x compile"] = time.perf_counter() - start
 
     start = time.perf_counter()
-    # Each decode block's further stages right after it: model_tool --combine makes them stages of that net.
+    # Each decode block's further stages right after it: the combine makes them stages of that net.
     order = [d for net in compiled for d in (net, *staged.get(net.spec.name, ()))]
-    bmodel = deploy.combine(tools, order, folder / contract.bmodel_name(source.name, quantize, manifest["seq_length"]))
+    bmodel = folder / contract.bmodel_name(source.name, quantize, manifest["seq_length"])
+    combined = deploy.combine(tools, order, bmodel, show_progress)
     header, infos = inspect_bmodel.read_info(tools, bmodel)
     seconds["combine"] = time.perf_counter() - start
     nets = [{"net": d.spec.name, "quantize": d.spec.quantize, "flags": list(d.spec.flags), "cached": d.cached,
@@ -346,7 +348,7 @@ def build(folder: Path, manifest: dict, source, options: dict[str, Any], check: 
                                    for ds in staged.values() for d in ds],
                            checkpoint=kept_codes(source, specs, nets),
                            schedule=deployed.schedule.describe() if deployed.schedule else "",
-                           transform_refusals=deployed.transform_refusals)
+                           transform_refusals=deployed.transform_refusals, combined=combined)
     if result.checkpoint and result.checkpoint["modes"]:
         start = time.perf_counter()
         _read_back_codes(result, compiled, folder)

@@ -1,4 +1,4 @@
-"""model_transform + model_deploy per network, in parallel, cached; then model_tool --combine.
+"""model_transform + model_deploy per network, in parallel, cached; then one bmodel of them (combine.py).
 
 Each network's bmodel is cached under ~/.cache/graphopt/bm1684x/nets/<key>/ (or
 $GRAPHOPT_NET_CACHE/<key>/), where the key hashes its ONNX, its shapes and flags, the toolchain
@@ -38,6 +38,7 @@ from graphopt.targets.bm1684x.inspect_bmodel import read_info
 from graphopt.targets.bm1684x.model_transform import TransformServers
 from graphopt.targets.bm1684x.toolchain import Toolchain, cache_root, log_tail
 from graphopt.targets.bm1684x.transform_reuse import NoRecipe, TransformReuse, graph_key
+from graphopt.targets.bm1684x import combine as combine_bmodels
 from graphopt.targets.bm1684x import top_passes
 
 CACHE_FORMAT = 2  # bump when what a cache entry holds changes
@@ -435,8 +436,18 @@ def _store_from_node(toolchain: Toolchain, spec: DeploySpec, onnx: OnnxFile, res
     return dataclasses.replace(net, cached=result["cached"], node=result["node"])
 
 
-def combine(toolchain: Toolchain, nets: list[DeployedNet], out: Path) -> Path:
-    """model_tool --combine into `out`, written under a temporary name and renamed when complete."""
+def combine(toolchain: Toolchain, nets: list[DeployedNet], out: Path, show_progress: bool = False) -> dict:
+    """The nets' bmodels as one, in `out`: graphopt's combine.py (model_tool --combine's bytes, in little memory),
+    or model_tool --combine itself for a toolchain without the bmodel schema. Written under a temporary name and
+    renamed when complete. Returns what was combined, and by what."""
+    inputs = [str(n.bmodel) for n in nets]
+    if combine_bmodels.schema_path(toolchain.root).is_file():
+        with tqdm(unit="B", unit_scale=True, desc="combine", disable=not show_progress, file=sys.stderr) as bar:
+            def show(copied: int, total: int) -> None:
+                bar.total, bar.n = total, copied
+                bar.refresh()
+            done = combine_bmodels.combine(toolchain.root, [n.bmodel for n in nets], out, show)
+        return {"by": "graphopt", "inputs": inputs, **done}
     partial = out.with_name(f".{out.name}.partial-{os.getpid()}")
     log = nets_cache() / f"combine-{os.getpid()}.log"
     log.unlink(missing_ok=True)
@@ -447,4 +458,4 @@ def combine(toolchain: Toolchain, nets: list[DeployedNet], out: Path) -> Path:
         raise DeployError("(all)", "model_tool --combine", log)
     log.unlink()
     partial.rename(out)
-    return out
+    return {"by": "model_tool --combine", "inputs": inputs}
