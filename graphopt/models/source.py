@@ -154,10 +154,11 @@ class ModelSource:
         yield
 
     def release(self) -> None:
-        """Return the filled modules to the meta device (no memory)."""
+        """Return the filled modules to the meta device (no memory), and let go of the checkpoint's files."""
         for module in self._live[1]:
             module.to_empty(device="meta")
         self._live = ((), ())
+        self.weights.close()
 
     def _fill(self, module: nn.Module) -> None:
         prefix = self._module_names[id(module)]

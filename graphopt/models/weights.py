@@ -26,6 +26,8 @@ class WeightProvider(Protocol):
 
     def describe(self) -> str: ...
 
+    def close(self) -> None: ...
+
 
 def get(provider: WeightProvider, names: Sequence[str], shape: tuple[int, ...]) -> torch.Tensor:
     """A provider's tensor as a new fp32 tensor."""
@@ -57,6 +59,9 @@ class RandomWeights:
 
     def describe(self) -> str:
         return f"random (seed {self.seed}, std {self.std})"
+
+    def close(self) -> None:
+        pass  # nothing is held between fills
 
 
 class SafetensorsWeights:
@@ -129,6 +134,12 @@ class SafetensorsWeights:
         if file not in self._handles:
             self._handles[file] = safe_open(file, framework="pt")
         return self._handles[file]
+
+    def close(self) -> None:
+        """Let go of the files' mappings. safetensors maps a whole file and reads tensors out of it; every page
+        read stays in this process's resident memory while the file is open (an 8B export process grew 0.4 GiB
+        a layer, 3 GiB in eight). The next read opens the file again."""
+        self._handles.clear()
 
     def read(self, name: str) -> torch.Tensor:
         return self._handle(name).get_tensor(self.stored_as.get(name, name))  # in the checkpoint's dtype
