@@ -176,7 +176,7 @@ def _export(job: ExportJob, target: Target, keep_fx: bool, show_progress: bool, 
     elif jobs == 1 and (keep_fx or source.is_small or target.build is None):
         done, kept = export_serially(job, plans, keep_fx, progress)
     else:
-        done, kept = export_in_parallel(job, groups, jobs, progress), {}
+        (done, where["schedule"]), kept = export_in_parallel(job, groups, jobs, progress), {}
     results = [done[plan.name] for plan in plans]
     totals: dict[str, float] = {}
     for r in results:

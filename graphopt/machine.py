@@ -29,6 +29,12 @@ def available_memory() -> int:
     return min(found, _memory_limit) if _memory_limit else found
 
 
+def memory_budget() -> int:
+    """What the processes of a parallel stage (export workers, compiles) may hold together: available memory,
+    less 1 GiB for graphopt's own process."""
+    return max(1 << 30, available_memory() - (1 << 30))
+
+
 def parallel_jobs(bytes_per_job: int) -> int:
     """As many jobs as cores, fewer when available memory would not hold `bytes_per_job` each."""
     return max(1, min(os.cpu_count() or 1, available_memory() // bytes_per_job))

@@ -73,6 +73,8 @@ def render(result: CompileResult, wall_seconds: float) -> str:
     elif result.export.get("processes", 1) > 1:
         lines.append(f"  export: {result.export['processes']} processes, {result.export['wall_seconds']:.1f}s wall "
                      "(the per-network and per-stage seconds are each process's own, summed)")
+        if "schedule" in result.export:  # the weight groups, run together as their planned peaks fit
+            lines.append(f"    weight groups: {result.export['schedule']}")
     lines += _export_reuse_lines(result)
     lines += _pass_lines(result)
     lines.append("  stages: " + ", ".join(f"{stage} {s:.1f}s" for stage, s in result.seconds.items())

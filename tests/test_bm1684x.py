@@ -378,6 +378,31 @@ def test_the_transform_server_writes_what_the_model_transform_command_writes(too
         servers.close()
 
 
+def test_idle_transform_servers_make_room_for_a_model_deploy_that_would_not_fit_beside_them(tools, tmp_path):
+    """With --max-memory 8 an 8B head's model_deploy (5.9 GiB) runs alone, and the compile threads' idle transform
+    servers (0.58 GiB each) took the run past 7.5 GiB. make_room stops the idle servers when a net's planned peak
+    and theirs would not fit the budget; the next transform starts one again."""
+    from graphopt.export import export_networks
+    from graphopt.models import open_model
+    from graphopt.targets import get_target
+    from graphopt.targets.bm1684x.model_transform import TransformServers
+
+    net = export_networks(open_model("tiny-llama"), ["block_0"], 32, tmp_path / "onnx", target=get_target("bm1684x"),
+                          check=False)["block_0"]
+    args = contract.DeploySpec("block_0", "block_0", tuple(s.shape for s in net.inputs), "BF16", ()).transform_args(
+        str(net.files[0]), "block_0.mlir")
+    servers = TransformServers()
+    try:
+        for attempt in ("first", "again"):
+            (tmp_path / attempt).mkdir()
+            assert servers.run(tools, args, tmp_path / attempt, tmp_path / f"{attempt}.log") == 0
+            assert servers.make_room(1 << 30, 64 << 30) == 0  # room for both: the server stays
+            assert servers.make_room(1 << 30, 1 << 30) == 1  # the net alone fills the budget: the server goes
+            assert servers.make_room(1 << 30, 1 << 30) == 0
+    finally:
+        servers.close()
+
+
 def test_the_transform_server_leaves_the_top_weights_in_the_converters_file_only_where_they_are_its(tools,
                                                                                                     tmp_path):
     """keep_converter_weights (deploy.py asks it for every net that runs the tool): tpuc-opt writes no weights file

@@ -18,15 +18,38 @@ def test_max_memory_caps_what_the_stages_plan_with():
         limit_memory(3 << 30)
         assert available_memory() <= 3 << 30
         assert parallel_jobs(2 << 30) == 1  # two 2 GiB processes do not fit in 3 GiB, whatever the machine has
-        from graphopt.export_pool import export_jobs, export_peak
+        from graphopt.export_pool import export_jobs, group_peaks
         from graphopt.models import open_model
 
         source = open_model("tiny-llama")
-        limit_memory(export_peak(source) * 3 // 2)  # room for one export process, not two
+        limit_memory(group_peaks(source)[0] * 3 // 2)  # room for one layer's export process, not two
         assert export_jobs(source, 2) == 1  # --jobs 2 is an upper bound
     finally:
         limit_memory(None)
     assert available_memory() > 0
+
+
+def test_an_8b_export_in_8_gib_plans_two_layers_at_once_and_the_embedding_and_heads_alone():
+    """Planned by each weight group's own peak (measured 2.9 GiB for a layer's, 5.37 GiB for the embedding and
+    heads'), --max-memory 8 exports an 8B model with two processes; sized for the largest group, it took one."""
+    from graphopt.export_pool import export_jobs, group_peaks
+    from graphopt.machine import limit_memory, memory_budget
+    from graphopt.models import open_model
+    from graphopt.scheduler import Job, fits
+
+    def idle():
+        pass
+
+    layer, rest = group_peaks(open_model("llama3.1-8b", random_weights=True))
+    assert 2.9 <= layer / 2**30 <= 3.5 and 5.37 <= rest / 2**30 <= 6.5
+    try:
+        limit_memory(8 << 30)
+        assert export_jobs(open_model("llama3.1-8b", random_weights=True), 2) == 2
+        budget = memory_budget()
+        assert fits([Job("block_0", layer, idle)], Job("block_1", layer, idle), 2, budget)
+        assert not fits([Job("embedding", rest, idle)], Job("block_0", layer, idle), 2, budget)
+    finally:
+        limit_memory(None)
 
 
 def test_a_max_memory_too_small_for_any_process_is_refused_before_any_work(tmp_path):

@@ -30,7 +30,7 @@ from tqdm import tqdm
 
 from graphopt import contract as c
 from graphopt.errors import GraphoptError
-from graphopt.machine import available_memory
+from graphopt.machine import memory_budget
 from graphopt.ray_executor import RaySchedule, RemoteJob, node_name, run_on_ray
 from graphopt.scheduler import Job, Schedule, run_jobs
 from graphopt.targets.bm1684x.contract import TRANSFORM_FLAGS, DeploySpec
@@ -116,9 +116,10 @@ def cached(toolchain: Toolchain, spec: DeploySpec, onnx_sha256: str) -> Deployed
 
 def deploy_network(toolchain: Toolchain, spec: DeploySpec, onnx: Path, onnx_sha256: str,
                    threads: int | None = None, transform: TransformServers | None = None,
-                   reuse: TransformReuse | None = None) -> DeployedNet:
+                   reuse: TransformReuse | None = None, planned: int = 0) -> DeployedNet:
     """The net from the cache, or compiled into it. `transform`: servers to run model_transform in (deploy_all's);
-    None runs the command. `reuse`: the run's model_transform recipes, by graph (deploy_all's)."""
+    None runs the command. `reuse`: the run's model_transform recipes, by graph (deploy_all's). `planned`: the
+    peak the net was scheduled by (its model_deploy makes room for it: TransformServers.make_room)."""
     found = cached(toolchain, spec, onnx_sha256)
     if found is not None:
         return found
@@ -127,7 +128,7 @@ def deploy_network(toolchain: Toolchain, spec: DeploySpec, onnx: Path, onnx_sha2
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
     try:
-        return _compile(toolchain, spec, onnx, onnx_sha256, threads, work, final, transform, reuse)
+        return _compile(toolchain, spec, onnx, onnx_sha256, threads, work, final, transform, reuse, planned)
     finally:
         shutil.rmtree(work, ignore_errors=True)  # gone already unless this job failed or was interrupted
 
@@ -153,7 +154,8 @@ class Compiled:
 
 def compile_in(toolchain: Toolchain, spec: DeploySpec, onnx: Path, work: Path, log: Path,
                threads: int | None = None, peak_rss: dict[str, int] | None = None,
-               transform: TransformServers | None = None, reuse: TransformReuse | None = None) -> Compiled:
+               transform: TransformServers | None = None, reuse: TransformReuse | None = None,
+               planned: int = 0) -> Compiled:
     """model_transform (or, given `reuse`, its output made from a net of the same graph), the spec's top passes,
     model_deploy, in `work`, logging to `log`. Raises ToolFailed naming the failed step.
     `peak_rss` gets each tool's largest process's resident bytes."""
@@ -171,6 +173,8 @@ def compile_in(toolchain: Toolchain, spec: DeploySpec, onnx: Path, work: Path, l
                                            transform, reuse, key)
             status = transformed.status
         else:
+            if transform is not None and planned:
+                transform.make_room(planned, memory_budget())
             status = toolchain.run(tool, args, cwd=work, log=log, threads=threads, peak_rss=peak_rss)
         seconds[tool] = round(time.perf_counter() - start, 2)
         if status != 0 or (tool == "model_deploy" and not (work / bmodel).is_file()):
@@ -271,12 +275,12 @@ def _constant(graph, name: str):
 
 
 def _compile(toolchain, spec, onnx, onnx_sha256, threads, work: Path, final: Path, transform=None,
-             reuse=None) -> DeployedNet:
+             reuse=None, planned: int = 0) -> DeployedNet:
     log = work / "compile.log"
     mlir, bmodel = f"{spec.name}.mlir", f"{spec.name}.bmodel"
     peak_rss: dict[str, int] = {}
     try:
-        done = compile_in(toolchain, spec, onnx, work, log, threads, peak_rss, transform, reuse)
+        done = compile_in(toolchain, spec, onnx, work, log, threads, peak_rss, transform, reuse, planned)
     except ToolFailed as failure:
         failed = final.with_name(f"{final.name}.failed")
         shutil.rmtree(failed, ignore_errors=True)
@@ -310,11 +314,6 @@ def estimated_peak(onnx_bytes: int) -> int:
     largest. The 1 GiB covers the server's own size. Every compile records its tools' peaks
     (DeployedNet.peak_rss) and the report holds the largest to this."""
     return 3 * onnx_bytes + (1 << 30)
-
-
-def memory_budget() -> int:
-    """What the compiles may hold together: available memory, less 1 GiB for graphopt's own process."""
-    return max(1 << 30, available_memory() - (1 << 30))
 
 
 @dataclass(frozen=True)
@@ -371,9 +370,11 @@ def deploy_all(toolchain: Toolchain, specs: list[DeploySpec], onnx_files: dict[s
             threads = max(1, (os.cpu_count() or 1) // parallel)
             transform = TransformServers()
             reuse = TransformReuse({s.label: transform_graph(s, onnx_files[s.onnx_network].path) for s in todo})
-            work = [Job(s.label, estimated_peak(onnx_files[s.onnx_network].size),
+            peaks = {s.label: estimated_peak(onnx_files[s.onnx_network].size) for s in todo}
+            work = [Job(s.label, peaks[s.label],
                         functools.partial(deploy_network, toolchain, s, onnx_files[s.onnx_network].path,
-                                          onnx_files[s.onnx_network].sha256, threads, transform, reuse),
+                                          onnx_files[s.onnx_network].sha256, threads, transform, reuse,
+                                          peaks[s.label]),
                         after=reuse.teachers(s.label)) for s in todo]
             try:
                 schedule = run_jobs(work, parallel, memory_budget(), finished)
