@@ -15,7 +15,6 @@ same file (the same bytes, but the build time in the header) while holding only 
 from __future__ import annotations
 
 import os
-import struct
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -95,7 +94,6 @@ def _binaries(schema: fmt.Schema, table: fmt.Table, obj: dict, place) -> None:
 class _Net:
     name: bytes
     addr_mode: int
-    cascade: dict | None
     stages: list[dict]
 
 
@@ -106,13 +104,14 @@ def _join(files: list[fmt.BmodelFile]) -> list[_Net]:
     for f in files:
         for net in f.model["net"]:
             name = net["name"]
+            if "cascade" in net:
+                raise GraphoptError(f"{f.path} holds {name.decode()}, a net of a model split over several devices "
+                                    "(a cascade); graphopt combines one-device nets. Combine it with TPU-MLIR's "
+                                    "model_tool --combine.")
             for stage in net.get("parameter", []):
                 if name not in nets:
-                    nets[name] = _Net(name, net.get("addr_mode", 0), net.get("cascade"), [stage])
+                    nets[name] = _Net(name, net.get("addr_mode", 0), [stage])
                     continue
-                if net.get("cascade"):
-                    raise GraphoptError(f"{f.path} has a cascade net {name.decode()} whose name an earlier file "
-                                        "uses too; a cascade net has one stage. Give each net one file.")
                 _check_stage(nets[name], net.get("addr_mode", 0), stage, f.path)
                 nets[name].stages.append(stage)
     return list(nets.values())
@@ -212,12 +211,9 @@ def _model_flatbuffer(schema: fmt.Schema, files: list[fmt.BmodelFile], nets: lis
         for stage in reversed(net.stages):
             b.PrependUOffsetTRelative(stage_offsets[id(stage)])
         parameters = b.EndVector()
-        cascade = fmt.pack_table(schema, b, tables["Cascade"], net.cascade) if net.cascade else None
         name = b.CreateString(net.name)
         b.StartObject(len(net_table.fields))
         _add(b, net_table, "name", name)
-        if cascade is not None:
-            _add(b, net_table, "cascade", cascade)
         _add(b, net_table, "parameter", parameters)
         fmt.add_scalar(b, _field(net_table, "addr_mode"), net.addr_mode)
         net_offsets.append(b.EndObject())
