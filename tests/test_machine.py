@@ -40,11 +40,12 @@ def test_an_8b_export_in_8_gib_plans_two_layers_at_once_and_the_embedding_and_he
     def idle():
         pass
 
-    layer, rest = group_peaks(open_model("llama3.1-8b", random_weights=True))
+    source = open_model("llama3.1-8b", random_weights=True)
+    layer, rest = group_peaks(source)
     assert 2.9 <= layer / 2**30 <= 3.5 and 5.37 <= rest / 2**30 <= 6.5
     try:
         limit_memory(8 << 30)
-        assert export_jobs(open_model("llama3.1-8b", random_weights=True), 2) == 2
+        assert export_jobs(source, 2) == 2
         budget = memory_budget()
         assert fits([Job("block_0", layer, idle)], Job("block_1", layer, idle), 2, budget)
         assert not fits([Job("embedding", rest, idle)], Job("block_0", layer, idle), 2, budget)

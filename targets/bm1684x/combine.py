@@ -142,8 +142,8 @@ def _check_stage(net: _Net, addr_mode: int, stage: dict, path: Path) -> None:
 
 def combine(tpuc_root: Path, inputs: list[Path], out: Path, progress=None) -> dict:
     """Writes the bmodel of `inputs`' nets into `out` (under a temporary name, renamed when complete).
-    `progress(copied, total)` is told the bytes of the binary section copied so far. Returns what it did: nets, stages, bytes, binaries, and how
-    many binaries were found equal to an earlier one and stored once."""
+    `progress(copied, total)` is told the bytes of the binary section copied so far. Returns what it did: nets,
+    stages, bytes, binaries, and how many binaries were found equal to an earlier one and stored once."""
     schema = fmt.Schema.load(schema_path(tpuc_root))
     files = [fmt.read(schema, path) for path in inputs]
     if not files:

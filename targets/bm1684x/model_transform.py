@@ -61,6 +61,7 @@ class TransformServers:
         return result["status"]
 
     def _server(self, toolchain: Toolchain, threads: int | None) -> subprocess.Popen:
+        """This thread's server, started if it has none (called with `_lock` held, as make_room reads `_all`)."""
         server = getattr(self._local, "server", None)
         if server is None or server.poll() is not None or server not in self._all:  # (make_room stops idle ones)
             server = subprocess.Popen([str(toolchain.python), str(SERVER)], stdin=subprocess.PIPE,
